@@ -1,0 +1,1013 @@
+//! Applying layer tarballs onto a directory.
+//!
+//! [`apply_layer`] reads a tar stream entry by entry with our own loop over
+//! [`tar::Archive::entries`] (never `tar`'s `unpack`, which skips `..` silently, defers
+//! directories without setting their mtimes, drops directory and symlink xattrs and writes
+//! devices as empty files) and writes every entry beneath the target:
+//!
+//! * **Confinement.** Every entry name is normalised (leading `/` stripped, `.` dropped, `..`
+//!   that would climb out of the target refused with [`Error::BadEntry`]). The entry's parent
+//!   directory is then opened with `openat2(RESOLVE_IN_ROOT | RESOLVE_NO_MAGICLINKS)` from an fd
+//!   of the target (a manual `O_NOFOLLOW` walk where `openat2` is missing), so symlinks planted
+//!   by the layer resolve *inside* the target. The last component is written with `*at()` calls
+//!   relative to that parent fd and never followed. Hardlink targets are resolved the same way;
+//!   a hardlink to a symlink links the symlink itself.
+//! * **Metadata.** Owners are numeric (names are never looked up); `chown` comes before `chmod`
+//!   (it clears setuid/setgid) and before xattrs (it clears `security.capability`). xattrs come
+//!   from PAX `SCHILY.xattr.*` records on files, directories, symlinks and nodes, except
+//!   overlayfs' own `trusted.overlay.*` / `user.overlay.*`, which a layer must not forge.
+//!   mtimes are set as entries are written; directory mtimes are set at the very end, deepest
+//!   first, after everything below them has been written.
+//! * **Whiteouts** per [`WhiteoutFormat`]; `.wh..wh.plnk/…` entries are staged under that
+//!   (reserved) name in the target and removed at the end.
+//! * **Limits** ([`ApplyOptions::max_entries`], [`ApplyOptions::max_bytes`]) refuse archive
+//!   bombs with [`Error::LimitExceeded`].
+//!
+//! After the end-of-archive blocks the rest of the input is read and discarded, so a process
+//! writing into a pipe never blocks on a reader that stopped early.
+//!
+//! # Invariant: fork-safe
+//!
+//! This module never logs, prints, reads environment variables, allocates thread-local state or
+//! takes locks shared with other threads: `chrootarchive` runs it in a child forked from a
+//! multi-threaded process, where any of those could deadlock or leak.
+
+mod resolve;
+
+use std::collections::{BTreeSet, HashSet};
+use std::ffi::{CString, OsStr};
+use std::fs::File;
+use std::io::{self, Read, Write};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
+use std::os::unix::ffi::OsStrExt;
+use std::path::{Path, PathBuf};
+
+use rustix::fs::{AtFlags, FileType, Mode, OFlags, Timespec, Timestamps, XattrFlags};
+use tar::EntryType;
+
+use crate::{
+    Error, OverlayXattr, Result, TarOptions, WHITEOUT_LINK_DIR, WHITEOUT_META_PREFIX,
+    WHITEOUT_OPAQUE, WHITEOUT_PREFIX, WhiteoutFormat,
+};
+use resolve::{list_dir, open_dir_beneath, open_root, remove_all_at};
+
+/// Options for [`apply_layer`].
+#[derive(Clone, Debug)]
+#[non_exhaustive]
+pub struct ApplyOptions {
+    /// How whiteouts end up on disk: [`WhiteoutFormat::Oci`] deletes what `.wh.name` names and
+    /// empties opaque directories of what lower layers had; [`WhiteoutFormat::Overlay`] writes a
+    /// char device 0/0 and the opaque xattr instead.
+    pub whiteout_format: WhiteoutFormat,
+    /// The most tar entries (of any type, whiteouts included) accepted; `None` for no limit.
+    pub max_entries: Option<u64>,
+    /// The most regular-file content bytes accepted in total; `None` for no limit.
+    pub max_bytes: Option<u64>,
+    /// `true` (the default): give every entry the numeric uid/gid the tar says. `false`: leave
+    /// entries owned by the calling process (rootless use).
+    pub same_owner: bool,
+}
+
+impl Default for ApplyOptions {
+    /// OCI whiteouts, no limits, owners from the tar.
+    fn default() -> Self {
+        ApplyOptions {
+            whiteout_format: WhiteoutFormat::Oci,
+            max_entries: None,
+            max_bytes: None,
+            same_owner: true,
+        }
+    }
+}
+
+/// Applies the uncompressed layer tar read from `reader` onto the directory `dest`.
+///
+/// Returns the number of regular-file content bytes written: the sum of the sizes of the
+/// regular-file entries (hardlink entries count 0), the same measure as
+/// [`crate::changes_size`], so a diff→apply round trip reports equal sizes. Compressed input
+/// must be passed through [`crate::decompress`] first (in the trusted process).
+///
+/// Errors: [`Error::BadEntry`] for entries that try to leave `dest` or use reserved whiteout
+/// names, [`Error::Malformed`] for broken tar streams, [`Error::LimitExceeded`] for limits,
+/// [`Error::Io`] for filesystem failures. On error the tree is left partially applied.
+pub fn apply_layer(dest: &Path, reader: impl Read, opts: &ApplyOptions) -> Result<u64> {
+    let mode = Mode_::Layer(opts.whiteout_format);
+    run(
+        dest,
+        reader,
+        mode,
+        opts.same_owner,
+        opts.max_entries,
+        opts.max_bytes,
+    )
+}
+
+/// Extracts the plain tar read from `reader` into `dest`, without whiteout semantics.
+///
+/// `.wh.` names are written as ordinary files. Only entries at or below one of
+/// `opts.include` (all when empty) and not at or below one of `opts.exclude` are written;
+/// directories that are ancestors of an include path are written too, keeping their metadata.
+/// Confinement, metadata and error rules are those of [`apply_layer`]; owners are set.
+pub fn untar(dest: &Path, reader: impl Read, opts: &TarOptions) -> Result<()> {
+    run(dest, reader, Mode_::Plain(opts), true, None, None).map(|_| ())
+}
+
+/// What kind of extraction runs.
+#[derive(Clone, Copy)]
+enum Mode_<'a> {
+    /// A layer with whiteouts in the given on-disk format.
+    Layer(WhiteoutFormat),
+    /// A plain tar with include/exclude filters.
+    Plain(&'a TarOptions),
+}
+
+/// The shared driver of [`apply_layer`] and [`untar`].
+fn run(
+    dest: &Path,
+    reader: impl Read,
+    mode: Mode_<'_>,
+    same_owner: bool,
+    max_entries: Option<u64>,
+    max_bytes: Option<u64>,
+) -> Result<u64> {
+    let root = open_root(dest).map_err(|e| Error::io("open", dest, e))?;
+    let mut ap = Applier {
+        root,
+        mode,
+        same_owner,
+        max_entries,
+        max_bytes,
+        entries: 0,
+        bytes: 0,
+        written: HashSet::new(),
+        opaque: BTreeSet::new(),
+        dir_times: Vec::new(),
+        cache: None,
+        staged: false,
+        buf: vec![0u8; 128 * 1024],
+    };
+    let mut archive = tar::Archive::new(Tracking {
+        inner: reader,
+        tail: Vec::with_capacity(1024),
+    });
+    let mut failure = None;
+    let mut last = None::<String>;
+    {
+        let entries = archive.entries().map_err(|e| malformed(None, &e))?;
+        for item in entries {
+            match item {
+                Ok(mut entry) => {
+                    let name = ap.entry(&mut entry)?;
+                    last = Some(name);
+                }
+                Err(e) => {
+                    failure = Some(e);
+                    break;
+                }
+            }
+        }
+    }
+    let mut inner = archive.into_inner();
+    if let Some(e) = failure {
+        let name = inner
+            .header_name()
+            .or_else(|| last.map(|l| format!("after {l}")));
+        return Err(malformed(name, &e));
+    }
+    ap.finish()?;
+    // Drain zero padding and anything else after the end-of-archive marker.
+    io::copy(&mut inner, &mut io::sink()).map_err(|e| malformed(None, &e))?;
+    Ok(ap.bytes)
+}
+
+/// An [`Error::Malformed`] from a tar-reading failure.
+fn malformed(entry: Option<String>, e: &io::Error) -> Error {
+    Error::Malformed {
+        entry,
+        reason: e.to_string(),
+    }
+}
+
+/// A reader that remembers the last 512 bytes it returned, so the name in a header that failed
+/// to parse (bad checksum) can be reported.
+struct Tracking<R> {
+    /// The tar stream.
+    inner: R,
+    /// The most recent bytes read (at most 512 kept after each read).
+    tail: Vec<u8>,
+}
+
+impl<R: Read> Read for Tracking<R> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        let got = &buf[..n];
+        if n >= 512 {
+            self.tail.clear();
+            self.tail.extend_from_slice(&got[n - 512..]);
+        } else {
+            self.tail.extend_from_slice(got);
+            if self.tail.len() > 512 {
+                let cut = self.tail.len() - 512;
+                self.tail.drain(..cut);
+            }
+        }
+        Ok(n)
+    }
+}
+
+impl<R> Tracking<R> {
+    /// The name field of the header block read last, if it holds one.
+    fn header_name(&self) -> Option<String> {
+        if self.tail.len() < 100 {
+            return None;
+        }
+        let field = &self.tail[..100];
+        let end = field.iter().position(|&b| b == 0).unwrap_or(field.len());
+        (end > 0).then(|| String::from_utf8_lossy(&field[..end]).into_owned())
+    }
+}
+
+/// Metadata of one entry, gathered before it is written.
+struct Meta {
+    /// Permission bits including setuid/setgid/sticky.
+    mode: u32,
+    /// Numeric owner.
+    uid: u32,
+    /// Numeric group.
+    gid: u32,
+    /// Modification time.
+    mtime: Timespec,
+    /// Extended attributes from `SCHILY.xattr.*` records.
+    xattrs: Vec<(CString, Vec<u8>)>,
+}
+
+/// State of one apply run.
+struct Applier<'a> {
+    /// `O_PATH` fd of the target directory.
+    root: OwnedFd,
+    /// Layer or plain extraction.
+    mode: Mode_<'a>,
+    /// Whether to chown entries.
+    same_owner: bool,
+    /// Entry limit.
+    max_entries: Option<u64>,
+    /// Byte limit.
+    max_bytes: Option<u64>,
+    /// Entries seen so far.
+    entries: u64,
+    /// Regular-file bytes written so far.
+    bytes: u64,
+    /// Paths this layer wrote, with all their ancestors (for opaque directories).
+    written: HashSet<PathBuf>,
+    /// Directories marked opaque (OCI form, processed at the end).
+    opaque: BTreeSet<PathBuf>,
+    /// Directory mtimes to set at the end.
+    dir_times: Vec<(PathBuf, Timespec)>,
+    /// The parent directory fd used last, with its path.
+    cache: Option<(PathBuf, OwnedFd)>,
+    /// Whether `.wh..wh.plnk` entries were staged.
+    staged: bool,
+    /// Copy buffer.
+    buf: Vec<u8>,
+}
+
+/// Normalises a tar entry name to a path relative to the target; `Err` says why not.
+fn normalize(raw: &[u8]) -> std::result::Result<PathBuf, String> {
+    if raw.contains(&0) {
+        return Err("expected a name without NUL bytes, found one".into());
+    }
+    let mut out = PathBuf::new();
+    for comp in raw.split(|&b| b == b'/') {
+        match comp {
+            b"" | b"." => {}
+            b".." => {
+                if !out.pop() {
+                    return Err("name climbs out of the target with `..`".into());
+                }
+            }
+            c => out.push(OsStr::from_bytes(c)),
+        }
+    }
+    Ok(out)
+}
+
+/// Splits a normalised path into parent and last component (`None` for the root itself).
+fn split(rel: &Path) -> Option<(&Path, &OsStr)> {
+    Some((rel.parent()?, rel.file_name()?))
+}
+
+/// Whether `p` is at or below one of `roots` (paths relative to the target).
+fn under_any(p: &Path, roots: &[PathBuf]) -> bool {
+    roots.iter().any(|r| p.starts_with(strip_root(r)))
+}
+
+/// `r` without its leading `/`.
+fn strip_root(r: &Path) -> &Path {
+    r.strip_prefix("/").unwrap_or(r)
+}
+
+/// Parses a PAX time (`secs[.frac]`, possibly negative) into a timespec.
+fn parse_pax_time(v: &str) -> Option<Timespec> {
+    let (secs, frac) = v.split_once('.').unwrap_or((v, ""));
+    let secs: i64 = secs.parse().ok()?;
+    let mut nanos: i64 = 0;
+    let digits: String = frac.chars().take(9).collect();
+    if !digits.is_empty() {
+        if !digits.chars().all(|c| c.is_ascii_digit()) {
+            return None;
+        }
+        nanos = digits.parse::<i64>().ok()? * 10i64.pow(9 - digits.len() as u32);
+    }
+    if secs < 0 && nanos > 0 {
+        return Some(Timespec {
+            tv_sec: secs - 1,
+            tv_nsec: 1_000_000_000 - nanos,
+        });
+    }
+    Some(Timespec {
+        tv_sec: secs,
+        tv_nsec: nanos,
+    })
+}
+
+impl Applier<'_> {
+    /// Writes one entry; returns its name for error context.
+    fn entry<R: Read>(&mut self, entry: &mut tar::Entry<'_, R>) -> Result<String> {
+        let raw = entry.path_bytes().into_owned();
+        let name = String::from_utf8_lossy(&raw).into_owned();
+        self.entries += 1;
+        if let Some(limit) = self.max_entries {
+            if self.entries > limit {
+                return Err(Error::LimitExceeded {
+                    what: "max_entries".into(),
+                    limit,
+                });
+            }
+        }
+        let kind = entry.header().entry_type();
+        if kind.is_pax_global_extensions() {
+            return Ok(name);
+        }
+        let rel = normalize(&raw).map_err(|r| Error::bad_entry(&name, r))?;
+        let meta = self.meta(entry, &name)?;
+
+        let mut whiteouts = None;
+        match self.mode {
+            Mode_::Plain(opts) => {
+                let included = opts.include.is_empty()
+                    || under_any(&rel, &opts.include)
+                    || (kind.is_dir()
+                        && opts.include.iter().any(|i| strip_root(i).starts_with(&rel)));
+                if !included || under_any(&rel, &opts.exclude) {
+                    return Ok(name);
+                }
+            }
+            Mode_::Layer(format) => whiteouts = Some(format),
+        }
+        if let (Some(format), Some((parent, base))) = (whiteouts, split(&rel)) {
+            let in_plnk = rel.starts_with(WHITEOUT_LINK_DIR);
+            let base_b = base.as_bytes();
+            if in_plnk {
+                self.staged = true;
+            } else if base_b.starts_with(WHITEOUT_PREFIX.as_bytes()) {
+                self.whiteout(format, &name, parent, base_b)?;
+                return Ok(name);
+            }
+        }
+
+        self.mark_written(&rel);
+        match kind {
+            EntryType::Regular | EntryType::Continuous | EntryType::GNUSparse => {
+                self.regular(entry, &name, &rel, &meta)?;
+            }
+            EntryType::Directory => self.directory(&name, &rel, &meta)?,
+            EntryType::Symlink => {
+                let target = entry
+                    .link_name_bytes()
+                    .ok_or_else(|| Error::bad_entry(&name, "symlink without a target"))?
+                    .into_owned();
+                if target.is_empty() || target.contains(&0) {
+                    return Err(Error::bad_entry(
+                        &name,
+                        "expected a non-empty symlink target without NUL bytes",
+                    ));
+                }
+                self.node(&name, &rel, &meta, Node::Symlink(&target))?;
+            }
+            EntryType::Link => {
+                let target = entry
+                    .link_name_bytes()
+                    .ok_or_else(|| Error::bad_entry(&name, "hardlink without a target"))?
+                    .into_owned();
+                self.hardlink(&name, &rel, &target)?;
+            }
+            EntryType::Char | EntryType::Block => {
+                let major = entry
+                    .header()
+                    .device_major()
+                    .map_err(|e| malformed(Some(name.clone()), &e))?;
+                let minor = entry
+                    .header()
+                    .device_minor()
+                    .map_err(|e| malformed(Some(name.clone()), &e))?;
+                let dev = rustix::fs::makedev(major.unwrap_or(0), minor.unwrap_or(0));
+                let ft = if kind == EntryType::Char {
+                    FileType::CharacterDevice
+                } else {
+                    FileType::BlockDevice
+                };
+                self.node(&name, &rel, &meta, Node::Dev(ft, dev))?;
+            }
+            EntryType::Fifo => self.node(&name, &rel, &meta, Node::Dev(FileType::Fifo, 0))?,
+            other => {
+                return Err(Error::bad_entry(
+                    &name,
+                    format!(
+                        "expected a file, directory, link, device or fifo, found tar entry type {:?}",
+                        other.as_byte() as char
+                    ),
+                ));
+            }
+        }
+        Ok(name)
+    }
+
+    /// Reads the metadata of an entry from its header and PAX records.
+    fn meta<R: Read>(&self, entry: &mut tar::Entry<'_, R>, name: &str) -> Result<Meta> {
+        let bad = |e: io::Error| malformed(Some(name.to_owned()), &e);
+        let h = entry.header();
+        let mode = h.mode().map_err(bad)? & 0o7777;
+        let uid = h.uid().map_err(bad)?;
+        let gid = h.gid().map_err(bad)?;
+        let mtime = h.mtime().map_err(bad)?;
+        let (Ok(uid), Ok(gid)) = (u32::try_from(uid), u32::try_from(gid)) else {
+            return Err(Error::bad_entry(
+                name,
+                format!("expected a 32-bit uid and gid, found {uid}:{gid}"),
+            ));
+        };
+        let mut meta = Meta {
+            mode,
+            uid,
+            gid,
+            mtime: Timespec {
+                tv_sec: i64::try_from(mtime).unwrap_or(i64::MAX),
+                tv_nsec: 0,
+            },
+            xattrs: Vec::new(),
+        };
+        if let Some(pax) = entry.pax_extensions().map_err(bad)? {
+            for ext in pax {
+                let ext = ext.map_err(bad)?;
+                let key = ext.key_bytes();
+                if key.starts_with(b"GNU.sparse.") {
+                    return Err(Error::bad_entry(
+                        name,
+                        "PAX sparse files (GNU.sparse.* records) are not supported; write them with --format=gnu",
+                    ));
+                }
+                if key == b"mtime" {
+                    let v = ext.value().ok().and_then(parse_pax_time).ok_or_else(|| {
+                        Error::Malformed {
+                            entry: Some(name.to_owned()),
+                            reason: format!(
+                                "expected a PAX mtime like 123.456, found {:?}",
+                                String::from_utf8_lossy(ext.value_bytes())
+                            ),
+                        }
+                    })?;
+                    meta.mtime = v;
+                } else if let Some(x) = key.strip_prefix(b"SCHILY.xattr.") {
+                    if x.is_empty()
+                        || x.starts_with(OverlayXattr::Trusted.prefix().as_bytes())
+                        || x.starts_with(OverlayXattr::User.prefix().as_bytes())
+                    {
+                        continue;
+                    }
+                    let cname = CString::new(x).map_err(|_| {
+                        Error::bad_entry(name, "expected an xattr name without NUL bytes")
+                    })?;
+                    meta.xattrs.push((cname, ext.value_bytes().to_vec()));
+                }
+            }
+        }
+        Ok(meta)
+    }
+
+    /// Records `rel` and its ancestors as written by this layer.
+    fn mark_written(&mut self, rel: &Path) {
+        let mut p = rel;
+        loop {
+            if !self.written.insert(p.to_path_buf()) {
+                break;
+            }
+            match p.parent() {
+                Some(parent) => p = parent,
+                None => break,
+            }
+        }
+    }
+
+    /// Opens (creating if missing) the parent directory `parent`, reusing the cached fd.
+    fn parent_fd(&mut self, name: &str, parent: &Path) -> Result<BorrowedFd<'_>> {
+        let hit = matches!(&self.cache, Some((p, _)) if p == parent);
+        if !hit {
+            let fd = open_dir_beneath(self.root.as_fd(), parent, true).map_err(|e| {
+                Error::io(
+                    format!("open parent directory of entry {name:?}"),
+                    parent,
+                    e,
+                )
+            })?;
+            self.cache = Some((parent.to_path_buf(), fd));
+        }
+        match &self.cache {
+            Some((_, fd)) => Ok(fd.as_fd()),
+            None => Err(Error::bad_entry(name, "internal: parent cache empty")),
+        }
+    }
+
+    /// Handles a `.wh.`-prefixed entry named `base` in `parent`.
+    fn whiteout(
+        &mut self,
+        format: WhiteoutFormat,
+        name: &str,
+        parent: &Path,
+        base: &[u8],
+    ) -> Result<()> {
+        if base == WHITEOUT_OPAQUE.as_bytes() {
+            self.mark_written(parent);
+            match format {
+                WhiteoutFormat::Oci => {
+                    self.opaque.insert(parent.to_path_buf());
+                }
+                WhiteoutFormat::Overlay(ns) => {
+                    let dir = open_dir_beneath(self.root.as_fd(), parent, true)
+                        .and_then(|fd| reopen_dir(fd.as_fd(), OsStr::new(".")))
+                        .map_err(|e| Error::io("open opaque directory", parent, e))?;
+                    rustix::fs::fsetxattr(&dir, ns.opaque_name(), b"y", XattrFlags::empty())
+                        .map_err(|e| Error::io("setxattr opaque", parent, e.into()))?;
+                }
+            }
+            return Ok(());
+        }
+        if base.starts_with(WHITEOUT_META_PREFIX.as_bytes()) {
+            // Other AUFS meta entries (.wh..wh.aufs and the like) carry nothing for us.
+            return Ok(());
+        }
+        let victim = &base[WHITEOUT_PREFIX.len()..];
+        if victim.is_empty() || victim == b"." || victim == b".." || victim.contains(&b'/') {
+            return Err(Error::bad_entry(
+                name,
+                "expected a whiteout naming a file, found an empty, `.` or `..` name",
+            ));
+        }
+        let victim = OsStr::from_bytes(victim);
+        let rel = parent.join(victim);
+        match format {
+            WhiteoutFormat::Oci => {
+                let Ok(pfd) = open_dir_beneath(self.root.as_fd(), parent, false) else {
+                    // The parent does not exist (or is no directory): nothing to delete.
+                    return Ok(());
+                };
+                self.cache = None;
+                remove_all_at(pfd.as_fd(), victim).map_err(|e| {
+                    Error::io(format!("remove whiteout target of {name:?}"), &rel, e)
+                })?;
+            }
+            WhiteoutFormat::Overlay(_) => {
+                self.mark_written(&rel);
+                let meta = Meta {
+                    mode: 0,
+                    uid: 0,
+                    gid: 0,
+                    mtime: Timespec {
+                        tv_sec: 0,
+                        tv_nsec: 0,
+                    },
+                    xattrs: Vec::new(),
+                };
+                self.node(name, &rel, &meta, Node::Whiteout)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Removes whatever is at `base` in `pfd` unless `keep_dir` and it is a directory.
+    /// Returns whether a directory was kept.
+    fn clear(&mut self, name: &str, rel: &Path, base: &OsStr, keep_dir: bool) -> Result<bool> {
+        let pfd = self.parent_fd(name, rel.parent().unwrap_or(Path::new("")))?;
+        let st = match rustix::fs::statat(pfd, base, AtFlags::SYMLINK_NOFOLLOW) {
+            Ok(st) => st,
+            Err(rustix::io::Errno::NOENT) => return Ok(false),
+            Err(e) => return Err(Error::io("lstat", rel, e.into())),
+        };
+        let ft = FileType::from_raw_mode(st.st_mode);
+        if keep_dir && ft == FileType::Directory {
+            return Ok(true);
+        }
+        if ft == FileType::Directory {
+            remove_all_at(pfd, base).map_err(|e| Error::io("remove", rel, e))?;
+        } else {
+            match rustix::fs::unlinkat(pfd, base, AtFlags::empty()) {
+                Ok(()) | Err(rustix::io::Errno::NOENT) => {}
+                Err(e) => return Err(Error::io("unlink", rel, e.into())),
+            }
+        }
+        if matches!(ft, FileType::Directory | FileType::Symlink) {
+            self.cache = None;
+        }
+        Ok(false)
+    }
+
+    /// Writes a regular file, streaming its content.
+    fn regular<R: Read>(
+        &mut self,
+        entry: &mut tar::Entry<'_, R>,
+        name: &str,
+        rel: &Path,
+        meta: &Meta,
+    ) -> Result<()> {
+        let Some((parent, base)) = split(rel) else {
+            return Err(Error::bad_entry(
+                name,
+                "expected a directory at the root, found a file",
+            ));
+        };
+        let size = entry.size();
+        if let Some(limit) = self.max_bytes {
+            if self.bytes.saturating_add(size) > limit {
+                return Err(Error::LimitExceeded {
+                    what: "max_bytes".into(),
+                    limit,
+                });
+            }
+        }
+        self.clear(name, rel, base, false)?;
+        let pfd = self.parent_fd(name, parent)?;
+        let fd = rustix::fs::openat(
+            pfd,
+            base,
+            OFlags::WRONLY | OFlags::CREATE | OFlags::EXCL | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+            Mode::from_raw_mode(0o600),
+        )
+        .map_err(|e| Error::io("create", rel, e.into()))?;
+        let mut file = File::from(fd);
+        let mut copied: u64 = 0;
+        loop {
+            let n = match entry.read(&mut self.buf) {
+                Ok(0) => break,
+                Ok(n) => n,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => return Err(malformed(Some(name.to_owned()), &e)),
+            };
+            copied += n as u64;
+            if copied > size {
+                break;
+            }
+            file.write_all(&self.buf[..n])
+                .map_err(|e| Error::io("write", rel, e))?;
+        }
+        if copied != size {
+            return Err(Error::Malformed {
+                entry: Some(name.to_owned()),
+                reason: format!("truncated content: expected {size} bytes, found {copied}"),
+            });
+        }
+        self.bytes += size;
+        self.set_owner_mode_fd(file.as_fd(), rel, meta)?;
+        self.set_xattrs_fd(file.as_fd(), rel, meta)?;
+        let ts = Timestamps {
+            last_access: meta.mtime,
+            last_modification: meta.mtime,
+        };
+        rustix::fs::futimens(&file, &ts).map_err(|e| Error::io("futimens", rel, e.into()))?;
+        Ok(())
+    }
+
+    /// Creates or updates a directory; its mtime is set at the end.
+    fn directory(&mut self, name: &str, rel: &Path, meta: &Meta) -> Result<()> {
+        let dir = match split(rel) {
+            None => reopen_dir(self.root.as_fd(), OsStr::new("."))
+                .map_err(|e| Error::io("open", "/", e))?,
+            Some((parent, base)) => {
+                let exists = self.clear(name, rel, base, true)?;
+                let pfd = self.parent_fd(name, parent)?;
+                if !exists {
+                    rustix::fs::mkdirat(pfd, base, Mode::from_raw_mode(0o700))
+                        .map_err(|e| Error::io("mkdir", rel, e.into()))?;
+                }
+                reopen_dir(pfd, base).map_err(|e| Error::io("open", rel, e))?
+            }
+        };
+        self.set_owner_mode_fd(dir.as_fd(), rel, meta)?;
+        self.set_xattrs_fd(dir.as_fd(), rel, meta)?;
+        if !rel.starts_with(WHITEOUT_LINK_DIR) {
+            self.dir_times.push((rel.to_path_buf(), meta.mtime));
+        }
+        Ok(())
+    }
+
+    /// Creates a symlink, device, fifo or overlay whiteout at `rel`.
+    fn node(&mut self, name: &str, rel: &Path, meta: &Meta, node: Node<'_>) -> Result<()> {
+        let Some((parent, base)) = split(rel) else {
+            return Err(Error::bad_entry(
+                name,
+                "expected a directory at the root, found another type",
+            ));
+        };
+        self.clear(name, rel, base, false)?;
+        let same_owner = self.same_owner;
+        let pfd = self.parent_fd(name, parent)?;
+        let mode = Mode::from_raw_mode(meta.mode);
+        let made = match node {
+            Node::Symlink(target) => rustix::fs::symlinkat(OsStr::from_bytes(target), pfd, base),
+            Node::Dev(ft, dev) => rustix::fs::mknodat(pfd, base, ft, mode, dev),
+            Node::Whiteout => {
+                rustix::fs::mknodat(pfd, base, FileType::CharacterDevice, Mode::empty(), 0)
+            }
+        };
+        made.map_err(|e| Error::io("create", rel, e.into()))?;
+        if matches!(node, Node::Whiteout) {
+            return Ok(());
+        }
+        if same_owner {
+            rustix::fs::chownat(
+                pfd,
+                base,
+                Some(rustix::fs::Uid::from_raw(meta.uid)),
+                Some(rustix::fs::Gid::from_raw(meta.gid)),
+                AtFlags::SYMLINK_NOFOLLOW,
+            )
+            .map_err(|e| Error::io("lchown", rel, e.into()))?;
+        }
+        if !matches!(node, Node::Symlink(_)) {
+            // A device or fifo we just created in a directory nothing else writes to: chmodat
+            // (which follows symlinks) reaches exactly it.
+            rustix::fs::chmodat(pfd, base, mode, AtFlags::empty())
+                .map_err(|e| Error::io("chmod", rel, e.into()))?;
+        }
+        for (xname, value) in &meta.xattrs {
+            lsetxattr_at(pfd, base, xname, value)
+                .map_err(|e| Error::io(format!("lsetxattr {}", xname.to_string_lossy()), rel, e))?;
+        }
+        let ts = Timestamps {
+            last_access: meta.mtime,
+            last_modification: meta.mtime,
+        };
+        rustix::fs::utimensat(pfd, base, &ts, AtFlags::SYMLINK_NOFOLLOW)
+            .map_err(|e| Error::io("lutimes", rel, e.into()))?;
+        Ok(())
+    }
+
+    /// Creates a hardlink at `rel` to the entry named `target` (resolved beneath the target).
+    fn hardlink(&mut self, name: &str, rel: &Path, target: &[u8]) -> Result<()> {
+        let target_rel = normalize(target)
+            .map_err(|r| Error::bad_entry(name, format!("hardlink target: {r}")))?;
+        let Some(((tparent, tbase), (_, base))) = split(&target_rel).zip(split(rel)) else {
+            return Err(Error::bad_entry(
+                name,
+                "expected a hardlink between two files, found the root",
+            ));
+        };
+        let tfd = open_dir_beneath(self.root.as_fd(), tparent, false).map_err(|e| {
+            Error::io(
+                format!("open hardlink target directory of {name:?}"),
+                tparent,
+                e,
+            )
+        })?;
+        let tst = rustix::fs::statat(&tfd, tbase, AtFlags::SYMLINK_NOFOLLOW).map_err(|e| {
+            Error::io(
+                format!("hardlink target of {name:?}"),
+                &target_rel,
+                e.into(),
+            )
+        })?;
+        if FileType::from_raw_mode(tst.st_mode) == FileType::Directory {
+            return Err(Error::bad_entry(
+                name,
+                "expected a hardlink to a file, found a directory",
+            ));
+        }
+        {
+            let pfd = self.parent_fd(name, rel.parent().unwrap_or(Path::new("")))?;
+            if let Ok(st) = rustix::fs::statat(pfd, base, AtFlags::SYMLINK_NOFOLLOW) {
+                if st.st_dev == tst.st_dev && st.st_ino == tst.st_ino {
+                    return Ok(());
+                }
+            }
+        }
+        self.clear(name, rel, base, false)?;
+        let pfd = self.parent_fd(name, rel.parent().unwrap_or(Path::new("")))?;
+        rustix::fs::linkat(&tfd, tbase, pfd, base, AtFlags::empty())
+            .map_err(|e| Error::io("link", rel, e.into()))?;
+        Ok(())
+    }
+
+    /// chown (unless disabled) then chmod through an fd.
+    fn set_owner_mode_fd(&self, fd: BorrowedFd<'_>, rel: &Path, meta: &Meta) -> Result<()> {
+        if self.same_owner {
+            rustix::fs::fchown(
+                fd,
+                Some(rustix::fs::Uid::from_raw(meta.uid)),
+                Some(rustix::fs::Gid::from_raw(meta.gid)),
+            )
+            .map_err(|e| Error::io("chown", rel, e.into()))?;
+        }
+        rustix::fs::fchmod(fd, Mode::from_raw_mode(meta.mode))
+            .map_err(|e| Error::io("chmod", rel, e.into()))
+    }
+
+    /// Sets the entry's xattrs through an fd.
+    fn set_xattrs_fd(&self, fd: BorrowedFd<'_>, rel: &Path, meta: &Meta) -> Result<()> {
+        for (name, value) in &meta.xattrs {
+            rustix::fs::fsetxattr(fd, name.as_c_str(), value, XattrFlags::empty()).map_err(
+                |e| {
+                    Error::io(
+                        format!("setxattr {}", name.to_string_lossy()),
+                        rel,
+                        e.into(),
+                    )
+                },
+            )?;
+        }
+        Ok(())
+    }
+
+    /// End of stream: opaque directories, staging removal, then directory mtimes deepest first.
+    fn finish(&mut self) -> Result<()> {
+        self.cache = None;
+        let opaque: Vec<PathBuf> = self.opaque.iter().cloned().collect();
+        for dir in opaque {
+            let Ok(fd) = open_dir_beneath(self.root.as_fd(), &dir, false) else {
+                continue;
+            };
+            self.prune(fd.as_fd(), &dir)?;
+        }
+        if self.staged {
+            remove_all_at(self.root.as_fd(), OsStr::new(WHITEOUT_LINK_DIR))
+                .map_err(|e| Error::io("remove", WHITEOUT_LINK_DIR, e))?;
+        }
+        let mut times = std::mem::take(&mut self.dir_times);
+        times.sort_by_key(|(p, _)| std::cmp::Reverse(p.components().count()));
+        for (rel, mtime) in times {
+            let ts = Timestamps {
+                last_access: mtime,
+                last_modification: mtime,
+            };
+            let (parent, base) = split(&rel).unwrap_or((Path::new(""), OsStr::new(".")));
+            let Ok(pfd) = open_dir_beneath(self.root.as_fd(), parent, false) else {
+                continue;
+            };
+            match rustix::fs::utimensat(&pfd, base, &ts, AtFlags::SYMLINK_NOFOLLOW) {
+                Ok(()) | Err(rustix::io::Errno::NOENT) => {}
+                Err(e) => return Err(Error::io("set directory mtime", &rel, e.into())),
+            }
+        }
+        Ok(())
+    }
+
+    /// Removes from the opaque directory `dir` (at `rel`) everything this layer did not write.
+    fn prune(&self, dir: BorrowedFd<'_>, rel: &Path) -> Result<()> {
+        let rd = reopen_dir(dir, OsStr::new(".")).map_err(|e| Error::io("open", rel, e))?;
+        let names = list_dir(rd.as_fd()).map_err(|e| Error::io("readdir", rel, e))?;
+        for name in names {
+            let child = rel.join(&name);
+            if self.written.contains(&child) {
+                let is_dir = rustix::fs::statat(rd.as_fd(), &name, AtFlags::SYMLINK_NOFOLLOW)
+                    .map(|st| FileType::from_raw_mode(st.st_mode) == FileType::Directory)
+                    .unwrap_or(false);
+                if is_dir {
+                    let sub =
+                        reopen_dir(rd.as_fd(), &name).map_err(|e| Error::io("open", &child, e))?;
+                    self.prune(sub.as_fd(), &child)?;
+                }
+            } else {
+                remove_all_at(rd.as_fd(), &name).map_err(|e| Error::io("remove", &child, e))?;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// What [`Applier::node`] creates.
+#[derive(Clone, Copy)]
+enum Node<'t> {
+    /// A symlink to these bytes.
+    Symlink(&'t [u8]),
+    /// A device or fifo of this type and number.
+    Dev(FileType, rustix::fs::Dev),
+    /// An overlay whiteout (char 0/0, mode 0, no metadata).
+    Whiteout,
+}
+
+/// Opens the directory `name` in `parent` for reading and metadata changes, never following a
+/// symlink.
+fn reopen_dir(parent: BorrowedFd<'_>, name: &OsStr) -> io::Result<OwnedFd> {
+    Ok(rustix::fs::openat(
+        parent,
+        name,
+        OFlags::RDONLY | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+        Mode::empty(),
+    )?)
+}
+
+/// Sets an xattr on `name` in `dir` without following it (it may be a symlink or device).
+///
+/// Uses `setxattrat(2)` (Linux 6.13+) with `AT_SYMLINK_NOFOLLOW`; on older kernels falls back to
+/// `lsetxattr` on `/proc/self/fd/<dir>/<name>` (the magic link resolves to the directory itself,
+/// the last component is not followed).
+fn lsetxattr_at(
+    dir: BorrowedFd<'_>,
+    name: &OsStr,
+    xname: &CString,
+    value: &[u8],
+) -> io::Result<()> {
+    /// `struct xattr_args` of `setxattrat(2)`.
+    #[repr(C)]
+    struct XattrArgs {
+        value: u64,
+        size: u32,
+        flags: u32,
+    }
+    /// The syscall number of `setxattrat`, the same on every architecture (new-style table).
+    const SYS_SETXATTRAT: libc::c_long = 463;
+    let cname =
+        CString::new(name.as_bytes()).map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))?;
+    let args = XattrArgs {
+        value: value.as_ptr() as u64,
+        size: u32::try_from(value.len()).map_err(|_| io::Error::from_raw_os_error(libc::E2BIG))?,
+        flags: 0,
+    };
+    // SAFETY: every pointer passed is valid for the duration of the call: `cname` and `xname`
+    // are NUL-terminated C strings we own, `args` points at a live, correctly laid out
+    // `struct xattr_args` whose `value` covers `value.len()` readable bytes; the kernel only
+    // reads from them. The fd is borrowed and open.
+    let rc = unsafe {
+        libc::syscall(
+            SYS_SETXATTRAT,
+            dir.as_raw_fd(),
+            cname.as_ptr(),
+            libc::AT_SYMLINK_NOFOLLOW,
+            xname.as_ptr(),
+            &args as *const XattrArgs,
+            std::mem::size_of::<XattrArgs>(),
+        )
+    };
+    if rc == 0 {
+        return Ok(());
+    }
+    let err = io::Error::last_os_error();
+    if err.raw_os_error() != Some(libc::ENOSYS) {
+        return Err(err);
+    }
+    let mut path = format!("/proc/self/fd/{}/", dir.as_raw_fd()).into_bytes();
+    path.extend_from_slice(name.as_bytes());
+    rustix::fs::lsetxattr(
+        OsStr::from_bytes(&path),
+        xname.as_c_str(),
+        value,
+        XattrFlags::empty(),
+    )
+    .map_err(io::Error::from)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn normalize_strips_and_refuses() {
+        assert_eq!(normalize(b"/a/./b/").unwrap(), PathBuf::from("a/b"));
+        assert_eq!(normalize(b"a/../b").unwrap(), PathBuf::from("b"));
+        assert!(normalize(b"../x").is_err());
+        assert!(normalize(b"a/../../x").is_err());
+        assert_eq!(normalize(b"./").unwrap(), PathBuf::new());
+    }
+
+    #[test]
+    fn pax_time() {
+        let t = parse_pax_time("12.5").unwrap();
+        assert_eq!((t.tv_sec, t.tv_nsec), (12, 500_000_000));
+        assert!(parse_pax_time("x").is_none());
+    }
+
+    #[test]
+    fn manual_walk_stays_inside() {
+        let d = tempfile::tempdir().unwrap();
+        let root = d.path().join("root");
+        std::fs::create_dir_all(root.join("in/sub")).unwrap();
+        std::os::unix::fs::symlink("/in", root.join("abs")).unwrap();
+        std::os::unix::fs::symlink("../../../..", root.join("up")).unwrap();
+        let rfd = open_root(&root).unwrap();
+        let fd = resolve::open_dir_beneath_manual(rfd.as_fd(), Path::new("abs/sub")).unwrap();
+        let st = rustix::fs::fstat(&fd).unwrap();
+        let want = std::fs::metadata(root.join("in/sub")).unwrap();
+        assert_eq!(st.st_ino, std::os::unix::fs::MetadataExt::ino(&want));
+        let fd = resolve::open_dir_beneath_manual(rfd.as_fd(), Path::new("up/in")).unwrap();
+        let st = rustix::fs::fstat(&fd).unwrap();
+        let want = std::fs::metadata(root.join("in")).unwrap();
+        assert_eq!(st.st_ino, std::os::unix::fs::MetadataExt::ino(&want));
+    }
+}
