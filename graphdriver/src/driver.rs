@@ -1,0 +1,248 @@
+//! The driver contract: [`ProtoDriver`], [`DiffDriver`] and [`Driver`].
+//!
+//! # Terms
+//!
+//! * A **layer** is a directory tree stored by a driver under a [`LayerId`]. It has at most one
+//!   **parent**; a layer starts as an exact copy of its parent's tree (or empty) and then changes.
+//! * An **image layer** ([`ProtoDriver::create`]) is filled once by [`DiffDriver::apply_diff`] and
+//!   afterwards only read; drivers may share its data with children (hardlinks, overlay lower).
+//! * A **read-write layer** ([`ProtoDriver::create_read_write`]) is a container's writable layer:
+//!   it is written through the path [`ProtoDriver::get`] returns.
+//! * To **get** a layer is to make its tree available at a path (mounting it if the driver
+//!   mounts); every get is matched by one **put**. Gets nest and are reference counted, also
+//!   across processes that share one store.
+//! * The **home** of a driver is `<root>/<driver name>`; everything the driver stores lives there.
+//!
+//! # Lifecycle, worked through
+//!
+//! Importing a two-layer image and running a container on it:
+//!
+//! ```text
+//! create(base, None)               empty image layer
+//! apply_diff(base, None, tar0)     fill it from the first layer tar; returns bytes applied
+//! create(app, Some(base))          image layer on base: starts as base's tree
+//! apply_diff(app, Some(base), tar1)
+//! create_read_write(ctr, Some(app))
+//! get(ctr) -> /root/overlay/ctr/merged   the container writes here
+//! changes(ctr, Some(app))          what the container changed: [C /etc, A /etc/motd]
+//! diff(ctr, Some(app))             the same as a layer tar ("docker commit")
+//! put(ctr); remove(ctr)
+//! ```
+//!
+//! # Errors
+//!
+//! Ids are validated before any call reaches a driver ([`LayerId`]). A driver reports
+//! [`Error::NotFound`] for a missing layer or parent, [`Error::AlreadyExists`] for a duplicate id,
+//! [`Error::InUse`] / [`Error::HasChildren`] when removal is not possible, and never leaves a
+//! half-made layer visible under its id: a failed `create` or `apply_diff` leaves the id absent.
+//!
+//! [`Error::NotFound`]: crate::Error::NotFound
+//! [`Error::AlreadyExists`]: crate::Error::AlreadyExists
+//! [`Error::InUse`]: crate::Error::InUse
+//! [`Error::HasChildren`]: crate::Error::HasChildren
+
+use std::io::Read;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use crate::{Change, LayerId, Result};
+
+/// Options for [`ProtoDriver::get`].
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct MountOpts {
+    /// An SELinux mount label (`context=` option) for drivers that mount; `None` for none.
+    pub mount_label: Option<String>,
+}
+
+impl MountOpts {
+    /// Options with the given mount label.
+    pub fn with_label(label: impl Into<String>) -> Self {
+        MountOpts {
+            mount_label: Some(label.into()),
+        }
+    }
+}
+
+/// One layer as [`ProtoDriver::list`] reports it.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub struct LayerInfo {
+    /// The layer's id.
+    pub id: LayerId,
+    /// Its parent, if any.
+    pub parent: Option<LayerId>,
+    /// True for read-write (container) layers.
+    pub read_write: bool,
+}
+
+/// The part of the contract every driver implements: storing layer trees and making them
+/// available at a path.
+///
+/// Implementations are shared across threads (`Send + Sync`) and across processes that open the
+/// same home; they do their own locking.
+pub trait ProtoDriver: Send + Sync {
+    /// The driver's registered name, for example `"overlay"`.
+    fn name(&self) -> &str;
+
+    /// The driver's home directory (`<root>/<name>`).
+    fn home(&self) -> &Path;
+
+    /// Creates image layer `id` whose tree starts as a copy of `parent`'s (or empty).
+    ///
+    /// Fails with `AlreadyExists` if `id` exists and `NotFound` if `parent` does not; on any
+    /// failure `id` stays absent.
+    fn create(&self, id: &LayerId, parent: Option<&LayerId>) -> Result<()>;
+
+    /// Creates read-write (container) layer `id` on `parent`; otherwise as [`create`](Self::create).
+    fn create_read_write(&self, id: &LayerId, parent: Option<&LayerId>) -> Result<()>;
+
+    /// Removes layer `id` and everything stored for it.
+    ///
+    /// Refused with `InUse` while it is mounted (gets outnumber puts, in any process) and with
+    /// `HasChildren` while other layers name it as parent. The id disappears atomically.
+    fn remove(&self, id: &LayerId) -> Result<()>;
+
+    /// Makes layer `id`'s tree available and returns its path, mounting it if needed.
+    ///
+    /// Reference counted: each call must be matched by one [`put`](Self::put); the tree stays
+    /// available until the last put, in this or any other process sharing the home.
+    fn get(&self, id: &LayerId, opts: &MountOpts) -> Result<PathBuf>;
+
+    /// Releases one [`get`](Self::get) of `id`; the last release unmounts.
+    fn put(&self, id: &LayerId) -> Result<()>;
+
+    /// True if a complete layer `id` exists (unfinished layers count as absent).
+    fn exists(&self, id: &LayerId) -> bool;
+
+    /// Human-readable key/value pairs describing the driver's state (backing filesystem, layer
+    /// count, …) for `graphctl status`.
+    fn status(&self) -> Vec<(String, String)>;
+
+    /// Releases what this driver holds in the system: unmounts every layer it has mounted.
+    fn cleanup(&self) -> Result<()>;
+
+    /// Every complete layer with its parent, sorted by id.
+    fn list(&self) -> Result<Vec<LayerInfo>>;
+
+    /// The parent of layer `id`, `NotFound` if `id` does not exist.
+    fn parent(&self, id: &LayerId) -> Result<Option<LayerId>> {
+        self.list()?
+            .into_iter()
+            .find(|l| &l.id == id)
+            .map(|l| l.parent)
+            .ok_or_else(|| crate::Error::NotFound(id.clone()))
+    }
+}
+
+/// The diff half of the contract: layers as tar streams and change lists.
+///
+/// Drivers with no native diff get all of it from `naive_diff::NaiveDiffDriver`, which compares
+/// mounted trees. `parent` is the layer to compare against; `None` means "against nothing", so
+/// the whole tree is the diff.
+pub trait DiffDriver: Send + Sync {
+    /// The changes from `parent` to `id` as a layer tar, streamed (bounded memory).
+    ///
+    /// The stream may hold the layers mounted until it is dropped.
+    fn diff<'a>(
+        &'a self,
+        id: &LayerId,
+        parent: Option<&LayerId>,
+    ) -> Result<Box<dyn Read + Send + 'a>>;
+
+    /// What changed from `parent` to `id`, sorted by path.
+    fn changes(&self, id: &LayerId, parent: Option<&LayerId>) -> Result<Vec<Change>>;
+
+    /// Applies the layer tar `diff` (plain, gzip, zstd, xz or bzip2) to layer `id`, whose
+    /// parent is `parent`, and returns the regular-file bytes applied.
+    ///
+    /// On failure the layer `id` is removed, so no half-applied layer stays visible.
+    fn apply_diff(
+        &self,
+        id: &LayerId,
+        parent: Option<&LayerId>,
+        diff: &mut dyn Read,
+    ) -> Result<u64>;
+
+    /// The regular-file bytes that differ from `parent` to `id` (each hardlinked inode once);
+    /// equal to what [`apply_diff`](Self::apply_diff) of [`diff`](Self::diff) returns.
+    fn diff_size(&self, id: &LayerId, parent: Option<&LayerId>) -> Result<u64>;
+}
+
+/// A complete driver: [`ProtoDriver`] and [`DiffDriver`]. Implemented for every type that has
+/// both.
+pub trait Driver: ProtoDriver + DiffDriver {}
+
+impl<T: ProtoDriver + DiffDriver + ?Sized> Driver for T {}
+
+// === forwarding impls ===
+
+macro_rules! forward_proto {
+    ($ty:ty) => {
+        impl<T: ProtoDriver + ?Sized> ProtoDriver for $ty {
+            fn name(&self) -> &str {
+                (**self).name()
+            }
+            fn home(&self) -> &Path {
+                (**self).home()
+            }
+            fn create(&self, id: &LayerId, parent: Option<&LayerId>) -> Result<()> {
+                (**self).create(id, parent)
+            }
+            fn create_read_write(&self, id: &LayerId, parent: Option<&LayerId>) -> Result<()> {
+                (**self).create_read_write(id, parent)
+            }
+            fn remove(&self, id: &LayerId) -> Result<()> {
+                (**self).remove(id)
+            }
+            fn get(&self, id: &LayerId, opts: &MountOpts) -> Result<PathBuf> {
+                (**self).get(id, opts)
+            }
+            fn put(&self, id: &LayerId) -> Result<()> {
+                (**self).put(id)
+            }
+            fn exists(&self, id: &LayerId) -> bool {
+                (**self).exists(id)
+            }
+            fn status(&self) -> Vec<(String, String)> {
+                (**self).status()
+            }
+            fn cleanup(&self) -> Result<()> {
+                (**self).cleanup()
+            }
+            fn list(&self) -> Result<Vec<LayerInfo>> {
+                (**self).list()
+            }
+            fn parent(&self, id: &LayerId) -> Result<Option<LayerId>> {
+                (**self).parent(id)
+            }
+        }
+
+        impl<T: DiffDriver + ?Sized> DiffDriver for $ty {
+            fn diff<'a>(
+                &'a self,
+                id: &LayerId,
+                parent: Option<&LayerId>,
+            ) -> Result<Box<dyn Read + Send + 'a>> {
+                (**self).diff(id, parent)
+            }
+            fn changes(&self, id: &LayerId, parent: Option<&LayerId>) -> Result<Vec<Change>> {
+                (**self).changes(id, parent)
+            }
+            fn apply_diff(
+                &self,
+                id: &LayerId,
+                parent: Option<&LayerId>,
+                diff: &mut dyn Read,
+            ) -> Result<u64> {
+                (**self).apply_diff(id, parent, diff)
+            }
+            fn diff_size(&self, id: &LayerId, parent: Option<&LayerId>) -> Result<u64> {
+                (**self).diff_size(id, parent)
+            }
+        }
+    };
+}
+
+forward_proto!(Box<T>);
+forward_proto!(Arc<T>);
+forward_proto!(&T);

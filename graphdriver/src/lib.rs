@@ -1,0 +1,66 @@
+//! The graph driver contract: how container layer stores plug into a runtime.
+//!
+//! # Brief overview
+//!
+//! A *graph driver* stores container image layers and container writable layers and makes each
+//! one available as a directory tree. This crate is the small, stable core that drivers and
+//! programs share (like `tracing-core`): driver crates depend on it and nothing else of ours is
+//! required.
+//!
+//! * [`ProtoDriver`], [`DiffDriver`] and [`Driver`] are the contract; `driver` module docs define
+//!   the terms and walk through a layer's lifecycle.
+//! * [`LayerId`] is a validated id: hostile strings are refused before any filesystem call.
+//! * [`Error`] is the one error type; callers branch on its variants.
+//! * [`register_driver!`] registers a driver by name at link time; [`registered`] and [`lookup`]
+//!   find it again.
+//! * [`Config`] reads `storage.toml`, the environment and command-line options; [`open`] picks
+//!   a driver (by name, by the layers already on disk, or by priority) and starts it.
+//! * [`LayerStore`] is the bookkeeping every driver needs (parents, atomic creation, crash
+//!   recovery, mount reference counts shared across processes).
+//! * With the `conformance` feature, `conformance` is the test suite every driver must pass.
+//!
+//! # Example
+//!
+//! ```
+//! use graphdriver::{Config, LayerId};
+//!
+//! let mut config = Config::from_toml(
+//!     "[storage]\ndriver = \"vfs\"\n[storage.options.vfs]\nsync = true\n",
+//!     std::path::Path::new("storage.toml"),
+//! )?;
+//! config.add_option("vfs.copy=reflink", "command line")?;
+//! assert_eq!(config.driver.as_deref(), Some("vfs"));
+//! assert!(LayerId::new("../../etc").is_err());
+//! // `graphdriver::open(&config)` would now start the vfs driver, if a crate providing it is
+//! // linked (`use drivers as _;`).
+//! # Ok::<(), graphdriver::Error>(())
+//! ```
+
+#![deny(missing_docs)]
+
+mod config;
+#[cfg(feature = "conformance")]
+pub mod conformance;
+mod driver;
+mod error;
+mod id;
+mod registry;
+mod select;
+mod store;
+
+pub use archive::{Change, ChangeKind};
+pub use config::{
+    Config, DEFAULT_PRIORITY, ENV_CONFIG, ENV_DRIVER, ENV_OPTS, ScopedOption, default_config_path,
+    default_root,
+};
+pub use driver::{DiffDriver, Driver, LayerInfo, MountOpts, ProtoDriver};
+pub use error::{Error, IoContext, Result};
+pub use id::{LayerId, MAX_ID_LEN};
+pub use registry::{
+    DriverOption, DriverOptions, InitFn, Registration, lookup, registered, registrations,
+};
+pub use select::{Selected, SelectedBy, open, prior_state};
+pub use store::{ApplyGuard, FileLock, LayerStore, Recovery};
+
+#[doc(hidden)]
+pub use inventory;
