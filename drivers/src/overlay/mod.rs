@@ -1,0 +1,586 @@
+//! The `overlay` driver: hardlinked image roots and overlayfs container layers (the Docker 1.4.1
+//! design, re-implemented).
+//!
+//! # Layout of a layer `<home>/<id>/` (besides the [`LayerStore`] bookkeeping)
+//!
+//! * **Image layers** that have been filled hold `root/`: a full tree. A base layer starts with
+//!   an empty `root/`. Applying a diff to a layer whose parent has a `root/` makes a
+//!   [`CopyMode::Hardlink`] copy of the parent's root in a staging directory inside the layer
+//!   dir, applies the tar into it in a confined child, and renames it to `root/`: unchanged
+//!   files share their inode (and data) with the parent; directories are real copies. This relies
+//!   on the apply never writing a file in place (it unlinks before it creates).
+//! * **Overlay layers** (every read-write layer, and an image layer created on a parent with a
+//!   `root/` before any diff is applied) hold `upper/ work/ merged/ lower-id`: `get` mounts
+//!   `overlay lowerdir=<lower>/root,upperdir=upper,workdir=work` on `merged/`.
+//! * A layer created on a parent **without** `root/` (a container layer on its `-init` layer)
+//!   copies the parent's `upper/` ([`CopyMode::Content`]: whiteout char devices and opaque
+//!   xattrs survive) and its `lower-id`, as the seed does: overlay mounts only one lower here.
+//!
+//! Mounts are reference counted across processes by [`LayerStore::acquire_ref`]; a mount that
+//! vanished behind our back (manual umount) is made again by the next get. Image layers with a
+//! `root/` are returned without mounting but still counted.
+
+mod plugin;
+
+use std::fs;
+use std::io::{self, Read};
+use std::os::unix::fs::{DirBuilderExt, MetadataExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+
+use graphdriver::{
+    Error, IoContext, LayerId, LayerInfo, LayerStore, MountOpts, ProtoDriver, Result,
+};
+use naive_diff::{ApplyDiffProtoDriver, NaiveDiffDriverWithApply, NativeApply};
+
+use crate::copy::{CopyMode, copy_tree};
+use crate::mountinfo;
+
+pub use plugin::init;
+
+/// The registered name.
+pub const NAME: &str = "overlay";
+
+const ROOT: &str = "root";
+const UPPER: &str = "upper";
+const WORK: &str = "work";
+const MERGED: &str = "merged";
+const LOWER_ID: &str = "lower-id";
+const STAGING_ROOT: &str = "root-staging";
+
+/// The kernel copies at most one page of mount data; the last byte is the terminating NUL.
+const MAX_MOUNT_DATA: usize = 4096;
+
+/// Settings of the overlay driver.
+#[derive(Clone, Debug, Default)]
+pub struct OverlayConfig {
+    /// Extra mount options appended to every overlay mount (`mount_options`).
+    pub mount_options: Option<String>,
+    /// Flush layers to disk before they become visible (`sync`).
+    pub sync: bool,
+}
+
+/// The overlay driver's state: its store, its settings and what the init probe found.
+#[derive(Debug)]
+pub struct Overlay {
+    store: LayerStore,
+    config: OverlayConfig,
+    backing_fs: String,
+    index_param: bool,
+}
+
+impl Overlay {
+    /// Starts the driver in `home` after checking that it can work there (see the `init` of the
+    /// plugin): [`Error::NotSupported`] or [`Error::IncompatibleFs`] with the reason otherwise.
+    pub fn new(home: &Path, config: OverlayConfig) -> Result<Overlay> {
+        let fail = |reason: String| Error::NotSupported {
+            driver: NAME.to_string(),
+            reason,
+        };
+        let filesystems = fs::read_to_string("/proc/filesystems")
+            .map_err(|e| fail(format!("cannot read /proc/filesystems: {e}")))?;
+        if !filesystems
+            .lines()
+            .any(|l| l.split_whitespace().last() == Some("overlay"))
+        {
+            return Err(fail(
+                "the kernel does not list overlay in /proc/filesystems (load the overlay module)"
+                    .to_string(),
+            ));
+        }
+        if !rustix::process::geteuid().is_root() {
+            return Err(fail(
+                "needs root (CAP_SYS_ADMIN) to mount overlay".to_string(),
+            ));
+        }
+        if let Some(bad) = home
+            .to_str()
+            .and_then(|h| h.chars().find(|c| matches!(c, ',' | ':' | '=')))
+        {
+            return Err(fail(format!(
+                "the home {} contains {bad:?}, which overlay mount options cannot express",
+                home.display()
+            )));
+        }
+        if home.to_str().is_none() {
+            return Err(fail(format!(
+                "the home {} is not valid UTF-8",
+                home.display()
+            )));
+        }
+        let (store, _recovery) = LayerStore::open(home, config.sync)?;
+        let magic = rustix::fs::statfs(home)
+            .map_err(|e| fail(format!("statfs {}: {e}", home.display())))?
+            .f_type as i64;
+        let backing_fs = fs_name(magic);
+        if let Some(why) = incompatible(magic) {
+            return Err(Error::IncompatibleFs {
+                driver: NAME.to_string(),
+                fs: backing_fs,
+                home: home.to_path_buf(),
+                reason: why.to_string(),
+            });
+        }
+        // A read-only home (a snapshot, a read-only bind mount) can still be listed and read:
+        // the checks that need to write are skipped, and every change fails with EROFS.
+        let read_only = store.is_read_only();
+        if !read_only {
+            remove_stale_scratch(home);
+        }
+        if !read_only
+            && !supports_d_type(home).map_err(|e| fail(format!("checking d_type support: {e}")))?
+        {
+            return Err(Error::IncompatibleFs {
+                driver: NAME.to_string(),
+                fs: backing_fs,
+                home: home.to_path_buf(),
+                reason: "the filesystem does not report file types in directory entries (d_type)"
+                    .to_string(),
+            });
+        }
+        let index_param = Path::new("/sys/module/overlay/parameters/index").exists();
+        let driver = Overlay {
+            store,
+            config,
+            backing_fs,
+            index_param,
+        };
+        if !read_only {
+            driver
+                .probe_mount(false)
+                .map_err(|e| fail(format!("a test overlay mount failed: {e}")))?;
+            if let Some(extra) = driver.config.mount_options.as_deref() {
+                // Overlay works here; a failure now is the user's option, not the host's.
+                driver.probe_mount(true).map_err(|e| Error::InvalidOption {
+                    driver: NAME.to_string(),
+                    key: "mount_options".to_string(),
+                    origin: None,
+                    reason: format!("a test overlay mount with {extra:?} failed: {e}"),
+                })?;
+            }
+        }
+        // Mount counts are not trusted across reboots and manual umounts: mountinfo is.
+        driver.store.repair_mounts(|id| {
+            let dir = driver.store.layer_dir(id);
+            if dir.join(ROOT).is_dir() {
+                Ok(true)
+            } else {
+                mountinfo::is_mountpoint(&dir.join(MERGED))
+            }
+        })?;
+        Ok(driver)
+    }
+
+    /// The overlay driver as a complete [`graphdriver::Driver`].
+    pub fn driver(home: &Path, config: OverlayConfig) -> Result<NaiveDiffDriverWithApply<Overlay>> {
+        Ok(NaiveDiffDriverWithApply::new(Overlay::new(home, config)?))
+    }
+
+    /// The directory of layer `id`.
+    pub fn layer_dir(&self, id: &LayerId) -> PathBuf {
+        self.store.layer_dir(id)
+    }
+
+    /// The mount options for an overlay of `lower` under `dir`'s upper and work.
+    fn mount_data(&self, lower: &Path, dir: &Path, opts: &MountOpts, user_opts: bool) -> String {
+        let mut data = format!(
+            "lowerdir={},upperdir={},workdir={}",
+            lower.display(),
+            dir.join(UPPER).display(),
+            dir.join(WORK).display()
+        );
+        if self.index_param {
+            data.push_str(",index=off");
+        }
+        if let Some(extra) = self
+            .config
+            .mount_options
+            .as_deref()
+            .filter(|s| user_opts && !s.is_empty())
+        {
+            data.push(',');
+            data.push_str(extra);
+        }
+        if let Some(label) = opts.mount_label.as_deref().filter(|s| !s.is_empty()) {
+            data.push_str(&format!(",context=\"{label}\""));
+        }
+        data
+    }
+
+    /// Mounts a tiny overlay in a scratch dir under the home and takes it down again; with
+    /// `user_opts`, with the configured `mount_options`.
+    fn probe_mount(&self, user_opts: bool) -> Result<()> {
+        let scratch = self
+            .store
+            .home()
+            .join(format!(".probe-{}", std::process::id()));
+        let _ = fs::remove_dir_all(&scratch);
+        let result = (|| {
+            for d in ["lower", UPPER, WORK, MERGED] {
+                fs::create_dir_all(scratch.join(d)).ctx("create directory", &scratch)?;
+            }
+            let data = self.mount_data(
+                &scratch.join("lower"),
+                &scratch,
+                &MountOpts::default(),
+                user_opts,
+            );
+            mountinfo::mount("overlay", &scratch.join(MERGED), "overlay", &data)?;
+            mountinfo::unmount(&scratch.join(MERGED))
+        })();
+        let cleaned = fs::remove_dir_all(&scratch).ctx("remove", &scratch);
+        result.and(cleaned)
+    }
+
+    fn create_layer(&self, id: &LayerId, parent: Option<&LayerId>, rw: bool) -> Result<()> {
+        let parent_dir = parent.map(|p| self.store.layer_dir(p));
+        self.store.create(id, parent, rw, |dir| {
+            let Some(pdir) = parent_dir else {
+                return mkdir(&dir.join(ROOT), 0o755);
+            };
+            let proot = pdir.join(ROOT);
+            if let Ok(meta) = fs::symlink_metadata(&proot) {
+                mkdir(&dir.join(UPPER), meta.mode() & 0o7777)?;
+                let upper = dir.join(UPPER);
+                fs::set_permissions(&upper, fs::Permissions::from_mode(meta.mode() & 0o7777))
+                    .ctx("chmod", &upper)?;
+                rustix::fs::chown(&upper, Some(uid(meta.uid())), Some(gid(meta.gid())))
+                    .map_err(|e| Error::io("chown", &upper, e.into()))?;
+                fs::write(
+                    dir.join(LOWER_ID),
+                    parent.map(LayerId::as_str).unwrap_or_default(),
+                )
+                .ctx("write", &dir.join(LOWER_ID))?;
+            } else {
+                // A layer on an overlay layer: inherit its lower and a copy of its upper.
+                let lower =
+                    fs::read_to_string(pdir.join(LOWER_ID)).ctx("read", &pdir.join(LOWER_ID))?;
+                LayerId::new(lower.trim())?;
+                fs::write(dir.join(LOWER_ID), lower.trim()).ctx("write", &dir.join(LOWER_ID))?;
+                copy_tree(&pdir.join(UPPER), &dir.join(UPPER), CopyMode::Content)?;
+            }
+            mkdir(&dir.join(WORK), 0o700)?;
+            mkdir(&dir.join(MERGED), 0o700)
+        })
+    }
+
+    fn lower_root(&self, dir: &Path) -> Result<PathBuf> {
+        let path = dir.join(LOWER_ID);
+        let lower = fs::read_to_string(&path).ctx("read", &path)?;
+        let lower = LayerId::new(lower.trim())?;
+        Ok(self.store.layer_dir(&lower).join(ROOT))
+    }
+
+    /// Applies a diff to an overlay layer (read-write, or on a parent without `root/`) through a
+    /// private mount of it, under [`LayerStore::begin_apply`]: the layer counts as absent until the
+    /// apply succeeds and is removed if it fails or the process dies, exactly like image layers.
+    /// Overlay itself turns the diff's deletions into whiteouts in `upper/`.
+    fn apply_through_mount(
+        &self,
+        id: &LayerId,
+        dir: &Path,
+        diff: &mut dyn Read,
+        opts: &archive::ApplyOptions,
+    ) -> Result<NativeApply> {
+        let guard = self.store.begin_apply(id)?;
+        let merged = dir.join(MERGED);
+        let lower = self.lower_root(dir)?;
+        let data = self.mount_data(&lower, dir, &MountOpts::default(), true);
+        mountinfo::mount("overlay", &merged, "overlay", &data)?;
+        // Declared after `guard`, so it unmounts before a failed guard discards the layer.
+        let mounted = UnmountOnDrop(&merged);
+        let bytes =
+            naive_diff::apply_layer(&merged, diff, opts).map_err(|e| Error::archive(id, e))?;
+        mounted.unmount()?;
+        guard.finish()?;
+        Ok(NativeApply::Applied(bytes))
+    }
+
+    /// Unmounts `merged` if it is mounted (a vanished mount is not an error).
+    fn unmount_if_mounted(merged: &Path) -> Result<()> {
+        if mountinfo::is_mountpoint(merged)? {
+            mountinfo::unmount(merged)?;
+        }
+        Ok(())
+    }
+}
+
+/// Unmounts a private mount when dropped, unless [`UnmountOnDrop::unmount`] already did.
+struct UnmountOnDrop<'a>(&'a Path);
+
+impl UnmountOnDrop<'_> {
+    fn unmount(self) -> Result<()> {
+        let res = mountinfo::unmount(self.0);
+        std::mem::forget(self);
+        res
+    }
+}
+
+impl Drop for UnmountOnDrop<'_> {
+    fn drop(&mut self) {
+        if let Err(e) = mountinfo::unmount(self.0) {
+            tracing::error!(path = %self.0.display(), error = %e, "could not unmount after a failed apply");
+        }
+    }
+}
+
+/// Removes the scratch directories (`.probe-<pid>`, `.dtype-<pid>`) of earlier processes that
+/// died during init, unmounting a probe mount they left behind.
+fn remove_stale_scratch(home: &Path) {
+    let Ok(entries) = fs::read_dir(home) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let name = entry.file_name();
+        let Some(pid) = name
+            .to_str()
+            .and_then(|n| {
+                n.strip_prefix(".probe-")
+                    .or_else(|| n.strip_prefix(".dtype-"))
+            })
+            .and_then(|p| p.parse::<i32>().ok())
+        else {
+            continue;
+        };
+        let alive = rustix::process::Pid::from_raw(pid)
+            .is_some_and(|p| rustix::process::test_kill_process(p).is_ok());
+        if alive {
+            continue;
+        }
+        let path = entry.path();
+        let merged = path.join(MERGED);
+        if mountinfo::is_mountpoint(&merged).unwrap_or(false) {
+            let _ = mountinfo::unmount(&merged);
+        }
+        match fs::remove_dir_all(&path) {
+            Ok(()) => {
+                tracing::warn!(path = %path.display(), "removed the scratch directory of an interrupted init")
+            }
+            Err(e) => {
+                tracing::error!(path = %path.display(), error = %e, "could not remove a stale scratch directory")
+            }
+        }
+    }
+}
+
+fn mkdir(path: &Path, mode: u32) -> Result<()> {
+    fs::DirBuilder::new()
+        .mode(mode)
+        .create(path)
+        .ctx("create directory", path)
+}
+
+fn uid(raw: u32) -> rustix::fs::Uid {
+    rustix::fs::Uid::from_raw(raw)
+}
+
+fn gid(raw: u32) -> rustix::fs::Gid {
+    rustix::fs::Gid::from_raw(raw)
+}
+
+/// The usual name of a filesystem by its statfs magic.
+fn fs_name(magic: i64) -> String {
+    match magic {
+        0xEF53 => "extfs".into(),
+        0x01021994 => "tmpfs".into(),
+        0x58465342 => "xfs".into(),
+        0x9123683E => "btrfs".into(),
+        0x2FC12FC1 => "zfs".into(),
+        0x794C7630 => "overlayfs".into(),
+        0x61756673 => "aufs".into(),
+        0xF15F => "ecryptfs".into(),
+        0x6969 => "nfs".into(),
+        0x65735546 => "fuse".into(),
+        other => format!("unknown (magic {other:#x})"),
+    }
+}
+
+/// Why overlay cannot use a filesystem as its backing store, if it cannot.
+fn incompatible(magic: i64) -> Option<&'static str> {
+    match magic {
+        0x794C7630 => Some("overlay cannot use an overlay filesystem as upper and work directory"),
+        0x61756673 => Some("overlay cannot run on aufs"),
+        0xF15F => Some("overlay cannot run on ecryptfs"),
+        _ => None,
+    }
+}
+
+/// Creates a file in a scratch dir under `home` and checks that readdir reports its type.
+fn supports_d_type(home: &Path) -> io::Result<bool> {
+    let scratch = home.join(format!(".dtype-{}", std::process::id()));
+    let _ = fs::remove_dir_all(&scratch);
+    fs::create_dir(&scratch)?;
+    let result = (|| {
+        fs::write(scratch.join("f"), b"")?;
+        let fd = rustix::fs::open(
+            &scratch,
+            rustix::fs::OFlags::RDONLY
+                | rustix::fs::OFlags::DIRECTORY
+                | rustix::fs::OFlags::CLOEXEC,
+            rustix::fs::Mode::empty(),
+        )?;
+        let mut found = false;
+        for entry in rustix::fs::Dir::read_from(&fd)? {
+            let entry = entry?;
+            if entry.file_name() == c"f" {
+                found = entry.file_type() != rustix::fs::FileType::Unknown;
+            }
+        }
+        Ok(found)
+    })();
+    let _ = fs::remove_dir_all(&scratch);
+    result
+}
+
+impl ProtoDriver for Overlay {
+    fn name(&self) -> &str {
+        NAME
+    }
+    fn home(&self) -> &Path {
+        self.store.home()
+    }
+    fn create(&self, id: &LayerId, parent: Option<&LayerId>) -> Result<()> {
+        self.create_layer(id, parent, false)
+    }
+    fn create_read_write(&self, id: &LayerId, parent: Option<&LayerId>) -> Result<()> {
+        self.create_layer(id, parent, true)
+    }
+    fn remove(&self, id: &LayerId) -> Result<()> {
+        self.store.remove(id, |dir| {
+            let merged = dir.join(MERGED);
+            if merged.exists() {
+                Self::unmount_if_mounted(&merged)?;
+            }
+            Ok(())
+        })
+    }
+    fn get(&self, id: &LayerId, opts: &MountOpts) -> Result<PathBuf> {
+        let dir = self.store.require(id)?;
+        let root = dir.join(ROOT);
+        if root.is_dir() {
+            self.store.acquire_ref(id, || Ok(true), || Ok(()))?;
+            return Ok(root);
+        }
+        let merged = dir.join(MERGED);
+        let lower = self.lower_root(&dir)?;
+        let data = self.mount_data(&lower, &dir, opts, true);
+        if data.len() >= MAX_MOUNT_DATA {
+            return Err(Error::Mount {
+                target: merged,
+                options: data,
+                source: io::Error::new(
+                    io::ErrorKind::InvalidInput,
+                    format!(
+                        "expected mount options shorter than {MAX_MOUNT_DATA} bytes (one page)"
+                    ),
+                ),
+            });
+        }
+        self.store.acquire_ref(
+            id,
+            || mountinfo::is_mountpoint(&merged),
+            || mountinfo::mount("overlay", &merged, "overlay", &data),
+        )?;
+        Ok(merged)
+    }
+    fn put(&self, id: &LayerId) -> Result<()> {
+        let merged = self.store.layer_dir(id).join(MERGED);
+        self.store
+            .release_ref(id, || {
+                if merged.exists() {
+                    Self::unmount_if_mounted(&merged)
+                } else {
+                    Ok(())
+                }
+            })
+            .map(|_| ())
+    }
+    fn exists(&self, id: &LayerId) -> bool {
+        self.store.exists(id)
+    }
+    fn status(&self) -> Vec<(String, String)> {
+        let show = |r: Result<usize>| match r {
+            Ok(n) => n.to_string(),
+            Err(e) => format!("unknown ({e})"),
+        };
+        vec![
+            ("Backing Filesystem".to_string(), self.backing_fs.clone()),
+            ("Supports d_type".to_string(), "true".to_string()),
+            (
+                "Layers".to_string(),
+                show(self.store.list().map(|l| l.len())),
+            ),
+            (
+                "Mounted".to_string(),
+                show(self.store.mounted().map(|m| m.len())),
+            ),
+        ]
+    }
+    fn cleanup(&self) -> Result<()> {
+        let mut first_err = None;
+        for (id, _) in self.store.mounted()? {
+            let merged = self.store.layer_dir(&id).join(MERGED);
+            let res = self.store.release_all(&id, || {
+                if merged.exists() {
+                    Self::unmount_if_mounted(&merged)
+                } else {
+                    Ok(())
+                }
+            });
+            if let Err(e) = res {
+                tracing::warn!(layer = %id, error = %e, "cleanup could not unmount a layer");
+                first_err.get_or_insert(e);
+            }
+        }
+        first_err.map_or(Ok(()), Err)
+    }
+    fn list(&self) -> Result<Vec<LayerInfo>> {
+        self.store.list()
+    }
+    fn parent(&self, id: &LayerId) -> Result<Option<LayerId>> {
+        self.store.parent(id)
+    }
+}
+
+impl ApplyDiffProtoDriver for Overlay {
+    /// Natively: into `root/` of a layer that has one (a base layer), or into a hardlink copy
+    /// of the parent's `root/` that then becomes this layer's `root/`. Overlay layers
+    /// are applied through a private mount of the layer, with the same guarantees.
+    fn apply_diff_native(
+        &self,
+        id: &LayerId,
+        _parent: Option<&LayerId>,
+        diff: &mut dyn Read,
+    ) -> Result<NativeApply> {
+        let dir = self.store.require(id)?;
+        let root = dir.join(ROOT);
+        let opts = archive::ApplyOptions::default();
+        if root.is_dir() {
+            let guard = self.store.begin_apply(id)?;
+            let bytes =
+                naive_diff::apply_layer(&root, diff, &opts).map_err(|e| Error::archive(id, e))?;
+            guard.finish()?;
+            return Ok(NativeApply::Applied(bytes));
+        }
+        let parent_root = match self.store.parent(id)? {
+            Some(p) => self.store.layer_dir(&p).join(ROOT),
+            None => return Ok(NativeApply::Fallback),
+        };
+        if !parent_root.is_dir() || self.store.is_read_write(id) {
+            return self.apply_through_mount(id, &dir, diff, &opts);
+        }
+        let guard = self.store.begin_apply(id)?;
+        let staging = dir.join(STAGING_ROOT);
+        copy_tree(&parent_root, &staging, CopyMode::Hardlink)?;
+        let bytes =
+            naive_diff::apply_layer(&staging, diff, &opts).map_err(|e| Error::archive(id, e))?;
+        fs::rename(&staging, &root).ctx("rename into place", &staging)?;
+        for d in [UPPER, WORK, MERGED] {
+            let p = dir.join(d);
+            fs::remove_dir_all(&p).ctx("remove", &p)?;
+        }
+        let lower_id = dir.join(LOWER_ID);
+        fs::remove_file(&lower_id).ctx("remove", &lower_id)?;
+        guard.finish()?;
+        Ok(NativeApply::Applied(bytes))
+    }
+}

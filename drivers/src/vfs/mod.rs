@@ -1,0 +1,128 @@
+//! The `vfs` driver: every layer is a full copy of its parent.
+//!
+//! Layout: `<home>/<id>/root` is the layer's tree (plus the [`LayerStore`] bookkeeping files).
+//! Creating a layer copies the parent's `root` ([`CopyMode::Content`]) or makes an empty 0755
+//! root; get and put only count references (nothing is mounted); a diff is applied natively
+//! under [`LayerStore::begin_apply`], so a half-applied layer is never visible. Diffs and change
+//! lists come from `naive_diff`. It is slow and uses a lot of space, and it is the oracle the
+//! other drivers are tested against: keep it simple enough to trust.
+
+mod plugin;
+
+use std::fs;
+use std::io::Read;
+use std::os::unix::fs::DirBuilderExt;
+use std::path::{Path, PathBuf};
+
+use graphdriver::{
+    Error, IoContext, LayerId, LayerInfo, LayerStore, MountOpts, ProtoDriver, Result,
+};
+use naive_diff::{ApplyDiffProtoDriver, NaiveDiffDriverWithApply, NativeApply};
+
+use crate::copy::{CopyMode, copy_tree};
+
+pub use plugin::init;
+
+/// The registered name.
+pub const NAME: &str = "vfs";
+
+/// The vfs driver's state: only its store.
+#[derive(Debug)]
+pub struct Vfs {
+    store: LayerStore,
+}
+
+impl Vfs {
+    /// Opens (creating) the driver home `home`; with `sync`, layers are flushed to disk before
+    /// they become visible.
+    pub fn new(home: &Path, sync: bool) -> Result<Vfs> {
+        let (store, _recovery) = LayerStore::open(home, sync)?;
+        Ok(Vfs { store })
+    }
+
+    /// The vfs driver as a complete [`graphdriver::Driver`].
+    pub fn driver(home: &Path, sync: bool) -> Result<NaiveDiffDriverWithApply<Vfs>> {
+        Ok(NaiveDiffDriverWithApply::new(Vfs::new(home, sync)?))
+    }
+
+    /// The tree of layer `id` (whether or not it exists).
+    pub fn root(&self, id: &LayerId) -> PathBuf {
+        self.store.layer_dir(id).join("root")
+    }
+
+    fn create_layer(&self, id: &LayerId, parent: Option<&LayerId>, rw: bool) -> Result<()> {
+        let parent_root = parent.map(|p| self.root(p));
+        self.store.create(id, parent, rw, |dir| {
+            let root = dir.join("root");
+            match &parent_root {
+                Some(src) => copy_tree(src, &root, CopyMode::Content),
+                None => fs::DirBuilder::new()
+                    .mode(0o755)
+                    .create(&root)
+                    .ctx("create directory", &root),
+            }
+        })
+    }
+}
+
+impl ProtoDriver for Vfs {
+    fn name(&self) -> &str {
+        NAME
+    }
+    fn home(&self) -> &Path {
+        self.store.home()
+    }
+    fn create(&self, id: &LayerId, parent: Option<&LayerId>) -> Result<()> {
+        self.create_layer(id, parent, false)
+    }
+    fn create_read_write(&self, id: &LayerId, parent: Option<&LayerId>) -> Result<()> {
+        self.create_layer(id, parent, true)
+    }
+    fn remove(&self, id: &LayerId) -> Result<()> {
+        self.store.remove(id, |_| Ok(()))
+    }
+    fn get(&self, id: &LayerId, _opts: &MountOpts) -> Result<PathBuf> {
+        self.store.acquire_ref(id, || Ok(true), || Ok(()))?;
+        Ok(self.root(id))
+    }
+    fn put(&self, id: &LayerId) -> Result<()> {
+        self.store.release_ref(id, || Ok(())).map(|_| ())
+    }
+    fn exists(&self, id: &LayerId) -> bool {
+        self.store.exists(id)
+    }
+    fn status(&self) -> Vec<(String, String)> {
+        let layers = self.store.list().map(|l| l.len().to_string());
+        vec![(
+            "Layers".to_string(),
+            layers.unwrap_or_else(|e| format!("unknown ({e})")),
+        )]
+    }
+    fn cleanup(&self) -> Result<()> {
+        Ok(())
+    }
+    fn list(&self) -> Result<Vec<LayerInfo>> {
+        self.store.list()
+    }
+    fn parent(&self, id: &LayerId) -> Result<Option<LayerId>> {
+        self.store.parent(id)
+    }
+}
+
+impl ApplyDiffProtoDriver for Vfs {
+    /// Always applies natively: marks the layer incomplete, applies into its root in a confined
+    /// child, and makes it visible again; on failure the layer is removed.
+    fn apply_diff_native(
+        &self,
+        id: &LayerId,
+        _parent: Option<&LayerId>,
+        diff: &mut dyn Read,
+    ) -> Result<NativeApply> {
+        let guard = self.store.begin_apply(id)?;
+        let bytes =
+            naive_diff::apply_layer(&self.root(id), diff, &archive::ApplyOptions::default())
+                .map_err(|e| Error::archive(id, e))?;
+        guard.finish()?;
+        Ok(NativeApply::Applied(bytes))
+    }
+}
