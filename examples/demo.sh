@@ -1,0 +1,26 @@
+#!/usr/bin/env bash
+# The README's first command: import the sample OCI image, start a read-write (container) layer
+# on it, write through its mount, and show what changed.
+#
+#   examples/demo.sh [ROOT]      (default root: /tmp/graphctl-demo-<uid>)
+#
+# As root the overlay driver is used; as a normal user graphctl falls back to vfs and says so.
+# Safe to run again: the import skips layers that are present and the container layer is reused.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+root="${1:-/tmp/graphctl-demo-$(id -u)}"
+cargo build --quiet --release -p graphctl
+bin="$(cargo metadata --format-version 1 --no-deps | python3 -c 'import json,sys; print(json.load(sys.stdin)["target_directory"])')/release/graphctl"
+g() {
+    echo "\$ graphctl --root $root $*" >&2
+    "$bin" --root "$root" "$@"
+}
+
+top=$(g import examples/sample-image)
+g exists demo || g create --rw --parent "$top" demo
+mnt=$(g mount demo)
+echo "hello from the demo" > "$mnt/hello.txt"
+rm -f "$mnt/etc/hostname"
+g changes demo
+g tree
+g unmount demo

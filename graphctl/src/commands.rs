@@ -1,0 +1,437 @@
+//! One small function per subcommand: open the driver, call it, print the result.
+
+use std::fs::File;
+use std::io::{self, BufWriter, IsTerminal, Read, Write};
+use std::path::Path;
+use std::process::ExitCode;
+
+use anyhow::{Context, Result, bail};
+use graphdriver::{Config, Driver, LayerId, LayerInfo, MountOpts, Selected, SelectedBy};
+use serde_json::json;
+
+use crate::flags::{Cli, Command, layer_id, opt_layer_id};
+use crate::image;
+
+/// Runs the command `cli` names; the exit code is 0 except for `exists` on a missing layer.
+pub fn run(cli: &Cli) -> Result<ExitCode> {
+    let config = cli.config()?;
+    let json = cli.json;
+    match &cli.command {
+        Command::Drivers => drivers(&config, json),
+        Command::Status => status(&open(&config)?, json),
+        Command::Create { parent, rw, id } => {
+            let s = open(&config)?;
+            let id = layer_id(id)?;
+            let parent = opt_layer_id(parent.as_deref())?;
+            if *rw {
+                s.driver.create_read_write(&id, parent.as_ref())?;
+            } else {
+                s.driver.create(&id, parent.as_ref())?;
+            }
+            Ok(())
+        }
+        Command::Apply { parent, id, file } => apply(
+            &open(&config)?,
+            &layer_id(id)?,
+            opt_layer_id(parent.as_deref())?,
+            file.as_deref(),
+        ),
+        Command::Diff { parent, id, output } => diff(
+            &open(&config)?,
+            &layer_id(id)?,
+            opt_layer_id(parent.as_deref())?,
+            output.as_deref(),
+        ),
+        Command::Changes { parent, id } => changes(
+            &open(&config)?,
+            &layer_id(id)?,
+            opt_layer_id(parent.as_deref())?,
+            json,
+        ),
+        Command::DiffSize { parent, id } => {
+            let s = open(&config)?;
+            let id = layer_id(id)?;
+            let parent = parent_or_recorded(&s, &id, opt_layer_id(parent.as_deref())?)?;
+            let size = s.driver.diff_size(&id, parent.as_ref())?;
+            println_out(format_args!("{size}"))
+        }
+        Command::Mount { id } => {
+            let s = open(&config)?;
+            let path = s.driver.get(&layer_id(id)?, &MountOpts::default())?;
+            println_out(format_args!("{}", path.display()))
+        }
+        Command::Unmount { id } => Ok(open(&config)?.driver.put(&layer_id(id)?)?),
+        Command::Rm { id } => Ok(open(&config)?.driver.remove(&layer_id(id)?)?),
+        Command::Ls => ls(&open(&config)?, json),
+        Command::Tree => tree(&open(&config)?),
+        Command::Exists { id } => {
+            let id = layer_id(id)?;
+            let s = open(&config)?;
+            return Ok(if s.driver.exists(&id) {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::FAILURE
+            });
+        }
+        Command::Import { path } => import(&open(&config)?, path, json),
+        Command::Cleanup => Ok(open(&config)?.driver.cleanup()?),
+    }?;
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Opens the selected driver; notes on stderr when automatic selection fell back past a driver.
+fn open(config: &Config) -> Result<Selected> {
+    let selected = graphdriver::open(config)?;
+    tracing::info!(driver = %selected.name, home = %selected.home.display(), "opened");
+    if selected.selected_by == SelectedBy::Priority && !selected.skipped.is_empty() {
+        let why: Vec<String> = selected
+            .skipped
+            .iter()
+            .map(|(d, r)| format!("{d}: {r}"))
+            .collect();
+        eprintln!(
+            "note: using driver {} ({}); choose one with --driver",
+            selected.name,
+            why.join("; ")
+        );
+    }
+    Ok(selected)
+}
+
+/// Prints one line to stdout, reporting a write error (a closed pipe included) as an error.
+fn println_out(args: std::fmt::Arguments<'_>) -> Result<()> {
+    let mut out = io::stdout().lock();
+    writeln!(out, "{args}")?;
+    out.flush()?;
+    Ok(())
+}
+
+fn print_json(value: &serde_json::Value) -> Result<()> {
+    println_out(format_args!("{}", serde_json::to_string_pretty(value)?))
+}
+
+/// The parent given, else the layer's recorded parent.
+fn parent_or_recorded(
+    s: &Selected,
+    id: &LayerId,
+    parent: Option<LayerId>,
+) -> Result<Option<LayerId>> {
+    match parent {
+        Some(p) => Ok(Some(p)),
+        None => Ok(s.driver.parent(id)?),
+    }
+}
+
+/// `drivers`: tries every registered driver's init in a scratch root.
+fn drivers(config: &Config, json: bool) -> Result<()> {
+    let mut rows = Vec::new();
+    let regs = graphdriver::registrations()?;
+    for (name, reg) in regs {
+        // Probe next to the real root when it exists (same filesystem, same answer), else in
+        // the system temp dir. A dot-name is never mistaken for a driver home.
+        let scratch = tempfile::Builder::new()
+            .prefix(".graphctl-probe-")
+            .tempdir_in(&config.root)
+            .or_else(|_| tempfile::Builder::new().prefix("graphctl-probe-").tempdir())
+            .context("create a scratch directory to probe drivers")?;
+        let home = scratch.path().join(name);
+        let result = std::fs::create_dir(&home)
+            .with_context(|| format!("create {}", home.display()))
+            .and_then(|()| Ok((reg.init)(&home, &config.options_for(name))?));
+        let reason = match result {
+            Ok(driver) => {
+                let _ = driver.cleanup();
+                None
+            }
+            Err(e) => Some(match e.downcast_ref::<graphdriver::Error>() {
+                Some(
+                    graphdriver::Error::NotSupported { reason, .. }
+                    | graphdriver::Error::PrerequisitesNotMet { reason, .. },
+                ) => reason.clone(),
+                _ => format!("{e:#}"),
+            }),
+        };
+        rows.push((name, reason));
+    }
+    if json {
+        let v: Vec<_> = rows
+            .iter()
+            .map(|(n, r)| json!({"name": n, "supported": r.is_none(), "reason": r}))
+            .collect();
+        return print_json(&json!(v));
+    }
+    let mut out = io::stdout().lock();
+    for (name, reason) in rows {
+        match reason {
+            None => writeln!(out, "{name}\tsupported")?,
+            Some(r) => writeln!(out, "{name}\tnot supported: {r}")?,
+        }
+    }
+    Ok(())
+}
+
+fn selected_by(s: &Selected) -> &'static str {
+    match s.selected_by {
+        SelectedBy::Name => "name",
+        SelectedBy::PriorState => "prior state",
+        SelectedBy::Priority => "priority",
+    }
+}
+
+/// `status`: the selected driver, its home and its status pairs.
+fn status(s: &Selected, json: bool) -> Result<()> {
+    let pairs = s.driver.status();
+    if json {
+        let status: serde_json::Map<String, serde_json::Value> =
+            pairs.iter().map(|(k, v)| (k.clone(), json!(v))).collect();
+        return print_json(&json!({
+            "driver": s.name,
+            "home": s.home,
+            "selected_by": selected_by(s),
+            "skipped": s.skipped.iter().map(|(d, r)| json!({"driver": d, "reason": r})).collect::<Vec<_>>(),
+            "status": status,
+        }));
+    }
+    let mut out = io::stdout().lock();
+    writeln!(out, "Driver: {}", s.name)?;
+    writeln!(out, "Home: {}", s.home.display())?;
+    writeln!(out, "Selected by: {}", selected_by(s))?;
+    for (k, v) in pairs {
+        writeln!(out, "{k}: {v}")?;
+    }
+    Ok(())
+}
+
+/// Counts bytes read, for progress bars.
+struct Counting<R> {
+    inner: R,
+    bar: indicatif::ProgressBar,
+}
+
+impl<R: Read> Read for Counting<R> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        self.bar.inc(n as u64);
+        Ok(n)
+    }
+}
+
+/// A progress bar on stderr when it is a terminal, hidden otherwise.
+pub fn progress_bar(len: Option<u64>, message: String) -> indicatif::ProgressBar {
+    if !io::stderr().is_terminal() {
+        return indicatif::ProgressBar::hidden();
+    }
+    let bar = match len {
+        Some(len) => indicatif::ProgressBar::new(len).with_style(
+            indicatif::ProgressStyle::with_template(
+                "{msg} [{bar:30}] {binary_bytes}/{binary_total_bytes}",
+            )
+            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar())
+            .progress_chars("=> "),
+        ),
+        None => indicatif::ProgressBar::new_spinner().with_style(
+            indicatif::ProgressStyle::with_template("{spinner} {msg} {binary_bytes}")
+                .unwrap_or_else(|_| indicatif::ProgressStyle::default_spinner()),
+        ),
+    };
+    bar.set_message(message);
+    bar
+}
+
+/// `apply`: creates `id` on `parent` if it does not exist and applies the tar in `file`.
+fn apply(s: &Selected, id: &LayerId, parent: Option<LayerId>, file: Option<&Path>) -> Result<()> {
+    let (input, len, name): (Box<dyn Read + Send>, Option<u64>, String) = match file {
+        None => (Box::new(io::stdin()), None, "stdin".into()),
+        Some(p) if p == Path::new("-") => (Box::new(io::stdin()), None, "stdin".into()),
+        Some(p) => {
+            let f = File::open(p).with_context(|| format!("open {}", p.display()))?;
+            let len = f.metadata().ok().map(|m| m.len());
+            (Box::new(f), len, p.display().to_string())
+        }
+    };
+    let bar = progress_bar(len, format!("applying {name}"));
+    let counted = Counting { inner: input, bar };
+    let bar = counted.bar.clone();
+    // Unknown formats fail here, before a layer is created.
+    let mut plain =
+        archive::decompress(counted).with_context(|| format!("read layer tar {name}"))?;
+    let created = if s.driver.exists(id) {
+        false
+    } else {
+        s.driver.create(id, parent.as_ref())?;
+        true
+    };
+    let parent = parent_or_recorded(s, id, parent)?;
+    let result = s.driver.apply_diff(id, parent.as_ref(), &mut plain);
+    bar.finish_and_clear();
+    match result {
+        Ok(size) => println_out(format_args!("{size}")),
+        Err(e) => {
+            if created && s.driver.exists(id) {
+                // The drivers promise this; make sure no half-applied layer stays.
+                let _ = s.driver.remove(id);
+            }
+            Err(anyhow::Error::new(e).context(format!("apply {name} to layer {id}")))
+        }
+    }
+}
+
+/// `diff`: the layer's tar, relative to `parent` or its recorded parent, to a file or stdout.
+fn diff(s: &Selected, id: &LayerId, parent: Option<LayerId>, output: Option<&Path>) -> Result<()> {
+    let parent = parent_or_recorded(s, id, parent)?;
+    let mut stream = s.driver.diff(id, parent.as_ref())?;
+    match output {
+        None => {
+            let mut out = io::stdout().lock();
+            io::copy(&mut stream, &mut out).context("write the layer tar to stdout")?;
+            out.flush()?;
+        }
+        Some(path) => {
+            let mut write = || -> Result<()> {
+                let f = File::create(path).with_context(|| format!("create {}", path.display()))?;
+                let mut w = BufWriter::new(f);
+                io::copy(&mut stream, &mut w)
+                    .with_context(|| format!("write the layer tar to {}", path.display()))?;
+                let f = w.into_inner().map_err(|e| e.into_error())?;
+                f.sync_all()
+                    .with_context(|| format!("write {}", path.display()))?;
+                Ok(())
+            };
+            if let Err(e) = write() {
+                let _ = std::fs::remove_file(path);
+                return Err(e);
+            }
+        }
+    }
+    Ok(())
+}
+
+/// `changes`: "A|C|D /path" lines, sorted.
+fn changes(s: &Selected, id: &LayerId, parent: Option<LayerId>, json: bool) -> Result<()> {
+    let parent = parent_or_recorded(s, id, parent)?;
+    let mut list = s.driver.changes(id, parent.as_ref())?;
+    list.sort_by(|a, b| a.path.cmp(&b.path));
+    if json {
+        let v: Vec<_> = list
+            .iter()
+            .map(|c| json!({"kind": c.kind.letter().to_string(), "path": c.path}))
+            .collect();
+        return print_json(&json!(v));
+    }
+    let mut out = io::stdout().lock();
+    for c in list {
+        writeln!(out, "{c}")?;
+    }
+    out.flush()?;
+    Ok(())
+}
+
+/// `ls`: "ID PARENT" lines.
+fn ls(s: &Selected, json: bool) -> Result<()> {
+    let list = s.driver.list()?;
+    if json {
+        let v: Vec<_> = list
+            .iter()
+            .map(|l| json!({"id": l.id.as_str(), "parent": l.parent.as_ref().map(LayerId::as_str), "read_write": l.read_write}))
+            .collect();
+        return print_json(&json!(v));
+    }
+    let mut out = io::stdout().lock();
+    for l in list {
+        let parent = l.parent.as_ref().map(LayerId::as_str).unwrap_or("-");
+        writeln!(out, "{} {parent}", l.id)?;
+    }
+    out.flush()?;
+    Ok(())
+}
+
+/// Bytes in a short human form: `512 B`, `1.5 KiB`, `3.2 MiB`.
+fn human(bytes: u64) -> String {
+    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut value = bytes as f64;
+    let mut unit = 0;
+    while value >= 1024.0 && unit + 1 < UNITS.len() {
+        value /= 1024.0;
+        unit += 1;
+    }
+    if unit == 0 {
+        format!("{bytes} B")
+    } else {
+        format!("{value:.1} {}", UNITS[unit])
+    }
+}
+
+/// `tree`: the layer graph, children indented under their parent, with each layer's size.
+fn tree(s: &Selected) -> Result<()> {
+    let list = s.driver.list()?;
+    let mut out = io::stdout().lock();
+    let roots: Vec<&LayerInfo> = list
+        .iter()
+        .filter(|l| {
+            l.parent
+                .as_ref()
+                .is_none_or(|p| !list.iter().any(|o| &o.id == p))
+        })
+        .collect();
+    // Iterative depth-first walk: (layer, prefix for its line, prefix for its children).
+    let mut stack: Vec<(&LayerInfo, String, String)> = roots
+        .into_iter()
+        .rev()
+        .map(|l| (l, String::new(), String::new()))
+        .collect();
+    while let Some((layer, line_prefix, child_prefix)) = stack.pop() {
+        let size = match s.driver.diff_size(&layer.id, layer.parent.as_ref()) {
+            Ok(n) => human(n),
+            Err(e) => format!("size unknown: {e}"),
+        };
+        let rw = if layer.read_write { " rw" } else { "" };
+        writeln!(out, "{line_prefix}{} ({size}){rw}", layer.id)?;
+        let children: Vec<&LayerInfo> = list
+            .iter()
+            .filter(|l| l.parent.as_ref() == Some(&layer.id))
+            .collect();
+        let last = children.len().saturating_sub(1);
+        for (i, child) in children.into_iter().enumerate().rev() {
+            let (branch, cont) = if i == last {
+                ("└── ", "    ")
+            } else {
+                ("├── ", "│   ")
+            };
+            stack.push((
+                child,
+                format!("{child_prefix}{branch}"),
+                format!("{child_prefix}{cont}"),
+            ));
+        }
+    }
+    out.flush()?;
+    Ok(())
+}
+
+/// `import`: applies an image's layers and prints the top layer's id.
+fn import(s: &Selected, path: &Path, json: bool) -> Result<()> {
+    let report = image::import(s.driver.as_ref() as &dyn Driver, path)
+        .with_context(|| format!("import {}", path.display()))?;
+    if json {
+        let layers: Vec<_> = report
+            .layers
+            .iter()
+            .map(|l| {
+                json!({
+                    "id": l.id.as_str(),
+                    "diff_id": l.diff_id,
+                    "blob": l.blob,
+                    "applied": l.applied,
+                    "size": l.size,
+                })
+            })
+            .collect();
+        return print_json(
+            &json!({"top": report.top.as_ref().map(LayerId::as_str), "layers": layers}),
+        );
+    }
+    match report.top {
+        Some(top) => println_out(format_args!("{top}")),
+        None => bail!("the image has no layers"),
+    }
+}

@@ -1,0 +1,160 @@
+//! Command-line flags: what the user typed ([`Cli`], clap-derived, validated but not
+//! interpreted) and the one place where they are merged with the environment and the config
+//! file into a [`graphdriver::Config`] ([`Cli::config`]).
+//!
+//! Precedence: flags, then the environment (`GRAPHDRIVER`, `GRAPHDRIVER_OPTS`,
+//! `GRAPHCTL_CONFIG`), then the config file, then the defaults.
+
+use std::path::PathBuf;
+
+use anyhow::Result;
+use clap::{Parser, Subcommand};
+use graphdriver::{Config, LayerId};
+
+/// graphctl: manage a graph driver layer store (create, apply, diff, mount, import images).
+#[derive(Parser, Debug)]
+#[command(name = "graphctl", version, about, max_term_width = 100)]
+pub struct Cli {
+    /// The config file (default: $GRAPHCTL_CONFIG, /etc/graphctl/storage.toml for root,
+    /// ~/.config/graphctl/storage.toml otherwise).
+    #[arg(long, global = true, value_name = "FILE")]
+    pub config: Option<PathBuf>,
+    /// The storage root; each driver's home is <root>/<driver>.
+    #[arg(long, global = true, value_name = "DIR")]
+    pub root: Option<PathBuf>,
+    /// The driver to use (default: the one already holding layers, else overlay, then vfs).
+    #[arg(long, global = true, value_name = "NAME")]
+    pub driver: Option<String>,
+    /// A driver option, `key=value` or `driver.key=value`; may be repeated. Give it before the
+    /// command (after it, `diff -o` names the output file).
+    #[arg(short = 'o', long = "opt", value_name = "KEY=VALUE")]
+    pub opts: Vec<String>,
+    /// Machine-readable output (drivers, status, ls, changes, import).
+    #[arg(long, global = true)]
+    pub json: bool,
+    /// More log output on stderr (-v info, -vv debug, -vvv trace); RUST_LOG overrides.
+    #[arg(short, long, global = true, action = clap::ArgAction::Count)]
+    pub verbose: u8,
+    /// What to do.
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// The subcommands.
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// List every registered driver and whether it works here (or why not).
+    Drivers,
+    /// Show the selected driver, its home and its status.
+    Status,
+    /// Create an image layer (or a read-write layer with --rw).
+    Create {
+        /// The parent layer.
+        #[arg(long)]
+        parent: Option<String>,
+        /// Create a read-write (container) layer.
+        #[arg(long)]
+        rw: bool,
+        /// The new layer's id.
+        id: String,
+    },
+    /// Apply a layer tar (plain, gzip or zstd) to a layer, creating it on PARENT if needed;
+    /// prints the bytes applied.
+    Apply {
+        /// The parent of the layer when it is created (default: its recorded parent).
+        #[arg(long)]
+        parent: Option<String>,
+        /// The layer.
+        id: String,
+        /// The tar file; `-` or nothing reads stdin.
+        file: Option<PathBuf>,
+    },
+    /// Write a layer's changes as a tar (relative to its parent by default).
+    Diff {
+        /// Compare against this layer instead of the recorded parent.
+        #[arg(long)]
+        parent: Option<String>,
+        /// The layer.
+        id: String,
+        /// Write to FILE instead of stdout.
+        #[arg(short = 'o', long = "output", value_name = "FILE")]
+        output: Option<PathBuf>,
+    },
+    /// List a layer's changes, one "A|C|D /path" line each, sorted.
+    Changes {
+        /// Compare against this layer instead of the recorded parent.
+        #[arg(long)]
+        parent: Option<String>,
+        /// The layer.
+        id: String,
+    },
+    /// Print the bytes a layer changes relative to its parent.
+    DiffSize {
+        /// Compare against this layer instead of the recorded parent.
+        #[arg(long)]
+        parent: Option<String>,
+        /// The layer.
+        id: String,
+    },
+    /// Mount a layer (reference counted, also across processes) and print its path.
+    Mount {
+        /// The layer.
+        id: String,
+    },
+    /// Release one mount of a layer; the last release unmounts it.
+    Unmount {
+        /// The layer.
+        id: String,
+    },
+    /// Remove a layer (refused while it is mounted or has children).
+    Rm {
+        /// The layer.
+        id: String,
+    },
+    /// List the layers as "ID PARENT" lines ("-" for no parent).
+    Ls,
+    /// Show the layer graph as a tree with sizes.
+    Tree,
+    /// Exit 0 if the layer exists, 1 if not; prints nothing.
+    Exists {
+        /// The layer.
+        id: String,
+    },
+    /// Import an OCI image layout (directory or tar) or a `docker save` archive; prints the
+    /// top layer's id.
+    Import {
+        /// The image: a directory or a tar file.
+        path: PathBuf,
+    },
+    /// Unmount everything this store has mounted.
+    Cleanup,
+}
+
+impl Cli {
+    /// Builds the driver configuration: the file, then the environment, then these flags.
+    pub fn config(&self) -> Result<Config> {
+        let mut config = Config::load(self.config.as_deref())?;
+        config.apply_env()?;
+        if let Some(root) = &self.root {
+            config.root = std::path::absolute(root)?;
+        }
+        if let Some(driver) = &self.driver {
+            config.driver = Some(driver.clone());
+        }
+        for item in &self.opts {
+            config.add_option(item, "command line")?;
+        }
+        Ok(config)
+    }
+}
+
+/// Validates a layer id given on the command line (an error here is exit status 1, not a usage
+/// error: the id is data, like a missing layer).
+pub fn layer_id(s: &str) -> Result<LayerId> {
+    Ok(LayerId::new(s)?)
+}
+
+/// Validates an optional layer id.
+pub fn opt_layer_id(s: Option<&str>) -> Result<Option<LayerId>> {
+    s.map(layer_id).transpose()
+}

@@ -1,0 +1,149 @@
+//! graphctl: the command-line tool for graph driver layer stores.
+//!
+//! This binary is argument parsing plus glue: [`flags`] turns the command line, environment and
+//! config file into a [`graphdriver::Config`]; [`commands`] opens the selected driver and calls
+//! one driver method per subcommand; [`image`] imports OCI layouts and `docker save` archives.
+//!
+//! Exit status: 0 on success, 1 on an error (one `error:` line on stderr), 2 on a usage error.
+
+#![deny(missing_docs)]
+
+use std::io::Write;
+use std::process::ExitCode;
+
+use clap::Parser;
+
+// The in-tree drivers register themselves at link time; naming the crate links it.
+use drivers as _;
+
+mod commands;
+mod flags;
+mod image;
+
+fn main() -> ExitCode {
+    let cli = match flags::Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) => {
+            // clap prints help/version to stdout (exit 0) and usage errors to stderr (exit 2).
+            let _ = e.print();
+            return ExitCode::from(if e.use_stderr() { 2 } else { 0 });
+        }
+    };
+    init_logging(cli.verbose);
+    match commands::run(&cli) {
+        Ok(status) => status,
+        Err(err) => {
+            if is_broken_pipe(&err) {
+                return ExitCode::SUCCESS;
+            }
+            let mut line = format!("error: {}", describe(&err));
+            if let Some(hint) = hint(&err) {
+                line.push_str("; ");
+                line.push_str(&hint);
+            }
+            let line = line.replace('\n', " ");
+            let _ = writeln!(std::io::stderr(), "{line}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// The error and its causes on one line, `a: b: c`, leaving out a cause whose text the line
+/// already holds (some errors print their source in their own message).
+fn describe(err: &anyhow::Error) -> String {
+    let mut line = String::new();
+    for cause in err.chain() {
+        let text = cause.to_string();
+        if line.contains(&text) {
+            continue;
+        }
+        if !line.is_empty() {
+            line.push_str(": ");
+        }
+        line.push_str(&text);
+    }
+    line
+}
+
+/// Logs go to stderr; `RUST_LOG` wins over `-v`.
+fn init_logging(verbose: u8) {
+    let default = match verbose {
+        0 => "warn",
+        1 => "info",
+        2 => "debug",
+        _ => "trace",
+    };
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .without_time()
+        .try_init();
+}
+
+/// True when the error is a closed stdout (`graphctl diff X | head`): not an error.
+fn is_broken_pipe(err: &anyhow::Error) -> bool {
+    err.chain().any(|c| {
+        c.downcast_ref::<std::io::Error>()
+            .is_some_and(|e| e.kind() == std::io::ErrorKind::BrokenPipe)
+    })
+}
+
+/// What the user can do about an error, where we can tell.
+fn hint(err: &anyhow::Error) -> Option<String> {
+    use graphdriver::Error as E;
+    for cause in err.chain() {
+        if let Some(e) = cause.downcast_ref::<E>() {
+            match e {
+                E::NotFound(_) => {
+                    return Some("`graphctl ls` lists the layers of this store".into());
+                }
+                E::InUse { id, .. } => {
+                    return Some(format!("unmount it first with `graphctl unmount {id}`"));
+                }
+                E::AlreadyExists(_) => {
+                    return Some("choose another id or remove the layer first".into());
+                }
+                _ => {}
+            }
+            if let Some(hint) = e.errno().and_then(errno_hint) {
+                return Some(hint);
+            }
+        }
+        if let Some(code) = cause
+            .downcast_ref::<std::io::Error>()
+            .and_then(std::io::Error::raw_os_error)
+            .and_then(errno_hint)
+        {
+            return Some(code);
+        }
+    }
+    None
+}
+
+fn errno_hint(errno: i32) -> Option<String> {
+    match errno {
+        libc_errno::EROFS => {
+            Some("the storage root is read-only; choose a writable one with --root".into())
+        }
+        libc_errno::ENOSPC => {
+            Some("no space left on the device; free some space or choose another --root".into())
+        }
+        libc_errno::EACCES => Some(
+            "permission denied; choose a --root you own (e.g. --root ~/.local/share/graphctl)"
+                .into(),
+        ),
+        libc_errno::EPERM => Some("this operation needs more privileges here (run as root)".into()),
+        _ => None,
+    }
+}
+
+/// The errno values the hints know (Linux numbers, to avoid a libc dependency for four
+/// constants).
+mod libc_errno {
+    pub const EPERM: i32 = 1;
+    pub const EACCES: i32 = 13;
+    pub const ENOSPC: i32 = 28;
+    pub const EROFS: i32 = 30;
+}

@@ -1,0 +1,259 @@
+//! Image import: OCI layouts from a directory and a tar, `docker save` archives, chain ids,
+//! digest checks.
+
+use std::fs;
+use std::path::Path;
+
+use sha2::{Digest, Sha256};
+
+use crate::util::{Store, sample_image};
+
+fn sha256(data: &[u8]) -> String {
+    Sha256::digest(data)
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
+/// The sample image's diff ids, from its config.
+fn diff_ids() -> Vec<String> {
+    let img = sample_image();
+    let index: serde_json::Value =
+        serde_json::from_slice(&fs::read(img.join("index.json")).unwrap()).unwrap();
+    let blob = |d: &serde_json::Value| {
+        let hex = d
+            .as_str()
+            .unwrap()
+            .strip_prefix("sha256:")
+            .unwrap()
+            .to_string();
+        fs::read(img.join("blobs/sha256").join(hex)).unwrap()
+    };
+    let manifest: serde_json::Value =
+        serde_json::from_slice(&blob(&index["manifests"][0]["digest"])).unwrap();
+    let config: serde_json::Value =
+        serde_json::from_slice(&blob(&manifest["config"]["digest"])).unwrap();
+    config["rootfs"]["diff_ids"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|d| d.as_str().unwrap().to_string())
+        .collect()
+}
+
+/// The chain ids of the sample image, computed here independently of graphctl.
+fn chain_ids() -> Vec<String> {
+    let mut out: Vec<String> = Vec::new();
+    for d in diff_ids() {
+        let next = match out.last() {
+            None => d.clone(),
+            Some(prev) => format!("sha256:{}", sha256(format!("{prev} {d}").as_bytes())),
+        };
+        out.push(next);
+    }
+    out.iter()
+        .map(|c| c.trim_start_matches("sha256:").to_string())
+        .collect()
+}
+
+/// Tars up the directory `dir` (files only, sorted) into `out`.
+fn tar_dir(dir: &Path, out: &Path) {
+    let mut b = tar::Builder::new(fs::File::create(out).unwrap());
+    b.append_dir_all(".", dir).unwrap();
+    b.finish().unwrap();
+}
+
+#[test]
+fn oci_layout_dir_gives_chain_ids() {
+    let s = Store::new("vfs");
+    let json: serde_json::Value =
+        serde_json::from_str(&s.ok(&["--json", "import", sample_image().to_str().unwrap()]))
+            .unwrap();
+    let ids = chain_ids();
+    assert_eq!(json["top"], ids[2].as_str());
+    let layers = json["layers"].as_array().unwrap();
+    for (i, l) in layers.iter().enumerate() {
+        assert_eq!(l["id"], ids[i].as_str());
+        assert_eq!(l["applied"], true);
+    }
+    assert_eq!(s.ok(&["ls"]), {
+        let mut want = [
+            format!("{} -", ids[0]),
+            format!("{} {}", ids[1], ids[0]),
+            format!("{} {}", ids[2], ids[1]),
+        ];
+        want.sort();
+        want.join("\n") + "\n"
+    });
+}
+
+#[test]
+fn oci_layout_tar() {
+    let s = Store::new("vfs");
+    let tarfile = s.scratch("image.tar");
+    tar_dir(&sample_image(), &tarfile);
+    let top = s.ok(&["import", tarfile.to_str().unwrap()]);
+    assert_eq!(top.trim(), chain_ids()[2]);
+}
+
+/// Builds a `docker save` archive (old layout: `<id>/layer.tar`, `<hex>.json`) of the sample
+/// image, with a symlinked duplicate layer path as docker writes for repeated layers.
+fn docker_save(dir: &Path) -> std::path::PathBuf {
+    let img = sample_image();
+    let index: serde_json::Value =
+        serde_json::from_slice(&fs::read(img.join("index.json")).unwrap()).unwrap();
+    let blob = |d: &str| {
+        fs::read(
+            img.join("blobs/sha256")
+                .join(d.strip_prefix("sha256:").unwrap()),
+        )
+        .unwrap()
+    };
+    let manifest: serde_json::Value =
+        serde_json::from_slice(&blob(index["manifests"][0]["digest"].as_str().unwrap())).unwrap();
+    let config = blob(manifest["config"]["digest"].as_str().unwrap());
+    let out = dir.join("docker.tar");
+    let mut b = tar::Builder::new(fs::File::create(&out).unwrap());
+    let mut add = |path: &str, data: &[u8]| {
+        let mut h = tar::Header::new_ustar();
+        h.set_size(data.len() as u64);
+        h.set_mode(0o644);
+        b.append_data(&mut h, path, data).unwrap();
+    };
+    let config_name = format!("{}.json", sha256(&config));
+    add(&config_name, &config);
+    let mut layers = Vec::new();
+    for (i, l) in manifest["layers"].as_array().unwrap().iter().enumerate() {
+        // docker save stores layers uncompressed.
+        let data = blob(l["digest"].as_str().unwrap());
+        let mut plain = Vec::new();
+        std::io::Read::read_to_end(
+            &mut archive::decompress(data.as_slice()).unwrap(),
+            &mut plain,
+        )
+        .unwrap();
+        let path = format!("layer{i}/layer.tar");
+        add(&path, &plain);
+        layers.push(path);
+    }
+    let manifest_json = serde_json::json!([{
+        "Config": config_name,
+        "RepoTags": ["sample:latest"],
+        "Layers": layers,
+    }]);
+    add("manifest.json", manifest_json.to_string().as_bytes());
+    let mut b = b;
+    // A symlink entry, as docker writes for a layer shared by two images.
+    let mut h = tar::Header::new_ustar();
+    h.set_entry_type(tar::EntryType::Symlink);
+    h.set_size(0);
+    b.append_link(&mut h, "alias/layer.tar", "../layer0/layer.tar")
+        .unwrap();
+    b.finish().unwrap();
+    out
+}
+
+#[test]
+fn docker_save_archive() {
+    let s = Store::new("vfs");
+    let tarfile = docker_save(s.dir.path());
+    let top = s.ok(&["import", tarfile.to_str().unwrap()]);
+    assert_eq!(top.trim(), chain_ids()[2]);
+    // The same image from the OCI layout is already there: every layer is skipped.
+    let json: serde_json::Value =
+        serde_json::from_str(&s.ok(&["--json", "import", sample_image().to_str().unwrap()]))
+            .unwrap();
+    assert!(
+        json["layers"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|l| l["applied"] == false)
+    );
+}
+
+/// Copies the sample image to `dir` and returns the copy.
+pub fn copy_sample(dir: &Path) -> std::path::PathBuf {
+    let to = dir.join("image");
+    fs::create_dir_all(to.join("blobs/sha256")).unwrap();
+    for f in ["index.json", "oci-layout"] {
+        fs::copy(sample_image().join(f), to.join(f)).unwrap();
+    }
+    for e in fs::read_dir(sample_image().join("blobs/sha256")).unwrap() {
+        let e = e.unwrap();
+        fs::copy(e.path(), to.join("blobs/sha256").join(e.file_name())).unwrap();
+    }
+    to
+}
+
+/// The path of the top (plain tar) layer blob of an image copy.
+pub fn top_layer_blob(img: &Path) -> std::path::PathBuf {
+    let read =
+        |p: &Path| -> serde_json::Value { serde_json::from_slice(&fs::read(p).unwrap()).unwrap() };
+    let index = read(&img.join("index.json"));
+    let d = |v: &serde_json::Value| {
+        img.join("blobs/sha256")
+            .join(v.as_str().unwrap().strip_prefix("sha256:").unwrap())
+    };
+    let manifest = read(&d(&index["manifests"][0]["digest"]));
+    d(&manifest["layers"][2]["digest"])
+}
+
+#[test]
+fn digest_mismatch_leaves_the_store_unchanged() {
+    let s = Store::new("vfs");
+    s.ok(&["create", "unrelated"]);
+    let img = copy_sample(s.dir.path());
+    let blob = top_layer_blob(&img);
+    // Change one byte of file content: still a valid tar, so only the digest catches it.
+    let mut data = fs::read(&blob).unwrap();
+    let pos = data
+        .windows(15)
+        .position(|w| w == b"tagged in layer")
+        .unwrap();
+    data[pos] = b'T';
+    fs::write(&blob, data).unwrap();
+    let msg = s.err(&["import", img.to_str().unwrap()]);
+    let name = blob.file_name().unwrap().to_str().unwrap();
+    assert!(
+        msg.contains(name) && msg.contains("digest mismatch"),
+        "{msg}"
+    );
+    assert_eq!(
+        s.ok(&["ls"]),
+        "unrelated -\n",
+        "the failed import left layers behind"
+    );
+}
+
+#[test]
+fn truncated_blob_leaves_the_store_unchanged() {
+    let s = Store::new("vfs");
+    let img = copy_sample(s.dir.path());
+    let blob = top_layer_blob(&img);
+    let data = fs::read(&blob).unwrap();
+    fs::write(&blob, &data[..data.len() / 2]).unwrap();
+    let msg = s.err(&["import", img.to_str().unwrap()]);
+    assert!(
+        msg.contains(blob.file_name().unwrap().to_str().unwrap()),
+        "{msg}"
+    );
+    assert_eq!(s.ok(&["ls"]), "");
+}
+
+#[test]
+fn not_an_image() {
+    let s = Store::new("vfs");
+    let msg = s.err(&["import", s.dir.path().to_str().unwrap()]);
+    assert!(
+        msg.contains("index.json") && msg.contains("manifest.json"),
+        "{msg}"
+    );
+    let file = s.scratch("garbage.tar");
+    fs::write(&file, vec![7u8; 3000]).unwrap();
+    let msg = s.err(&["import", file.to_str().unwrap()]);
+    assert!(msg.contains("garbage.tar"), "{msg}");
+    let msg = s.err(&["import", "/no/such/image"]);
+    assert!(msg.contains("/no/such/image"), "{msg}");
+    assert_eq!(s.ok(&["ls"]), "");
+}

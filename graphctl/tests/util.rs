@@ -1,0 +1,256 @@
+//! Helpers: a temporary store ([`Store`]) and a command runner for the built binary
+//! ([`TestCommand`]).
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+
+/// The committed sample image (`cargo xtask sample-image`).
+pub fn sample_image() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/sample-image")
+}
+
+/// True when running as root.
+pub fn is_root() -> bool {
+    use std::os::unix::fs::MetadataExt;
+    // /proc/self belongs to the process's effective user.
+    std::fs::metadata("/proc/self")
+        .map(|m| m.uid() == 0)
+        .unwrap_or(false)
+}
+
+/// Why a root-only test must be skipped here, or `None` to run it (always run under `CI=true`).
+pub fn skip_root_test() -> Option<&'static str> {
+    if std::env::var("CI").as_deref() == Ok("true") || is_root() {
+        None
+    } else {
+        Some("needs root (set CI=true to force it)")
+    }
+}
+
+/// A temporary storage root used with one driver.
+pub struct Store {
+    /// Owns the temporary directory.
+    pub dir: tempfile::TempDir,
+    /// The storage root passed as `--root`.
+    pub root: PathBuf,
+    /// The driver passed as `--driver`.
+    pub driver: &'static str,
+}
+
+impl Store {
+    /// A fresh, empty store for `driver`.
+    pub fn new(driver: &'static str) -> Store {
+        let dir = tempfile::Builder::new()
+            .prefix("graphctl-test-")
+            .tempdir_in(test_tmp())
+            .unwrap();
+        let root = dir.path().join("root");
+        Store { dir, root, driver }
+    }
+
+    /// A store whose root is `root` (for special filesystems).
+    pub fn at(driver: &'static str, root: PathBuf) -> Store {
+        let dir = tempfile::tempdir_in(test_tmp()).unwrap();
+        Store { dir, root, driver }
+    }
+
+    /// `graphctl --root ROOT --driver DRIVER ARGS...`.
+    pub fn cmd(&self, args: &[&str]) -> TestCommand {
+        let mut c = self.cmd_auto(&["--driver", self.driver]);
+        c.cmd.args(args);
+        c
+    }
+
+    /// `graphctl --root ROOT ARGS...`: automatic driver selection.
+    pub fn cmd_auto(&self, args: &[&str]) -> TestCommand {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_graphctl"));
+        cmd.arg("--root")
+            .arg(&self.root)
+            .args(args)
+            // A fixed, empty config: the host's files and environment must not leak in.
+            .env(
+                "GRAPHCTL_CONFIG",
+                self.dir.path().join("no-such-config.toml"),
+            )
+            .env_remove("GRAPHDRIVER")
+            .env_remove("GRAPHDRIVER_OPTS")
+            .env_remove("RUST_LOG");
+        TestCommand { cmd, stdin: None }
+    }
+
+    /// Runs `args`, asserts success and returns stdout.
+    pub fn ok(&self, args: &[&str]) -> String {
+        self.cmd(args).ok()
+    }
+
+    /// Runs `args`, asserts exit status 1 with a one-line `error:` message; returns the message.
+    pub fn err(&self, args: &[&str]) -> String {
+        self.cmd(args).err()
+    }
+
+    /// A path for scratch files that is not inside the store.
+    pub fn scratch(&self, name: &str) -> PathBuf {
+        self.dir.path().join(name)
+    }
+}
+
+impl Drop for Store {
+    /// Unmounts whatever a failed test left mounted, so the temporary directory can go.
+    fn drop(&mut self) {
+        if self.root.exists() {
+            let _ = self.cmd(&["cleanup"]).output();
+        }
+    }
+}
+
+/// Where tests put their temporary directories: the target dir's filesystem (overlayfs does not
+/// accept every filesystem as upper, and /tmp may be one of those).
+pub fn test_tmp() -> PathBuf {
+    let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).to_path_buf();
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+/// A `graphctl` invocation.
+pub struct TestCommand {
+    /// The command.
+    pub cmd: Command,
+    stdin: Option<Vec<u8>>,
+}
+
+impl TestCommand {
+    /// Feeds `data` on stdin.
+    pub fn stdin(mut self, data: Vec<u8>) -> Self {
+        self.stdin = Some(data);
+        self
+    }
+
+    /// Runs the command to completion.
+    pub fn output(mut self) -> Output {
+        self.cmd
+            .stdin(if self.stdin.is_some() {
+                Stdio::piped()
+            } else {
+                Stdio::null()
+            })
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        let mut child = self.cmd.spawn().unwrap();
+        if let Some(data) = self.stdin.take() {
+            let mut stdin = child.stdin.take().unwrap();
+            std::thread::spawn(move || {
+                let _ = stdin.write_all(&data);
+            });
+        }
+        child.wait_with_output().unwrap()
+    }
+
+    /// Asserts exit status 0 and returns stdout.
+    pub fn ok(self) -> String {
+        let desc = format!("{:?}", self.cmd);
+        let out = self.output();
+        assert!(
+            out.status.success(),
+            "{desc} failed ({}):\nstdout: {}\nstderr: {}",
+            out.status,
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stdout).unwrap()
+    }
+
+    /// Asserts exit status `code` and returns (stdout, stderr).
+    pub fn status(self, code: i32) -> (String, String) {
+        let desc = format!("{:?}", self.cmd);
+        let out = self.output();
+        let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+        let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+        assert_eq!(
+            out.status.code(),
+            Some(code),
+            "{desc}:\nstdout: {stdout}\nstderr: {stderr}"
+        );
+        (stdout, stderr)
+    }
+
+    /// Asserts exit status 1 and exactly one `error:` line on stderr (notes and logs aside);
+    /// returns that line.
+    pub fn err(self) -> String {
+        let (_, stderr) = self.status(1);
+        let errors: Vec<&str> = stderr.lines().filter(|l| l.starts_with("error:")).collect();
+        assert_eq!(errors.len(), 1, "expected one error line, got: {stderr}");
+        let others: Vec<&str> = stderr
+            .lines()
+            .filter(|l| !l.starts_with("error:") && !l.starts_with("note:"))
+            .collect();
+        assert!(others.is_empty(), "unexpected stderr lines: {stderr}");
+        errors[0].to_string()
+    }
+}
+
+/// A mounted filesystem for a test, unmounted on drop (root only).
+pub struct TmpMount {
+    /// The mount point.
+    pub path: PathBuf,
+}
+
+impl TmpMount {
+    /// Mounts a tmpfs of `size` (e.g. `"1m"`) at a new directory under `parent`.
+    pub fn tmpfs(parent: &Path, size: &str) -> TmpMount {
+        let path = parent.join("tmpfs");
+        std::fs::create_dir_all(&path).unwrap();
+        let st = Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
+            .arg(&path)
+            .status()
+            .unwrap();
+        assert!(st.success(), "mount tmpfs at {}", path.display());
+        TmpMount { path }
+    }
+
+    /// Remounts read-only (`ro`) or read-write (`rw`).
+    pub fn remount(&self, mode: &str) {
+        let st = Command::new("mount")
+            .args(["-o", &format!("remount,{mode}")])
+            .arg(&self.path)
+            .status()
+            .unwrap();
+        assert!(st.success());
+    }
+}
+
+impl Drop for TmpMount {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg("-R").arg(&self.path).status();
+    }
+}
+
+/// True if `path` is a mount point (listed in /proc/self/mountinfo).
+pub fn is_mount_point(path: &Path) -> bool {
+    let info = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
+    let want = path.to_str().unwrap();
+    info.lines().any(|l| l.split(' ').nth(4) == Some(want))
+}
+
+/// A plain layer tar from `(path, contents)` pairs (directories end in `/`).
+pub fn layer_tar(entries: &[(&str, &[u8])]) -> Vec<u8> {
+    let mut b = tar::Builder::new(Vec::new());
+    for (path, data) in entries {
+        let mut h = tar::Header::new_ustar();
+        if path.ends_with('/') {
+            h.set_entry_type(tar::EntryType::Directory);
+            h.set_mode(0o755);
+            h.set_size(0);
+        } else {
+            h.set_entry_type(tar::EntryType::Regular);
+            h.set_mode(0o644);
+            h.set_size(data.len() as u64);
+        }
+        h.set_mtime(1_700_000_000);
+        h.set_uid(0);
+        h.set_gid(0);
+        b.append_data(&mut h, path, *data).unwrap();
+    }
+    b.into_inner().unwrap()
+}
