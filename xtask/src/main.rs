@@ -1,0 +1,42 @@
+//! Project automation, run as `cargo xtask <command>`.
+//!
+//! * `ci`: the same steps as `.ci/run` (format check, clippy, the test suite).
+//! * `sample-image`: regenerate the small OCI image under `examples/sample-image`.
+//! * `bench`: side-by-side benchmarks against GNU tar and cp (see `bench.rs`).
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use anyhow::Result;
+use clap::{Parser, Subcommand};
+
+// The in-tree drivers must be linked for benches that open them by name.
+use drivers as _;
+
+mod bench;
+mod ci;
+mod sample_image;
+
+#[derive(Parser)]
+#[command(name = "cargo xtask", about = "project automation")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run what CI runs: fmt check, clippy -D warnings, the test suite.
+    Ci,
+    /// Regenerate examples/sample-image (a small, reproducible OCI image layout).
+    SampleImage(sample_image::Args),
+    /// Run the side-by-side benchmarks and write target/bench/report.{md,json}.
+    Bench(bench::Args),
+}
+
+fn main() -> Result<()> {
+    match Cli::parse().command {
+        Command::Ci => ci::run(),
+        Command::SampleImage(args) => sample_image::run(args),
+        Command::Bench(args) => bench::run(args),
+    }
+}
