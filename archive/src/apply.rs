@@ -1,9 +1,10 @@
 //! Applying layer tarballs onto a directory.
 //!
-//! [`apply_layer`] reads a tar stream entry by entry with our own loop over
-//! [`tar::Archive::entries`] (never `tar`'s `unpack`, which skips `..` silently, defers
-//! directories without setting their mtimes, drops directory and symlink xattrs and writes
-//! devices as empty files) and writes every entry beneath the target:
+//! [`apply_layer`] reads a tar stream entry by entry with our own reader (`reader.rs`: PAX
+//! records parsed by their length prefix, GNU long names, old-GNU and PAX 0.0/0.1/1.0 sparse
+//! files) — never `tar`'s `unpack`, which skips `..` silently, defers directories without
+//! setting their mtimes, drops directory and symlink xattrs and writes devices as empty files —
+//! and writes every entry beneath the target:
 //!
 //! * **Confinement.** Every entry name is normalised (leading `/` stripped, `.` dropped, `..`
 //!   that would climb out of the target refused with [`Error::BadEntry`]). The entry's parent
@@ -20,6 +21,8 @@
 //!   first, after everything below them has been written.
 //! * **Whiteouts** per [`WhiteoutFormat`]; `.wh..wh.plnk/…` entries are staged under that
 //!   (reserved) name in the target and removed at the end.
+//! * **Sparse files** are written as holes: the file is sized to its real size and only the
+//!   data segments are written (`pwrite`).
 //! * **Limits** ([`ApplyOptions::max_entries`], [`ApplyOptions::max_bytes`]) refuse archive
 //!   bombs with [`Error::LimitExceeded`].
 //!
@@ -32,14 +35,16 @@
 //! takes locks shared with other threads: `chrootarchive` runs it in a child forked from a
 //! multi-threaded process, where any of those could deadlock or leak.
 
+mod reader;
 mod resolve;
 
 use std::collections::{BTreeSet, HashSet};
 use std::ffi::{CString, OsStr};
 use std::fs::File;
-use std::io::{self, Read, Write};
+use std::io::{self, Read};
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
 use rustix::fs::{AtFlags, FileType, Mode, OFlags, Timespec, Timestamps, XattrFlags};
@@ -49,6 +54,7 @@ use crate::{
     Error, OverlayXattr, Result, TarOptions, WHITEOUT_LINK_DIR, WHITEOUT_META_PREFIX,
     WHITEOUT_OPAQUE, WHITEOUT_PREFIX, WhiteoutFormat,
 };
+use reader::{Entry, TarReader};
 use resolve::{list_dir, open_dir_beneath, open_root, remove_all_at};
 
 /// Options for [`apply_layer`].
@@ -83,7 +89,8 @@ impl Default for ApplyOptions {
 /// Applies the uncompressed layer tar read from `reader` onto the directory `dest`.
 ///
 /// Returns the number of regular-file content bytes written: the sum of the sizes of the
-/// regular-file entries (hardlink entries count 0), the same measure as
+/// regular-file entries (hardlink entries count 0; sparse files count their real size, holes
+/// included, also against [`ApplyOptions::max_bytes`]), the same measure as
 /// [`crate::changes_size`], so a diff→apply round trip reports equal sizes. Compressed input
 /// must be passed through [`crate::decompress`] first (in the trusted process).
 ///
@@ -146,37 +153,13 @@ fn run(
         staged: false,
         buf: vec![0u8; 128 * 1024],
     };
-    let mut archive = tar::Archive::new(Tracking {
-        inner: reader,
-        tail: Vec::with_capacity(1024),
-    });
-    let mut failure = None;
-    let mut last = None::<String>;
-    {
-        let entries = archive.entries().map_err(|e| malformed(None, &e))?;
-        for item in entries {
-            match item {
-                Ok(mut entry) => {
-                    let name = ap.entry(&mut entry)?;
-                    last = Some(name);
-                }
-                Err(e) => {
-                    failure = Some(e);
-                    break;
-                }
-            }
-        }
-    }
-    let mut inner = archive.into_inner();
-    if let Some(e) = failure {
-        let name = inner
-            .header_name()
-            .or_else(|| last.map(|l| format!("after {l}")));
-        return Err(malformed(name, &e));
+    let mut tar = TarReader::new(reader);
+    while let Some(entry) = tar.next_entry()? {
+        ap.entry(&mut tar, entry)?;
     }
     ap.finish()?;
     // Drain zero padding and anything else after the end-of-archive marker.
-    io::copy(&mut inner, &mut io::sink()).map_err(|e| malformed(None, &e))?;
+    io::copy(&mut tar.into_inner(), &mut io::sink()).map_err(|e| malformed(None, &e))?;
     Ok(ap.bytes)
 }
 
@@ -185,45 +168,6 @@ fn malformed(entry: Option<String>, e: &io::Error) -> Error {
     Error::Malformed {
         entry,
         reason: e.to_string(),
-    }
-}
-
-/// A reader that remembers the last 512 bytes it returned, so the name in a header that failed
-/// to parse (bad checksum) can be reported.
-struct Tracking<R> {
-    /// The tar stream.
-    inner: R,
-    /// The most recent bytes read (at most 512 kept after each read).
-    tail: Vec<u8>,
-}
-
-impl<R: Read> Read for Tracking<R> {
-    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        let n = self.inner.read(buf)?;
-        let got = &buf[..n];
-        if n >= 512 {
-            self.tail.clear();
-            self.tail.extend_from_slice(&got[n - 512..]);
-        } else {
-            self.tail.extend_from_slice(got);
-            if self.tail.len() > 512 {
-                let cut = self.tail.len() - 512;
-                self.tail.drain(..cut);
-            }
-        }
-        Ok(n)
-    }
-}
-
-impl<R> Tracking<R> {
-    /// The name field of the header block read last, if it holds one.
-    fn header_name(&self) -> Option<String> {
-        if self.tail.len() < 100 {
-            return None;
-        }
-        let field = &self.tail[..100];
-        let end = field.iter().position(|&b| b == 0).unwrap_or(field.len());
-        (end > 0).then(|| String::from_utf8_lossy(&field[..end]).into_owned())
     }
 }
 
@@ -306,35 +250,11 @@ fn strip_root(r: &Path) -> &Path {
     r.strip_prefix("/").unwrap_or(r)
 }
 
-/// Parses a PAX time (`secs[.frac]`, possibly negative) into a timespec.
-fn parse_pax_time(v: &str) -> Option<Timespec> {
-    let (secs, frac) = v.split_once('.').unwrap_or((v, ""));
-    let secs: i64 = secs.parse().ok()?;
-    let mut nanos: i64 = 0;
-    let digits: String = frac.chars().take(9).collect();
-    if !digits.is_empty() {
-        if !digits.chars().all(|c| c.is_ascii_digit()) {
-            return None;
-        }
-        nanos = digits.parse::<i64>().ok()? * 10i64.pow(9 - digits.len() as u32);
-    }
-    if secs < 0 && nanos > 0 {
-        return Some(Timespec {
-            tv_sec: secs - 1,
-            tv_nsec: 1_000_000_000 - nanos,
-        });
-    }
-    Some(Timespec {
-        tv_sec: secs,
-        tv_nsec: nanos,
-    })
-}
-
 impl Applier<'_> {
-    /// Writes one entry; returns its name for error context.
-    fn entry<R: Read>(&mut self, entry: &mut tar::Entry<'_, R>) -> Result<String> {
-        let raw = entry.path_bytes().into_owned();
-        let name = String::from_utf8_lossy(&raw).into_owned();
+    /// Writes one entry whose data `tar` yields.
+    fn entry<R: Read>(&mut self, tar: &mut TarReader<R>, entry: Entry) -> Result<()> {
+        let raw = &entry.name;
+        let name = entry.display_name();
         self.entries += 1;
         if let Some(limit) = self.max_entries {
             if self.entries > limit {
@@ -344,12 +264,9 @@ impl Applier<'_> {
                 });
             }
         }
-        let kind = entry.header().entry_type();
-        if kind.is_pax_global_extensions() {
-            return Ok(name);
-        }
-        let rel = normalize(&raw).map_err(|r| Error::bad_entry(&name, r))?;
-        let meta = self.meta(entry, &name)?;
+        let kind = entry.kind;
+        let rel = normalize(raw).map_err(|r| Error::bad_entry(&name, r))?;
+        let meta = self.meta(&entry, &name)?;
 
         let mut whiteouts = None;
         match self.mode {
@@ -359,7 +276,7 @@ impl Applier<'_> {
                     || (kind.is_dir()
                         && opts.include.iter().any(|i| strip_root(i).starts_with(&rel)));
                 if !included || under_any(&rel, &opts.exclude) {
-                    return Ok(name);
+                    return Ok(());
                 }
             }
             Mode_::Layer(format) => whiteouts = Some(format),
@@ -371,43 +288,43 @@ impl Applier<'_> {
                 self.staged = true;
             } else if base_b.starts_with(WHITEOUT_PREFIX.as_bytes()) {
                 self.whiteout(format, &name, parent, base_b)?;
-                return Ok(name);
+                return Ok(());
             }
         }
 
         self.mark_written(&rel);
         match kind {
             EntryType::Regular | EntryType::Continuous | EntryType::GNUSparse => {
-                self.regular(entry, &name, &rel, &meta)?;
+                self.regular(tar, &entry, &name, &rel, &meta)?;
             }
             EntryType::Directory => self.directory(&name, &rel, &meta)?,
             EntryType::Symlink => {
                 let target = entry
-                    .link_name_bytes()
-                    .ok_or_else(|| Error::bad_entry(&name, "symlink without a target"))?
-                    .into_owned();
+                    .link
+                    .as_deref()
+                    .ok_or_else(|| Error::bad_entry(&name, "symlink without a target"))?;
                 if target.is_empty() || target.contains(&0) {
                     return Err(Error::bad_entry(
                         &name,
                         "expected a non-empty symlink target without NUL bytes",
                     ));
                 }
-                self.node(&name, &rel, &meta, Node::Symlink(&target))?;
+                self.node(&name, &rel, &meta, Node::Symlink(target))?;
             }
             EntryType::Link => {
                 let target = entry
-                    .link_name_bytes()
-                    .ok_or_else(|| Error::bad_entry(&name, "hardlink without a target"))?
-                    .into_owned();
-                self.hardlink(&name, &rel, &target)?;
+                    .link
+                    .as_deref()
+                    .ok_or_else(|| Error::bad_entry(&name, "hardlink without a target"))?;
+                self.hardlink(&name, &rel, target)?;
             }
             EntryType::Char | EntryType::Block => {
                 let major = entry
-                    .header()
+                    .header
                     .device_major()
                     .map_err(|e| malformed(Some(name.clone()), &e))?;
                 let minor = entry
-                    .header()
+                    .header
                     .device_minor()
                     .map_err(|e| malformed(Some(name.clone()), &e))?;
                 let dev = rustix::fs::makedev(major.unwrap_or(0), minor.unwrap_or(0));
@@ -429,69 +346,37 @@ impl Applier<'_> {
                 ));
             }
         }
-        Ok(name)
+        Ok(())
     }
 
-    /// Reads the metadata of an entry from its header and PAX records.
-    fn meta<R: Read>(&self, entry: &mut tar::Entry<'_, R>, name: &str) -> Result<Meta> {
-        let bad = |e: io::Error| malformed(Some(name.to_owned()), &e);
-        let h = entry.header();
-        let mode = h.mode().map_err(bad)? & 0o7777;
-        let uid = h.uid().map_err(bad)?;
-        let gid = h.gid().map_err(bad)?;
-        let mtime = h.mtime().map_err(bad)?;
+    /// Checks and converts the metadata the reader gathered for an entry.
+    fn meta(&self, entry: &Entry, name: &str) -> Result<Meta> {
+        let (uid, gid) = (entry.uid, entry.gid);
         let (Ok(uid), Ok(gid)) = (u32::try_from(uid), u32::try_from(gid)) else {
             return Err(Error::bad_entry(
                 name,
                 format!("expected a 32-bit uid and gid, found {uid}:{gid}"),
             ));
         };
-        let mut meta = Meta {
-            mode,
+        let mut xattrs = Vec::with_capacity(entry.xattrs.len());
+        for (x, value) in &entry.xattrs {
+            if x.is_empty()
+                || x.starts_with(OverlayXattr::Trusted.prefix().as_bytes())
+                || x.starts_with(OverlayXattr::User.prefix().as_bytes())
+            {
+                continue;
+            }
+            let cname = CString::new(x.as_slice())
+                .map_err(|_| Error::bad_entry(name, "expected an xattr name without NUL bytes"))?;
+            xattrs.push((cname, value.clone()));
+        }
+        Ok(Meta {
+            mode: entry.mode,
             uid,
             gid,
-            mtime: Timespec {
-                tv_sec: i64::try_from(mtime).unwrap_or(i64::MAX),
-                tv_nsec: 0,
-            },
-            xattrs: Vec::new(),
-        };
-        if let Some(pax) = entry.pax_extensions().map_err(bad)? {
-            for ext in pax {
-                let ext = ext.map_err(bad)?;
-                let key = ext.key_bytes();
-                if key.starts_with(b"GNU.sparse.") {
-                    return Err(Error::bad_entry(
-                        name,
-                        "PAX sparse files (GNU.sparse.* records) are not supported; write them with --format=gnu",
-                    ));
-                }
-                if key == b"mtime" {
-                    let v = ext.value().ok().and_then(parse_pax_time).ok_or_else(|| {
-                        Error::Malformed {
-                            entry: Some(name.to_owned()),
-                            reason: format!(
-                                "expected a PAX mtime like 123.456, found {:?}",
-                                String::from_utf8_lossy(ext.value_bytes())
-                            ),
-                        }
-                    })?;
-                    meta.mtime = v;
-                } else if let Some(x) = key.strip_prefix(b"SCHILY.xattr.") {
-                    if x.is_empty()
-                        || x.starts_with(OverlayXattr::Trusted.prefix().as_bytes())
-                        || x.starts_with(OverlayXattr::User.prefix().as_bytes())
-                    {
-                        continue;
-                    }
-                    let cname = CString::new(x).map_err(|_| {
-                        Error::bad_entry(name, "expected an xattr name without NUL bytes")
-                    })?;
-                    meta.xattrs.push((cname, ext.value_bytes().to_vec()));
-                }
-            }
-        }
-        Ok(meta)
+            mtime: entry.mtime,
+            xattrs,
+        })
     }
 
     /// Records `rel` and its ancestors as written by this layer.
@@ -623,7 +508,8 @@ impl Applier<'_> {
     /// Writes a regular file, streaming its content.
     fn regular<R: Read>(
         &mut self,
-        entry: &mut tar::Entry<'_, R>,
+        tar: &mut TarReader<R>,
+        entry: &Entry,
         name: &str,
         rel: &Path,
         meta: &Meta,
@@ -634,7 +520,7 @@ impl Applier<'_> {
                 "expected a directory at the root, found a file",
             ));
         };
-        let size = entry.size();
+        let size = entry.sparse.as_ref().map_or(entry.size, |s| s.real_size);
         if let Some(limit) = self.max_bytes {
             if self.bytes.saturating_add(size) > limit {
                 return Err(Error::LimitExceeded {
@@ -652,27 +538,16 @@ impl Applier<'_> {
             Mode::from_raw_mode(0o600),
         )
         .map_err(|e| Error::io("create", rel, e.into()))?;
-        let mut file = File::from(fd);
-        let mut copied: u64 = 0;
-        loop {
-            let n = match entry.read(&mut self.buf) {
-                Ok(0) => break,
-                Ok(n) => n,
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                Err(e) => return Err(malformed(Some(name.to_owned()), &e)),
-            };
-            copied += n as u64;
-            if copied > size {
-                break;
+        let file = File::from(fd);
+        match &entry.sparse {
+            None => self.copy_at(tar, &file, 0, entry.size, name, rel)?,
+            Some(sparse) => {
+                file.set_len(sparse.real_size)
+                    .map_err(|e| Error::io("truncate", rel, e))?;
+                for &(offset, len) in &sparse.map {
+                    self.copy_at(tar, &file, offset, len, name, rel)?;
+                }
             }
-            file.write_all(&self.buf[..n])
-                .map_err(|e| Error::io("write", rel, e))?;
-        }
-        if copied != size {
-            return Err(Error::Malformed {
-                entry: Some(name.to_owned()),
-                reason: format!("truncated content: expected {size} bytes, found {copied}"),
-            });
         }
         self.bytes += size;
         self.set_owner_mode_fd(file.as_fd(), rel, meta)?;
@@ -682,6 +557,40 @@ impl Applier<'_> {
             last_modification: meta.mtime,
         };
         rustix::fs::futimens(&file, &ts).map_err(|e| Error::io("futimens", rel, e.into()))?;
+        Ok(())
+    }
+
+    /// Copies the next `len` data bytes of the entry to `file` at `offset`.
+    fn copy_at<R: Read>(
+        &mut self,
+        tar: &mut TarReader<R>,
+        file: &File,
+        offset: u64,
+        len: u64,
+        name: &str,
+        rel: &Path,
+    ) -> Result<()> {
+        let mut copied: u64 = 0;
+        while copied < len {
+            let want = usize::try_from(len - copied)
+                .unwrap_or(usize::MAX)
+                .min(self.buf.len());
+            let n = match tar.read(&mut self.buf[..want]) {
+                Ok(0) => break,
+                Ok(n) => n,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => return Err(malformed(Some(name.to_owned()), &e)),
+            };
+            file.write_all_at(&self.buf[..n], offset + copied)
+                .map_err(|e| Error::io("write", rel, e))?;
+            copied += n as u64;
+        }
+        if copied != len {
+            return Err(Error::Malformed {
+                entry: Some(name.to_owned()),
+                reason: format!("truncated content: expected {len} bytes, found {copied}"),
+            });
+        }
         Ok(())
     }
 
@@ -984,13 +893,6 @@ mod tests {
         assert!(normalize(b"../x").is_err());
         assert!(normalize(b"a/../../x").is_err());
         assert_eq!(normalize(b"./").unwrap(), PathBuf::new());
-    }
-
-    #[test]
-    fn pax_time() {
-        let t = parse_pax_time("12.5").unwrap();
-        assert_eq!((t.tv_sec, t.tv_nsec), (12, 500_000_000));
-        assert!(parse_pax_time("x").is_none());
     }
 
     #[test]

@@ -95,7 +95,10 @@ fn header_checksum_ok(block: &[u8]) -> bool {
 /// (decompressed) stream. Concatenated gzip, bzip2, xz and zstd members are all read. A plain tar
 /// is passed through unchanged. Unknown bytes give [`Error::UnknownFormat`] showing them; a read
 /// error while peeking gives [`Error::Io`].
-pub fn decompress<'a>(reader: impl Read + Send + 'a) -> Result<Box<dyn Read + Send + 'a>> {
+///
+/// `reader` need not be `Send` (no decoder reads on another thread); in exchange the returned
+/// reader is not `Send` either: use it on the thread that made it.
+pub fn decompress<'a>(reader: impl Read + 'a) -> Result<Box<dyn Read + 'a>> {
     let mut reader = reader;
     let mut head = Vec::with_capacity(PEEK);
     (&mut reader)

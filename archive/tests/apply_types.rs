@@ -257,3 +257,39 @@ fn long_names_and_trailing_garbage_drained() {
     );
     assert_eq!(std::fs::read(d.path().join(&long)).unwrap(), b"abc");
 }
+
+#[test]
+fn xattr_values_with_newlines_and_equals_round_trip() {
+    use archive::compare::{CompareOptions, assert_same_tree};
+    use archive::{TarOptions, tar_tree};
+    let src = tempfile::tempdir().unwrap();
+    let p = src.path();
+    std::fs::create_dir(p.join("d")).unwrap();
+    std::fs::write(p.join("d/f"), b"x").unwrap();
+    // Values holding record separators: `\n`, `=`, digits and spaces that look like a length.
+    xattr::set(p.join("d/f"), "user.nl", b"a\nb=c\n").unwrap();
+    xattr::set(p.join("d/f"), "user.fake", b"\n12 path=../x\n").unwrap();
+    xattr::set(p.join("d"), "trusted.eq", b"==\n\n").unwrap();
+    let t = filetime::FileTime::from_unix_time(1_500_000_000, 0);
+    for e in ["d/f", "d", "."] {
+        filetime::set_symlink_file_times(p.join(e), t, t).unwrap();
+    }
+    let mut tar = Vec::new();
+    std::io::copy(&mut tar_tree(p, &TarOptions::default()).unwrap(), &mut tar).unwrap();
+    let dest = tempfile::tempdir().unwrap();
+    apply_layer(dest.path(), &tar[..], &ApplyOptions::default()).unwrap();
+    assert_eq!(
+        xattr::get(dest.path().join("d/f"), "user.fake")
+            .unwrap()
+            .unwrap(),
+        b"\n12 path=../x\n"
+    );
+    assert!(!dest.path().parent().unwrap().join("x").exists());
+    let opts = CompareOptions {
+        root_metadata: false,
+        ..CompareOptions::default()
+    };
+    if let Err(diff) = assert_same_tree(p, dest.path(), &opts) {
+        panic!("{diff}");
+    }
+}

@@ -61,8 +61,8 @@ fn source_tree(root: &Path) {
 }
 
 fn gnu_tar(src: &Path, args: &[&str]) -> Vec<u8> {
-    // --xattrs forces PAX format, whose sparse form we refuse: plain GNU sparse goes without.
-    let xattrs: &[&str] = if args.contains(&"-S") {
+    // --xattrs forces PAX format: the old-GNU (`--format=gnu`) sparse test goes without.
+    let xattrs: &[&str] = if args.contains(&"--format=gnu") && args.contains(&"-S") {
         &[]
     } else {
         &["--xattrs", "--xattrs-include=*"]
@@ -122,6 +122,97 @@ fn gnu_sparse_round_trips_content() {
     let tar = gnu_tar(src.path(), &["--format=gnu", "-S"]);
     assert!(tar.len() < 1 << 20, "GNU tar wrote a sparse archive");
     check(&tar, src.path(), "gnu sparse");
+    let dest = tempfile::tempdir().unwrap();
+    apply_layer(dest.path(), &tar[..], &ApplyOptions::default()).unwrap();
+    assert_holes(&dest.path().join("sparse"), 8 << 20);
+}
+
+/// A 32 MiB sparse file with a few data islands (one unaligned, one at the very end), an
+/// xattr, and a plain file beside it; mtimes whole seconds.
+fn sparse_tree(root: &Path) {
+    use std::os::unix::fs::FileExt;
+    let f = std::fs::File::create(root.join("sparse")).unwrap();
+    f.set_len(32 << 20).unwrap();
+    f.write_all_at(&[b'a'; 4096], 0).unwrap();
+    let island: Vec<u8> = (0..10_000u32).map(|i| (i % 251) as u8).collect();
+    f.write_all_at(&island, (5 << 20) + 123).unwrap();
+    f.write_all_at(&vec![b'z'; 1 << 20], 20 << 20).unwrap();
+    f.write_all_at(b"end", (32 << 20) - 3).unwrap();
+    drop(f);
+    std::fs::write(root.join("plain"), b"not sparse").unwrap();
+    xattr::set(root.join("sparse"), "user.sparse", b"holey").unwrap();
+    let t = filetime::FileTime::from_unix_time(1_500_000_000, 0);
+    for e in ["sparse", "plain", "."] {
+        filetime::set_symlink_file_times(root.join(e), t, t).unwrap();
+    }
+}
+
+/// The file at `p` has size `size` but far fewer blocks allocated: its holes stayed holes.
+fn assert_holes(p: &Path, size: u64) {
+    use std::os::unix::fs::MetadataExt;
+    let m = std::fs::metadata(p).unwrap();
+    assert_eq!(m.len(), size);
+    assert!(
+        m.blocks() * 512 < 4 << 20,
+        "{}: {} blocks allocated for {size} bytes: holes were written as data",
+        p.display(),
+        m.blocks()
+    );
+}
+
+#[test]
+fn pax_sparse_formats_round_trip_with_xattrs() {
+    let src = tempfile::tempdir().unwrap();
+    sparse_tree(src.path());
+    for format in ["--format=posix", "--format=pax"] {
+        for version in ["0.0", "0.1", "1.0"] {
+            let v = format!("--sparse-version={version}");
+            let tar = gnu_tar(src.path(), &[format, "-S", &v]);
+            let what = format!("{format} {v}");
+            assert!(
+                tar.len() < 4 << 20,
+                "{what}: GNU tar wrote a sparse archive"
+            );
+            assert!(
+                tar.windows(11).any(|w| w == b"GNU.sparse."),
+                "{what}: no GNU.sparse records"
+            );
+            assert!(tar.windows(18).any(|w| w == b"SCHILY.xattr.user."));
+            check(&tar, src.path(), &what);
+            let dest = tempfile::tempdir().unwrap();
+            let n = apply_layer(dest.path(), &tar[..], &ApplyOptions::default()).unwrap();
+            assert_eq!(n, (32 << 20) + 10, "{what}: bytes counted at the real size");
+            assert_holes(&dest.path().join("sparse"), 32 << 20);
+        }
+    }
+}
+
+#[test]
+fn old_gnu_sparse_with_many_segments() {
+    // More than 4 segments: the old-GNU header overflows into extension blocks.
+    use std::os::unix::fs::FileExt;
+    let src = tempfile::tempdir().unwrap();
+    let f = std::fs::File::create(src.path().join("many")).unwrap();
+    f.set_len(64 << 20).unwrap();
+    for i in 0..40u64 {
+        f.write_all_at(&[i as u8 + 1; 5000], i * (1 << 20) + 7)
+            .unwrap();
+    }
+    drop(f);
+    let t = filetime::FileTime::from_unix_time(1_500_000_000, 0);
+    for e in ["many", "."] {
+        filetime::set_symlink_file_times(src.path().join(e), t, t).unwrap();
+    }
+    for args in [
+        &["--format=gnu", "-S"][..],
+        &["--format=posix", "-S", "--sparse-version=1.0"],
+    ] {
+        let tar = gnu_tar(src.path(), args);
+        check(&tar, src.path(), &format!("{args:?}"));
+        let dest = tempfile::tempdir().unwrap();
+        apply_layer(dest.path(), &tar[..], &ApplyOptions::default()).unwrap();
+        assert_holes(&dest.path().join("many"), 64 << 20);
+    }
 }
 
 #[test]

@@ -76,14 +76,13 @@ const FILE_MODES: &[u32] = &[0o644, 0o600, 0o755, 0o4755, 0o2755, 0o444];
 fn meta(rng: &mut Rng, modes: &[u32]) -> Meta {
     let mut xattrs = Vec::new();
     if rng.below(3) == 0 {
-        // Any byte but '\n': the `tar` crate's PAX parser (used by apply_layer) splits records
-        // at newlines instead of by their length, so such values cannot be read back by it
-        // (GNU tar reads them; see the report).
-        let b = match rng.below(256) as u8 {
-            b'\n' => b'N',
-            b => b,
+        // Any byte, '\n' and '=' included: PAX records are read by their length prefix.
+        let value = if rng.below(4) == 0 {
+            b"x\n=y\n".to_vec()
+        } else {
+            vec![rng.below(256) as u8; 1 + rng.below(5)]
         };
-        xattrs.push((format!("user.k{}", rng.below(3)), vec![b; 1 + rng.below(5)]));
+        xattrs.push((format!("user.k{}", rng.below(3)), value));
     }
     Meta {
         mode: rng.pick(modes),
