@@ -41,6 +41,11 @@
 //! 6. **Nothing from the layer is loaded.** No NSS lookups (owners are numeric), no
 //!    decompressor (the parent decompresses), no `dlopen`, no exec.
 //!
+//! 7. **The child dies with its caller.** `PR_SET_PDEATHSIG(SIGKILL)` is requested first thing,
+//!    so a killed caller (a SIGKILLed `graphctl apply`) never leaves a child writing into a layer
+//!    that the next process's recovery deletes. The signal follows the *thread* that forked;
+//!    that thread blocks in `apply_layer` until the child is reaped, so it cannot end first.
+//!
 //! `archive`'s apply path (`apply_layer`, `untar` and everything they call) is bound by rules
 //! 2, 3 and 6 too: it never logs, prints, reads the environment or panics on input. The stress
 //! test in `tests/stress.rs` runs 400 confined applies while other threads print, log through
@@ -70,12 +75,24 @@ pub(crate) const RESULT_FD: RawFd = 4;
 /// Set in the child right after fork; the parent's copy stays `false` forever.
 pub(crate) static IN_CONFINED_CHILD: AtomicBool = AtomicBool::new(false);
 
+/// Exit status when the parent died before the child could tie its life to the parent's.
+const EXIT_PARENT_GONE: i32 = 121;
+
 /// Exit status when even the result pipe could not be set up.
 const EXIT_NO_RESULT_PIPE: i32 = 120;
 
 /// The child's whole life. Never returns.
 pub(crate) fn run(input: RawFd, result: RawFd, dest: &CStr, job: &Job<'_>, fault: &TestFault) -> ! {
     IN_CONFINED_CHILD.store(true, Ordering::SeqCst);
+    // If the caller dies (SIGKILL of a graphctl apply), the child must not go on writing into a
+    // layer that recovery is about to delete: the kernel kills it with its parent. The second
+    // getppid closes the window in which the parent died before the request was made.
+    let parent = nix::unistd::getppid();
+    if nix::sys::prctl::set_pdeathsig(nix::sys::signal::Signal::SIGKILL).is_err()
+        || nix::unistd::getppid() != parent
+    {
+        exit(EXIT_PARENT_GONE);
+    }
     if let Err((step, errno)) = setup_fds(input, result) {
         // The fds may be half moved; try the original result end, then give up.
         let e = confinement(step, errno);

@@ -182,7 +182,7 @@ fn run(
     let dest_c = CString::new(abs.as_os_str().as_bytes())
         .map_err(|_| Error::io("open", dest, io::Error::from_raw_os_error(libc::EINVAL)))?;
     // Decompression happens here, in the trusted process.
-    let mut input = archive::decompress(StaysHere(reader))?;
+    let mut input = archive::decompress(reader)?;
     let mut buf = vec![0u8; CHUNK];
     install_panic_hook();
 
@@ -233,23 +233,6 @@ fn run(
             .map_err(|e| Error::io("read", "<layer stream>", e))?;
     }
     Ok(outcome)
-}
-
-/// Lets a reader that is not `Send` through [`archive::decompress`]'s `Send` bound.
-struct StaysHere<R>(R);
-
-// SAFETY: a `StaysHere` is only created in `run`, moved into the decompressor that `run` keeps
-// in a local and drops before returning; `run` spawns no thread and hands the value to nothing
-// that moves it to another thread (`archive::decompress` wraps it in a decoder read on the
-// calling thread; should it ever read on a helper thread, this wrapper must go and the public
-// signatures must require `Send`). The forked child has a copy of the memory but never touches
-// it. So `R` is only ever used, and dropped, on the thread that created it.
-unsafe impl<R> Send for StaysHere<R> {}
-
-impl<R: Read> Read for StaysHere<R> {
-    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        self.0.read(buf)
-    }
 }
 
 /// How copying the input into the pipe ended.
