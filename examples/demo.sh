@@ -23,4 +23,5 @@ echo "hello from the demo" > "$mnt/hello.txt"
 rm -f "$mnt/etc/hostname"
 g changes demo
 g tree
+g status
 g unmount demo

@@ -124,26 +124,17 @@ fn hint(err: &anyhow::Error) -> Option<String> {
 
 fn errno_hint(errno: i32) -> Option<String> {
     match errno {
-        libc_errno::EROFS => {
+        libc::EROFS => {
             Some("the storage root is read-only; choose a writable one with --root".into())
         }
-        libc_errno::ENOSPC => {
+        libc::ENOSPC => {
             Some("no space left on the device; free some space or choose another --root".into())
         }
-        libc_errno::EACCES => Some(
+        libc::EACCES => Some(
             "permission denied; choose a --root you own (e.g. --root ~/.local/share/graphctl)"
                 .into(),
         ),
-        libc_errno::EPERM => Some("this operation needs more privileges here (run as root)".into()),
+        libc::EPERM => Some("this operation needs more privileges here (run as root)".into()),
         _ => None,
     }
-}
-
-/// The errno values the hints know (Linux numbers, to avoid a libc dependency for four
-/// constants).
-mod libc_errno {
-    pub const EPERM: i32 = 1;
-    pub const EACCES: i32 = 13;
-    pub const ENOSPC: i32 = 28;
-    pub const EROFS: i32 = 30;
 }
