@@ -2,18 +2,21 @@
 # The README's first command: import the sample OCI image, start a read-write (container) layer
 # on it, write through its mount, and show what changed.
 #
-#   examples/demo.sh [ROOT]      (default root: /tmp/graphctl-demo-<uid>)
+#   examples/demo.sh [ROOT]      (default: graphctl's own default root, /var/lib/graphctl for
+#                                 root, ~/.local/share/graphctl for a normal user)
 #
-# As root the overlay driver is used; as a normal user graphctl falls back to vfs and says so.
+# As root the overlay driver is used; as a normal user graphctl falls back to vfs in the user's
+# data directory and says so.
 # Safe to run again: the import skips layers that are present and the container layer is reused.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-root="${1:-/tmp/graphctl-demo-$(id -u)}"
+root_args=()
+if [ -n "${1:-}" ]; then root_args=(--root "$1"); fi
 cargo build --quiet --release -p graphctl
 bin="$(cargo metadata --format-version 1 --no-deps | python3 -c 'import json,sys; print(json.load(sys.stdin)["target_directory"])')/release/graphctl"
 g() {
-    echo "\$ graphctl --root $root $*" >&2
-    "$bin" --root "$root" "$@"
+    echo "\$ graphctl ${root_args[*]} $*" >&2
+    "$bin" "${root_args[@]}" "$@"
 }
 
 top=$(g import examples/sample-image)
