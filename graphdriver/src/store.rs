@@ -340,6 +340,31 @@ impl LayerStore {
                 out.push(child);
             }
         }
+        // Children still being built in `.staging/` copy this layer's tree right now: they count
+        // too, while their builder is alive (it holds the staging dir's flock).
+        let staging = self.home.join(STAGING_DIR);
+        for entry in fs::read_dir(&staging).ctx("read directory", &staging)? {
+            let entry = entry.ctx("read directory", &staging)?;
+            let name = entry.file_name();
+            let Some(child) = name
+                .to_str()
+                .and_then(|n| n.strip_prefix("new-"))
+                .and_then(|n| n.rsplitn(3, '-').nth(2))
+                .and_then(|n| LayerId::new(n).ok())
+            else {
+                continue;
+            };
+            let dir = entry.path();
+            if read_parent(&dir)?.as_ref() != Some(id) {
+                continue;
+            }
+            let alive = File::open(&dir)
+                .map(|f| FileLock::try_exclusive(f).is_none())
+                .unwrap_or(false);
+            if alive {
+                out.push(child);
+            }
+        }
         out.sort();
         Ok(out)
     }
@@ -1053,6 +1078,23 @@ mod tests {
             s.create(&id("c"), Some(&id("zz")), false, |_| Ok(())),
             Err(Error::NotFound(p)) if p == id("zz")
         ));
+    }
+
+    #[test]
+    fn a_child_being_built_pins_its_parent() {
+        let (_d, s) = store();
+        s.create(&id("p"), None, false, |_| Ok(())).unwrap();
+        s.create(&id("c"), Some(&id("p")), false, |_| {
+            // While the child copies the parent, the parent can be neither removed nor changed.
+            match s.remove(&id("p"), |_| Ok(())) {
+                Err(Error::HasChildren { children, .. }) => assert_eq!(children, vec![id("c")]),
+                other => panic!("expected HasChildren, found {other:?}"),
+            }
+            assert!(matches!(s.begin_apply(&id("p")), Err(Error::InUse { .. })));
+            Ok(())
+        })
+        .unwrap();
+        assert_eq!(s.children(&id("p")).unwrap(), vec![id("c")]);
     }
 
     #[test]
