@@ -22,6 +22,38 @@
 //! `chrootarchive`'s documentation for why).
 //!
 //! Every error is an [`Error`] naming the entry, path and OS error involved.
+//!
+//! # Example
+//!
+//! A layer made from the difference of two trees, applied onto a copy of the older one,
+//! reproduces the newer one:
+//!
+//! ```
+//! use std::fs;
+//! use archive::{ApplyOptions, ChangeKind, TarOptions, compare};
+//!
+//! let (old, new, copy) = (tempfile::tempdir()?, tempfile::tempdir()?, tempfile::tempdir()?);
+//! for dir in [old.path(), new.path(), copy.path()] {
+//!     fs::write(dir.join("kept"), "same")?;
+//! }
+//! fs::write(old.path().join("gone"), "bye")?;
+//! fs::write(copy.path().join("gone"), "bye")?;
+//! fs::write(new.path().join("added"), "hello")?;
+//!
+//! let changes = archive::changes(new.path(), Some(old.path()))?;
+//! let kinds: Vec<_> = changes.iter().map(|c| (c.path.to_str().unwrap(), c.kind)).collect();
+//! assert_eq!(kinds, [("/added", ChangeKind::Add), ("/gone", ChangeKind::Delete)]);
+//!
+//! // The layer: "added" as a file, "gone" as a `.wh.gone` whiteout.
+//! let layer = archive::export_changes(new.path(), &changes, &TarOptions::default())?;
+//! let bytes = archive::apply_layer(copy.path(), layer, &ApplyOptions::default())?;
+//! assert_eq!(bytes, 5);
+//! assert!(!copy.path().join("gone").exists());
+//! let same_content = compare::CompareOptions { mtimes: false, dir_mtimes: false,
+//!     root_metadata: false, ..Default::default() };
+//! compare::assert_same_tree(new.path(), copy.path(), &same_content)?;
+//! # Ok::<(), Box<dyn std::error::Error>>(())
+//! ```
 
 #![deny(missing_docs)]
 
