@@ -3,15 +3,18 @@
 //! The format is documented on [`tar_tree`], the streaming on [`TarStream`].
 
 use std::collections::HashMap;
-use std::ffi::OsStr;
-use std::fs::{File, Metadata};
-use std::io::{self, Read, Write};
-use std::os::unix::ffi::OsStrExt;
+use std::ffi::{CStr, OsStr};
+use std::fs::Metadata;
+use std::io::{self, Read};
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::os::unix::ffi::{OsStrExt, OsStringExt};
 use std::os::unix::fs::{FileTypeExt, MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
-use std::sync::mpsc::{Receiver, SyncSender, sync_channel};
+use std::sync::mpsc::{Receiver, Sender, SyncSender, channel, sync_channel};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
+
+use rustix::fs::{AtFlags, Dir, FileType, Mode, OFlags, Stat};
 
 use crate::change::{get_xattr, rel_of};
 use crate::{Change, ChangeKind, Error, Result, WHITEOUT_OPAQUE, WHITEOUT_PREFIX, WhiteoutFormat};
@@ -32,11 +35,17 @@ pub struct TarOptions {
     pub xattr_prefixes: Vec<String>,
 }
 
-/// Size of the chunks handed from the producer thread to the reader, and of the file copy buffer.
-const CHUNK: usize = 64 * 1024;
+/// Size of the buffers handed from the producer thread to the reader. Headers and file data
+/// are written straight into them (file contents are `read(2)` into place), and a buffer is sent
+/// only when full, so a tree of small files costs one hand-over per 256 KiB, not one per file.
+const CHUNK: usize = 256 * 1024;
 
-/// Chunks in flight between producer and reader.
-const CHANNEL_DEPTH: usize = 2;
+/// Buffers in flight between producer and reader (beyond the one each side is working on).
+const CHANNEL_DEPTH: usize = 4;
+
+/// Directory nesting beyond which the walk stops holding one open descriptor per level and
+/// reopens parents by path instead, so deep trees cannot exhaust the descriptor limit.
+const MAX_HELD_DIR_FDS: usize = 32;
 
 type Skipped = Arc<Mutex<Vec<(PathBuf, String)>>>;
 
@@ -51,14 +60,16 @@ enum Msg {
 /// Reading returns the tar bytes in order and then end-of-file once the archive, including its
 /// two zero end blocks, is complete.
 ///
-/// The tar is produced by a background thread and handed over in 64 KiB chunks through a
-/// channel holding at most two of them, so memory stays bounded whatever the tree size. A
-/// failure in the producer (a file vanished, a read error) makes `read` return
-/// an [`std::io::Error`] wrapping the [`crate::Error`] (`get_ref()` / `into_inner()` give it
-/// back): the stream is never silently truncated. Dropping the stream early stops the producer
-/// at its next write, and the drop waits for it to end.
+/// The tar is produced by a background thread and handed over in 256 KiB buffers through a
+/// channel holding at most four of them (consumed buffers are recycled), so memory stays
+/// bounded (about 1.5 MiB) whatever the tree size. A failure in the producer (a file vanished,
+/// a read error) makes `read` return an [`std::io::Error`] wrapping the [`crate::Error`]
+/// (`get_ref()` / `into_inner()` give it back): the stream is never silently truncated.
+/// Dropping the stream early stops the producer at its next hand-over, and the drop waits for
+/// it to end.
 pub struct TarStream {
     rx: Option<Receiver<Msg>>,
+    recycle: Sender<Vec<u8>>,
     cur: Vec<u8>,
     pos: usize,
     finished: bool,
@@ -82,15 +93,18 @@ impl TarStream {
         F: FnOnce(&mut TarWriter, &Skipped) -> Result<()> + Send + 'static,
     {
         let (tx, rx) = sync_channel(CHANNEL_DEPTH);
+        let (recycle, spare) = channel();
         let skipped: Skipped = Arc::default();
         let sk = Arc::clone(&skipped);
         let thread = std::thread::spawn(move || {
             let mut w = TarWriter {
-                out: ChunkWriter {
+                out: Out {
                     tx: tx.clone(),
-                    buf: Vec::with_capacity(CHUNK),
+                    spare,
+                    buf: vec![0; CHUNK],
+                    fill: 0,
                 },
-                copy_buf: vec![0; CHUNK],
+                pax: Vec::new(),
             };
             let res = job(&mut w, &sk).and_then(|()| w.finish());
             match res {
@@ -105,6 +119,7 @@ impl TarStream {
         });
         TarStream {
             rx: Some(rx),
+            recycle,
             cur: Vec::new(),
             pos: 0,
             finished: false,
@@ -138,8 +153,12 @@ impl Read for TarStream {
             };
             match rx.recv() {
                 Ok(Msg::Data(d)) => {
-                    self.cur = d;
+                    let used = std::mem::replace(&mut self.cur, d);
                     self.pos = 0;
+                    if used.capacity() == CHUNK {
+                        // The producer may be gone already: then the buffer is just freed.
+                        let _ = self.recycle.send(used);
+                    }
                 }
                 Ok(Msg::End) => self.finished = true,
                 Ok(Msg::Failed(e)) => {
@@ -166,36 +185,89 @@ impl Drop for TarStream {
     }
 }
 
-/// Collects bytes into 64 KiB chunks and sends them to the reader.
-struct ChunkWriter {
+/// The producer's output buffer: filled in place, sent to the reader when full.
+struct Out {
     tx: SyncSender<Msg>,
+    /// Buffers the reader is done with.
+    spare: Receiver<Vec<u8>>,
+    /// Always `CHUNK` bytes long; `buf[..fill]` is pending output.
     buf: Vec<u8>,
+    fill: usize,
 }
 
-impl ChunkWriter {
-    fn flush_chunk(&mut self) -> io::Result<()> {
-        if self.buf.is_empty() {
+impl Out {
+    fn send(&mut self) -> io::Result<()> {
+        if self.fill == 0 {
             return Ok(());
         }
-        let chunk = std::mem::replace(&mut self.buf, Vec::with_capacity(CHUNK));
+        let mut next = self.spare.try_recv().unwrap_or_default();
+        next.resize(CHUNK, 0);
+        let mut chunk = std::mem::replace(&mut self.buf, next);
+        chunk.truncate(self.fill);
+        self.fill = 0;
         self.tx
             .send(Msg::Data(chunk))
             .map_err(|_| io::Error::new(io::ErrorKind::BrokenPipe, "the tar reader went away"))
     }
-}
 
-impl Write for ChunkWriter {
-    fn write(&mut self, data: &[u8]) -> io::Result<usize> {
-        let n = data.len().min(CHUNK - self.buf.len());
-        self.buf.extend_from_slice(&data[..n]);
-        if self.buf.len() >= CHUNK {
-            self.flush_chunk()?;
+    /// Room for at least one byte, sending the buffer when it is full.
+    fn room(&mut self) -> io::Result<usize> {
+        if self.fill == CHUNK {
+            self.send()?;
         }
-        Ok(n)
+        Ok(CHUNK - self.fill)
     }
 
-    fn flush(&mut self) -> io::Result<()> {
-        self.flush_chunk()
+    fn write_all(&mut self, mut data: &[u8]) -> io::Result<()> {
+        while !data.is_empty() {
+            let n = self.room()?.min(data.len());
+            self.buf[self.fill..self.fill + n].copy_from_slice(&data[..n]);
+            self.fill += n;
+            data = &data[n..];
+        }
+        Ok(())
+    }
+
+    fn zeros(&mut self, mut n: usize) -> io::Result<()> {
+        while n > 0 {
+            let k = self.room()?.min(n);
+            self.buf[self.fill..self.fill + k].fill(0);
+            self.fill += k;
+            n -= k;
+        }
+        Ok(())
+    }
+
+    /// Reads exactly `size` bytes of `fd` (at its current offset) into the output.
+    fn copy_from(&mut self, fd: BorrowedFd<'_>, size: u64, path: &Path) -> Result<()> {
+        let mut left = size;
+        while left > 0 {
+            let room = self
+                .room()
+                .map_err(|e| werr(path.as_os_str().as_bytes(), e))?;
+            let want = (left.min(room as u64)) as usize;
+            let n = match rustix::io::read(fd, &mut self.buf[self.fill..self.fill + want]) {
+                Ok(0) => {
+                    return Err(Error::io(
+                        "read",
+                        path,
+                        io::Error::new(
+                            io::ErrorKind::UnexpectedEof,
+                            format!(
+                                "file shrank while being exported: expected {size} bytes, found {}",
+                                size - left
+                            ),
+                        ),
+                    ));
+                }
+                Ok(n) => n,
+                Err(rustix::io::Errno::INTR) => continue,
+                Err(e) => return Err(Error::io("read", path, e.into())),
+            };
+            self.fill += n;
+            left -= n as u64;
+        }
+        Ok(())
     }
 }
 
@@ -227,10 +299,11 @@ impl EntryMeta {
 const OCTAL7: u64 = 0o7_777_777;
 const OCTAL11: u64 = 0o77_777_777_777;
 
-/// Writes tar entries (PAX where needed) to the chunk writer.
+/// Writes tar entries (PAX where needed) into the output buffer.
 struct TarWriter {
-    out: ChunkWriter,
-    copy_buf: Vec<u8>,
+    out: Out,
+    /// Reused PAX record buffer.
+    pax: Vec<u8>,
 }
 
 fn pax_record(out: &mut Vec<u8>, key: &[u8], value: &[u8]) {
@@ -250,6 +323,13 @@ fn pax_record(out: &mut Vec<u8>, key: &[u8], value: &[u8]) {
 
 fn werr(name: &[u8], e: io::Error) -> Error {
     Error::io("write tar entry", PathBuf::from(OsStr::from_bytes(name)), e)
+}
+
+/// Where an entry's file data comes from.
+enum Data<'a> {
+    None,
+    /// Read `size` bytes from this descriptor; the path is for error messages.
+    Fd(BorrowedFd<'a>, &'a Path),
 }
 
 impl TarWriter {
@@ -282,29 +362,30 @@ impl TarWriter {
         link: &[u8],
         m: &EntryMeta,
         xattrs: &[(String, Vec<u8>)],
-        data: Option<(&mut dyn Read, &Path)>,
+        data: Data<'_>,
     ) -> Result<()> {
-        let mut pax = Vec::new();
+        let pax = &mut self.pax;
+        pax.clear();
         if name.len() > 100 {
-            pax_record(&mut pax, b"path", name);
+            pax_record(pax, b"path", name);
         }
         if link.len() > 100 {
-            pax_record(&mut pax, b"linkpath", link);
+            pax_record(pax, b"linkpath", link);
         }
         if m.uid > OCTAL7 {
-            pax_record(&mut pax, b"uid", m.uid.to_string().as_bytes());
+            pax_record(pax, b"uid", m.uid.to_string().as_bytes());
         }
         if m.gid > OCTAL7 {
-            pax_record(&mut pax, b"gid", m.gid.to_string().as_bytes());
+            pax_record(pax, b"gid", m.gid.to_string().as_bytes());
         }
         if m.size > OCTAL11 {
-            pax_record(&mut pax, b"size", m.size.to_string().as_bytes());
+            pax_record(pax, b"size", m.size.to_string().as_bytes());
         }
         if m.mtime > OCTAL11 {
-            pax_record(&mut pax, b"mtime", m.mtime.to_string().as_bytes());
+            pax_record(pax, b"mtime", m.mtime.to_string().as_bytes());
         }
         for (k, v) in xattrs {
-            pax_record(&mut pax, format!("SCHILY.xattr.{k}").as_bytes(), v);
+            pax_record(pax, format!("SCHILY.xattr.{k}").as_bytes(), v);
         }
         if !pax.is_empty() {
             let mut pname = b"PaxHeaders.0/".to_vec();
@@ -326,61 +407,196 @@ impl TarWriter {
             h.set_cksum();
             self.out
                 .write_all(h.as_bytes())
+                .and_then(|()| self.out.write_all(&self.pax))
+                .and_then(|()| self.out.zeros(pad_len(self.pax.len() as u64)))
                 .map_err(|e| werr(name, e))?;
-            self.out.write_all(&pax).map_err(|e| werr(name, e))?;
-            self.pad(pax.len() as u64).map_err(|e| werr(name, e))?;
         }
         let mut h = Self::raw_header(name, link, m);
         h.set_cksum();
         self.out
             .write_all(h.as_bytes())
             .map_err(|e| werr(name, e))?;
-        if let Some((r, path)) = data {
-            let mut left = m.size;
-            while left > 0 {
-                let want = (left.min(CHUNK as u64)) as usize;
-                let n = match r.read(&mut self.copy_buf[..want]) {
-                    Ok(0) => {
-                        return Err(Error::io(
-                            "read",
-                            path,
-                            io::Error::new(
-                                io::ErrorKind::UnexpectedEof,
-                                format!(
-                                    "file shrank while being exported: expected {} bytes, found {}",
-                                    m.size,
-                                    m.size - left
-                                ),
-                            ),
-                        ));
-                    }
-                    Ok(n) => n,
-                    Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                    Err(e) => return Err(Error::io("read", path, e)),
-                };
-                self.out
-                    .write_all(&self.copy_buf[..n])
-                    .map_err(|e| werr(name, e))?;
-                left -= n as u64;
-            }
-            self.pad(m.size).map_err(|e| werr(name, e))?;
-        }
-        Ok(())
-    }
-
-    fn pad(&mut self, size: u64) -> io::Result<()> {
-        let rem = (size % 512) as usize;
-        if rem != 0 {
-            self.out.write_all(&[0u8; 512][..512 - rem])?;
+        if let Data::Fd(fd, path) = data {
+            self.out.copy_from(fd, m.size, path)?;
+            self.out.zeros(pad_len(m.size)).map_err(|e| werr(name, e))?;
         }
         Ok(())
     }
 
     fn finish(&mut self) -> Result<()> {
         self.out
-            .write_all(&[0u8; 1024])
-            .and_then(|()| self.out.flush())
+            .zeros(1024)
+            .and_then(|()| self.out.send())
             .map_err(|e| werr(b"end of archive", e))
+    }
+}
+
+fn pad_len(size: u64) -> usize {
+    match (size % 512) as usize {
+        0 => 0,
+        rem => 512 - rem,
+    }
+}
+
+/// The file type of an entry on disk.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Kind {
+    Dir,
+    File,
+    Symlink,
+    Char,
+    Block,
+    Fifo,
+    Socket,
+}
+
+/// What the export needs from `lstat`, from either `std` or `rustix`.
+struct Meta {
+    kind: Kind,
+    mode: u32,
+    uid: u32,
+    gid: u32,
+    size: u64,
+    mtime: i64,
+    nlink: u64,
+    dev: u64,
+    ino: u64,
+    rdev: u64,
+}
+
+impl Meta {
+    fn from_std(md: &Metadata) -> Meta {
+        let ft = md.file_type();
+        let kind = if ft.is_dir() {
+            Kind::Dir
+        } else if ft.is_symlink() {
+            Kind::Symlink
+        } else if ft.is_char_device() {
+            Kind::Char
+        } else if ft.is_block_device() {
+            Kind::Block
+        } else if ft.is_fifo() {
+            Kind::Fifo
+        } else if ft.is_socket() {
+            Kind::Socket
+        } else {
+            Kind::File
+        };
+        Meta {
+            kind,
+            mode: md.mode(),
+            uid: md.uid(),
+            gid: md.gid(),
+            size: md.len(),
+            mtime: md.mtime(),
+            nlink: md.nlink(),
+            dev: md.dev(),
+            ino: md.ino(),
+            rdev: md.rdev(),
+        }
+    }
+
+    #[allow(clippy::unnecessary_cast, clippy::useless_conversion)]
+    fn from_stat(st: &Stat) -> Meta {
+        let kind = match FileType::from_raw_mode(st.st_mode as _) {
+            FileType::Directory => Kind::Dir,
+            FileType::Symlink => Kind::Symlink,
+            FileType::CharacterDevice => Kind::Char,
+            FileType::BlockDevice => Kind::Block,
+            FileType::Fifo => Kind::Fifo,
+            FileType::Socket => Kind::Socket,
+            _ => Kind::File,
+        };
+        Meta {
+            kind,
+            mode: st.st_mode as u32,
+            uid: st.st_uid as u32,
+            gid: st.st_gid as u32,
+            size: u64::try_from(st.st_size).unwrap_or(0),
+            mtime: st.st_mtime as i64,
+            nlink: st.st_nlink as u64,
+            dev: st.st_dev as u64,
+            ino: st.st_ino as u64,
+            rdev: st.st_rdev as u64,
+        }
+    }
+}
+
+/// How to reach an entry's xattrs, link target and contents.
+#[derive(Clone, Copy)]
+enum Access<'a> {
+    /// Only through its full path (not following a final symlink).
+    Path,
+    /// Through its parent directory and name, and, for directories and regular files, an open
+    /// descriptor of the entry itself.
+    At {
+        dir: BorrowedFd<'a>,
+        name: &'a CStr,
+        fd: Option<BorrowedFd<'a>>,
+    },
+}
+
+/// Runs a `*listxattr`/`*getxattr`-style call into a growing buffer.
+fn xattr_call(
+    mut call: impl FnMut(&mut [u8]) -> rustix::io::Result<usize>,
+    mut query: impl FnMut() -> rustix::io::Result<usize>,
+) -> rustix::io::Result<Vec<u8>> {
+    let mut stack = [0u8; 512];
+    match call(&mut stack) {
+        Ok(n) => return Ok(stack[..n].to_vec()),
+        Err(rustix::io::Errno::RANGE) => {}
+        Err(e) => return Err(e),
+    }
+    loop {
+        let want = query()?;
+        let mut v = vec![0u8; want];
+        match call(&mut v) {
+            Ok(n) => {
+                v.truncate(n);
+                return Ok(v);
+            }
+            // It grew in between: ask again.
+            Err(rustix::io::Errno::RANGE) => continue,
+            Err(e) => return Err(e),
+        }
+    }
+}
+
+/// The NUL-separated xattr names of an entry (empty when the filesystem has none).
+fn list_xattr_names(full: &Path, fd: Option<BorrowedFd<'_>>) -> Result<Vec<u8>> {
+    let res = match fd {
+        Some(fd) => xattr_call(
+            |b| rustix::fs::flistxattr(fd, b),
+            || rustix::fs::flistxattr_query(fd),
+        ),
+        None => xattr_call(
+            |b| rustix::fs::llistxattr(full, b),
+            || rustix::fs::llistxattr_query(full),
+        ),
+    };
+    match res {
+        Ok(v) => Ok(v),
+        Err(rustix::io::Errno::NOTSUP) => Ok(Vec::new()),
+        Err(e) => Err(Error::io("list xattrs of", full, e.into())),
+    }
+}
+
+/// One xattr's value; `None` when it is not set (or cannot be read for lack of support or
+/// permission, as [`get_xattr`] treats it).
+fn read_xattr(full: &Path, fd: Option<BorrowedFd<'_>>, name: &str) -> Result<Option<Vec<u8>>> {
+    let res = match fd {
+        Some(fd) => xattr_call(
+            |b| rustix::fs::fgetxattr(fd, name, b),
+            || rustix::fs::fgetxattr_query(fd, name),
+        ),
+        None => return get_xattr(full, name),
+    };
+    match res {
+        Ok(v) => Ok(Some(v)),
+        Err(rustix::io::Errno::NOTSUP | rustix::io::Errno::NODATA | rustix::io::Errno::PERM) => {
+            Ok(None)
+        }
+        Err(e) => Err(Error::io(format!("read xattr {name} of"), full, e.into())),
     }
 }
 
@@ -391,23 +607,36 @@ struct Exporter {
     /// (dev, ino) → first name written, for hardlink detection.
     links: HashMap<(u64, u64), Vec<u8>>,
     skipped: Skipped,
+    /// Whether `opts` selects everything (no include or exclude lists).
+    select_all: bool,
 }
 
-fn name_bytes(rel: &Path) -> Vec<u8> {
-    rel.as_os_str().as_bytes().to_vec()
-}
-
-fn whiteout_name(rel: &Path) -> Vec<u8> {
-    let mut p = rel.parent().map(name_bytes).unwrap_or_default();
-    if !p.is_empty() {
-        p.push(b'/');
-    }
+fn whiteout_name(rel: &[u8]) -> Vec<u8> {
+    let (parent, base) = match rel.iter().rposition(|&b| b == b'/') {
+        Some(i) => (&rel[..=i], &rel[i + 1..]),
+        None => (&b""[..], rel),
+    };
+    let mut p = parent.to_vec();
     p.extend_from_slice(WHITEOUT_PREFIX.as_bytes());
-    p.extend_from_slice(rel.file_name().map(|n| n.as_bytes()).unwrap_or_default());
+    p.extend_from_slice(base);
     p
 }
 
+fn rel_path(rel: &[u8]) -> &Path {
+    Path::new(OsStr::from_bytes(rel))
+}
+
 impl Exporter {
+    fn new(root: PathBuf, opts: TarOptions, skipped: &Skipped) -> Exporter {
+        Exporter {
+            root,
+            select_all: opts.include.is_empty() && opts.exclude.is_empty(),
+            opts,
+            links: HashMap::new(),
+            skipped: Arc::clone(skipped),
+        }
+    }
+
     fn overlay_ns(&self) -> Option<crate::OverlayXattr> {
         match self.opts.whiteout_format {
             WhiteoutFormat::Overlay(ns) => Some(ns),
@@ -415,16 +644,19 @@ impl Exporter {
         }
     }
 
-    fn skip(&self, rel: &Path, why: &str) {
+    fn skip(&self, rel: &[u8], why: &str) {
         let mut g = match self.skipped.lock() {
             Ok(g) => g,
             Err(p) => p.into_inner(),
         };
-        g.push((rel.to_path_buf(), why.to_string()));
+        g.push((rel_path(rel).to_path_buf(), why.to_string()));
     }
 
     /// Whether `rel` is selected, and whether a directory at `rel` should be descended into.
     fn selected(&self, rel: &Path) -> (bool, bool) {
+        if self.select_all {
+            return (true, true);
+        }
         if self.opts.exclude.iter().any(|e| rel.starts_with(rel_of(e))) {
             return (false, false);
         }
@@ -444,16 +676,23 @@ impl Exporter {
         (false, descend)
     }
 
-    fn xattrs(&self, full: &Path, rel: &Path) -> Result<Vec<(String, Vec<u8>)>> {
-        let names = match xattr::list(full) {
-            Ok(n) => n,
-            Err(e) if e.raw_os_error() == Some(libc::ENOTSUP) => return Ok(Vec::new()),
-            Err(e) => return Err(Error::io("list xattrs of", full, e)),
-        };
+    fn xattrs(
+        &self,
+        full: &Path,
+        fd: Option<BorrowedFd<'_>>,
+        rel: &[u8],
+    ) -> Result<Vec<(String, Vec<u8>)>> {
+        let names = list_xattr_names(full, fd)?;
         let mut out = Vec::new();
-        for n in names {
-            let Some(s) = n.to_str() else {
-                self.skip(rel, &format!("xattr with a non-UTF-8 name {n:?} left out"));
+        for n in names.split(|&b| b == 0).filter(|n| !n.is_empty()) {
+            let Ok(s) = std::str::from_utf8(n) else {
+                self.skip(
+                    rel,
+                    &format!(
+                        "xattr with a non-UTF-8 name {:?} left out",
+                        OsStr::from_bytes(n)
+                    ),
+                );
                 continue;
             };
             let wanted = if s == "security.capability" {
@@ -468,7 +707,7 @@ impl Exporter {
                     .iter()
                     .any(|p| s.starts_with(p.as_str()))
             };
-            if wanted && let Some(v) = get_xattr(full, s)? {
+            if wanted && let Some(v) = read_xattr(full, fd, s)? {
                 out.push((s.to_string(), v));
             }
         }
@@ -476,122 +715,256 @@ impl Exporter {
         Ok(out)
     }
 
-    /// Writes the entry at `rel` (metadata `md`).
-    fn write_path(&mut self, w: &mut TarWriter, rel: &Path, md: &Metadata) -> Result<()> {
-        let full = self.root.join(rel);
-        let ft = md.file_type();
+    /// Writes the entry `rel` (full path `full`, metadata `md`), reaching it through `acc`.
+    fn write_entry(
+        &mut self,
+        w: &mut TarWriter,
+        rel: &[u8],
+        full: &Path,
+        md: &Meta,
+        acc: Access<'_>,
+    ) -> Result<()> {
         let ns = self.overlay_ns();
-        if ft.is_socket() {
+        if md.kind == Kind::Socket {
             self.skip(rel, "sockets cannot be stored in a tar archive");
             return Ok(());
         }
-        if ns.is_some() && ft.is_char_device() && md.rdev() == 0 {
-            return w.entry(&whiteout_name(rel), b"", &EntryMeta::whiteout(), &[], None);
+        if ns.is_some() && md.kind == Kind::Char && md.rdev == 0 {
+            return w.entry(
+                &whiteout_name(rel),
+                b"",
+                &EntryMeta::whiteout(),
+                &[],
+                Data::None,
+            );
         }
-        let mut name = name_bytes(rel);
+        let fd = match acc {
+            Access::At { fd, .. } => fd,
+            Access::Path => None,
+        };
         let mut m = EntryMeta {
             kind: tar::EntryType::Regular,
-            mode: md.mode() & 0o7777,
-            uid: u64::from(md.uid()),
-            gid: u64::from(md.gid()),
+            mode: md.mode & 0o7777,
+            uid: u64::from(md.uid),
+            gid: u64::from(md.gid),
             size: 0,
-            mtime: u64::try_from(md.mtime()).unwrap_or(0),
+            mtime: u64::try_from(md.mtime).unwrap_or(0),
             dev: None,
         };
-        if ft.is_dir() {
-            let xattrs = self.xattrs(&full, rel)?;
+        if md.kind == Kind::Dir {
+            let xattrs = self.xattrs(full, fd, rel)?;
             if let Some(ns) = ns {
                 let redirect = format!("{}redirect", ns.prefix());
-                if get_xattr(&full, &redirect)?.is_some() {
+                if read_xattr(full, fd, &redirect)?.is_some() {
                     return Err(Error::io(
                         format!(
                             "export overlay upper (expected no {redirect} xattr, found one; redirect_dir uppers are not supported)"
                         ),
-                        &full,
+                        full,
                         io::Error::from(io::ErrorKind::Unsupported),
                     ));
                 }
             }
+            let mut name = Vec::with_capacity(rel.len() + 1 + WHITEOUT_OPAQUE.len());
+            name.extend_from_slice(rel);
             name.push(b'/');
             m.kind = tar::EntryType::Directory;
-            w.entry(&name, b"", &m, &xattrs, None)?;
+            w.entry(&name, b"", &m, &xattrs, Data::None)?;
             if let Some(ns) = ns
-                && get_xattr(&full, ns.opaque_name())?.as_deref() == Some(b"y")
+                && read_xattr(full, fd, ns.opaque_name())?.as_deref() == Some(b"y")
             {
                 name.extend_from_slice(WHITEOUT_OPAQUE.as_bytes());
-                w.entry(&name, b"", &EntryMeta::whiteout(), &[], None)?;
+                w.entry(&name, b"", &EntryMeta::whiteout(), &[], Data::None)?;
             }
             return Ok(());
         }
-        if md.nlink() > 1 {
-            match self.links.get(&(md.dev(), md.ino())) {
+        if md.nlink > 1 {
+            match self.links.get(&(md.dev, md.ino)) {
                 Some(first) => {
                     let first = first.clone();
                     m.kind = tar::EntryType::Link;
-                    return w.entry(&name, &first, &m, &[], None);
+                    return w.entry(rel, &first, &m, &[], Data::None);
                 }
                 None => {
-                    self.links.insert((md.dev(), md.ino()), name.clone());
+                    self.links.insert((md.dev, md.ino), rel.to_vec());
                 }
             }
         }
-        // Hardlink entries carry no xattrs: the first name of the inode has them.
-        let xattrs = self.xattrs(&full, rel)?;
-        if ft.is_symlink() {
-            let target = std::fs::read_link(&full).map_err(|e| Error::io("readlink", &full, e))?;
-            m.kind = tar::EntryType::Symlink;
-            return w.entry(&name, target.as_os_str().as_bytes(), &m, &xattrs, None);
+        match md.kind {
+            Kind::Symlink => {
+                // Hardlink entries carry no xattrs: the first name of the inode has them.
+                let xattrs = self.xattrs(full, None, rel)?;
+                let target = match acc {
+                    Access::At { dir, name, .. } => rustix::fs::readlinkat(dir, name, Vec::new())
+                        .map(|t| t.into_bytes())
+                        .map_err(io::Error::from),
+                    Access::Path => std::fs::read_link(full).map(|t| t.into_os_string().into_vec()),
+                }
+                .map_err(|e| Error::io("readlink", full, e))?;
+                m.kind = tar::EntryType::Symlink;
+                w.entry(rel, &target, &m, &xattrs, Data::None)
+            }
+            Kind::Char | Kind::Block | Kind::Fifo => {
+                let xattrs = self.xattrs(full, None, rel)?;
+                m.kind = match md.kind {
+                    Kind::Char => tar::EntryType::Char,
+                    Kind::Block => tar::EntryType::Block,
+                    _ => tar::EntryType::Fifo,
+                };
+                if md.kind != Kind::Fifo {
+                    m.dev = Some((libc::major(md.rdev), libc::minor(md.rdev)));
+                }
+                w.entry(rel, b"", &m, &xattrs, Data::None)
+            }
+            _ => {
+                // A regular file.
+                m.size = md.size;
+                match fd {
+                    Some(fd) => {
+                        let xattrs = self.xattrs(full, Some(fd), rel)?;
+                        w.entry(rel, b"", &m, &xattrs, Data::Fd(fd, full))
+                    }
+                    None => {
+                        let f = std::fs::OpenOptions::new()
+                            .read(true)
+                            .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK | libc::O_NOCTTY)
+                            .open(full)
+                            .map_err(|e| Error::io("open", full, e))?;
+                        let xattrs = self.xattrs(full, Some(f.as_fd()), rel)?;
+                        w.entry(rel, b"", &m, &xattrs, Data::Fd(f.as_fd(), full))
+                    }
+                }
+            }
         }
-        if ft.is_char_device() || ft.is_block_device() {
-            m.kind = if ft.is_char_device() {
-                tar::EntryType::Char
-            } else {
-                tar::EntryType::Block
-            };
-            let rdev = md.rdev();
-            m.dev = Some((libc::major(rdev), libc::minor(rdev)));
-            return w.entry(&name, b"", &m, &xattrs, None);
-        }
-        if ft.is_fifo() {
-            m.kind = tar::EntryType::Fifo;
-            return w.entry(&name, b"", &m, &xattrs, None);
-        }
-        // A regular file.
-        let mut f = std::fs::OpenOptions::new()
-            .read(true)
-            .custom_flags(libc::O_NOFOLLOW)
-            .open(&full)
-            .map_err(|e| Error::io("open", &full, e))?;
-        m.size = md.len();
-        let f: &mut File = &mut f;
-        w.entry(&name, b"", &m, &xattrs, Some((f, &full)))
     }
 
-    fn walk(&mut self, w: &mut TarWriter, rel: &Path) -> Result<()> {
-        let dir = self.root.join(rel);
-        let rd = std::fs::read_dir(&dir).map_err(|e| Error::io("read directory", &dir, e))?;
-        let mut names = Vec::new();
-        for ent in rd {
-            names.push(
-                ent.map_err(|e| Error::io("read directory", &dir, e))?
-                    .file_name(),
-            );
-        }
-        names.sort_unstable_by(|a, b| a.as_bytes().cmp(b.as_bytes()));
-        for n in names {
-            let rel_c = rel.join(&n);
-            let (take, descend) = self.selected(&rel_c);
-            if !take && !descend {
+    /// Writes the contents of the directory open as `dir`, whose path relative to the root is
+    /// `rel` and whose full path is `full` (both restored on return).
+    fn walk(
+        &mut self,
+        w: &mut TarWriter,
+        dir: OwnedFd,
+        rel: &mut Vec<u8>,
+        full: &mut PathBuf,
+        depth: usize,
+    ) -> Result<()> {
+        // All names first (sorted bytewise), in one arena: (offset, length, type).
+        let mut arena: Vec<u8> = Vec::new();
+        let mut ents: Vec<(usize, usize, FileType)> = Vec::new();
+        let mut rd = Dir::new(dir).map_err(|e| Error::io("read directory", &*full, e.into()))?;
+        while let Some(ent) = rd.read() {
+            let ent = ent.map_err(|e| Error::io("read directory", &*full, e.into()))?;
+            let n = ent.file_name().to_bytes_with_nul();
+            if n == b".\0" || n == b"..\0" {
                 continue;
             }
-            let full = self.root.join(&rel_c);
-            let md = std::fs::symlink_metadata(&full).map_err(|e| Error::io("lstat", &full, e))?;
-            if take {
-                self.write_path(w, &rel_c, &md)?;
+            ents.push((arena.len(), n.len(), ent.file_type()));
+            arena.extend_from_slice(n);
+        }
+        ents.sort_unstable_by(|a, b| arena[a.0..a.0 + a.1].cmp(&arena[b.0..b.0 + b.1]));
+        let mut rd = Some(rd);
+        for &(off, len, ft) in &ents {
+            let name_z = &arena[off..off + len];
+            let name = &name_z[..len - 1];
+            let Ok(cname) = CStr::from_bytes_with_nul(name_z) else {
+                continue;
+            };
+            let rel_len = rel.len();
+            if !rel.is_empty() {
+                rel.push(b'/');
             }
-            if descend && md.is_dir() {
-                self.walk(w, &rel_c)?;
+            rel.extend_from_slice(name);
+            full.push(OsStr::from_bytes(name));
+            let res = self.walk_child(w, &mut rd, cname, ft, rel, full, depth);
+            full.pop();
+            rel.truncate(rel_len);
+            res?;
+        }
+        Ok(())
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn walk_child(
+        &mut self,
+        w: &mut TarWriter,
+        rd: &mut Option<Dir>,
+        name: &CStr,
+        ft: FileType,
+        rel: &mut Vec<u8>,
+        full: &mut PathBuf,
+        depth: usize,
+    ) -> Result<()> {
+        let (take, descend) = self.selected(rel_path(rel));
+        if !take && !descend {
+            return Ok(());
+        }
+        if rd.is_none() {
+            // Deep in the tree the parent was closed while a child was walked: reopen it.
+            let parent = full.parent().unwrap_or(full.as_path()).to_path_buf();
+            let fd = rustix::fs::open(
+                &parent,
+                OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC,
+                Mode::empty(),
+            )
+            .map_err(|e| Error::io("open directory", &parent, e.into()))?;
+            *rd = Some(Dir::new(fd).map_err(|e| Error::io("read directory", &parent, e.into()))?);
+        }
+        let Some(dir) = rd.as_ref() else {
+            return Ok(());
+        };
+        let dirfd = dir
+            .fd()
+            .map_err(|e| Error::io("read directory", &*full, e.into()))?;
+        let open_flags =
+            OFlags::RDONLY | OFlags::NOFOLLOW | OFlags::CLOEXEC | OFlags::NONBLOCK | OFlags::NOCTTY;
+        // Regular files and directories are opened (and then fstat'ed), everything else is
+        // lstat'ed by name: never open a device or FIFO.
+        let opened = match ft {
+            FileType::RegularFile if take => Some(open_flags),
+            FileType::Directory => Some(open_flags | OFlags::DIRECTORY),
+            _ => None,
+        };
+        let (md, fd) = match opened {
+            Some(fl) => {
+                let fd = rustix::fs::openat(dirfd, name, fl, Mode::empty())
+                    .map_err(|e| Error::io("open", &*full, e.into()))?;
+                let st =
+                    rustix::fs::fstat(&fd).map_err(|e| Error::io("fstat", &*full, e.into()))?;
+                (Meta::from_stat(&st), Some(fd))
             }
+            None => {
+                let st = rustix::fs::statat(dirfd, name, AtFlags::SYMLINK_NOFOLLOW)
+                    .map_err(|e| Error::io("lstat", &*full, e.into()))?;
+                let md = Meta::from_stat(&st);
+                let fd = match md.kind {
+                    Kind::Dir => Some(open_flags | OFlags::DIRECTORY),
+                    Kind::File if take => Some(open_flags),
+                    _ => None,
+                }
+                .map(|fl| {
+                    rustix::fs::openat(dirfd, name, fl, Mode::empty())
+                        .map_err(|e| Error::io("open", &*full, e.into()))
+                })
+                .transpose()?;
+                (md, fd)
+            }
+        };
+        if take {
+            let acc = Access::At {
+                dir: dirfd,
+                name,
+                fd: fd.as_ref().map(|f| f.as_fd()),
+            };
+            self.write_entry(w, rel, full, &md, acc)?;
+        }
+        if descend
+            && md.kind == Kind::Dir
+            && let Some(fd) = fd
+        {
+            if depth >= MAX_HELD_DIR_FDS {
+                *rd = None;
+            }
+            self.walk(w, fd, rel, full, depth + 1)?;
         }
         Ok(())
     }
@@ -633,13 +1006,15 @@ pub fn tar_tree(root: &Path, opts: &TarOptions) -> Result<TarStream> {
     let root = check_root(root)?;
     let opts = opts.clone();
     Ok(TarStream::spawn(move |w, skipped| {
-        let mut ex = Exporter {
-            root,
-            opts,
-            links: HashMap::new(),
-            skipped: Arc::clone(skipped),
-        };
-        ex.walk(w, Path::new(""))
+        let dir = rustix::fs::open(
+            &root,
+            OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC,
+            Mode::empty(),
+        )
+        .map_err(|e| Error::io("open directory", &root, e.into()))?;
+        let mut full = root.clone();
+        let mut ex = Exporter::new(root, opts, skipped);
+        ex.walk(w, dir, &mut Vec::new(), &mut full, 0)
     }))
 }
 
@@ -658,25 +1033,127 @@ pub fn export_changes(root: &Path, changes: &[Change], opts: &TarOptions) -> Res
     list.sort();
     list.dedup_by(|a, b| a.path == b.path);
     Ok(TarStream::spawn(move |w, skipped| {
-        let mut ex = Exporter {
-            root,
-            opts,
-            links: HashMap::new(),
-            skipped: Arc::clone(skipped),
-        };
+        let mut ex = Exporter::new(root, opts, skipped);
         for c in &list {
             let rel = rel_of(&c.path);
             if rel.as_os_str().is_empty() || !ex.selected(&rel).0 {
                 continue;
             }
+            let rel = rel.as_os_str().as_bytes();
             if c.kind == ChangeKind::Delete {
-                w.entry(&whiteout_name(&rel), b"", &EntryMeta::whiteout(), &[], None)?;
+                w.entry(
+                    &whiteout_name(rel),
+                    b"",
+                    &EntryMeta::whiteout(),
+                    &[],
+                    Data::None,
+                )?;
                 continue;
             }
-            let full = ex.root.join(&rel);
+            let full = ex.root.join(rel_path(rel));
             let md = std::fs::symlink_metadata(&full).map_err(|e| Error::io("lstat", &full, e))?;
-            ex.write_path(w, &rel, &md)?;
+            ex.write_entry(w, rel, &full, &Meta::from_std(&md), Access::Path)?;
         }
         Ok(())
     }))
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used)]
+
+    use super::*;
+    use std::fs;
+
+    /// Name, data and xattrs of one archive entry.
+    type Entry = (String, Vec<u8>, Vec<(String, Vec<u8>)>);
+
+    fn entries(root: &Path) -> Vec<Entry> {
+        let mut a = tar::Archive::new(tar_tree(root, &TarOptions::default()).unwrap());
+        let mut out = Vec::new();
+        for e in a.entries().unwrap() {
+            let mut e = e.unwrap();
+            let name = String::from_utf8(e.path_bytes().into_owned()).unwrap();
+            let mut xattrs = Vec::new();
+            if let Some(ext) = e.pax_extensions().unwrap() {
+                for x in ext {
+                    let x = x.unwrap();
+                    if let Some(k) = x.key().unwrap().strip_prefix("SCHILY.xattr.") {
+                        xattrs.push((k.to_string(), x.value_bytes().to_vec()));
+                    }
+                }
+            }
+            let mut data = Vec::new();
+            e.read_to_end(&mut data).unwrap();
+            out.push((name, data, xattrs));
+        }
+        out
+    }
+
+    /// A tree deeper than the number of directory descriptors the walk holds: every level is
+    /// exported, in order, with its contents (the walk reopens parents by path past the limit).
+    #[test]
+    fn deep_tree_is_exported_completely_and_in_order() {
+        let t = tempfile::tempdir().unwrap();
+        let levels = MAX_HELD_DIR_FDS * 3;
+        let mut rel = PathBuf::new();
+        for i in 0..levels {
+            rel.push("d");
+            fs::create_dir(t.path().join(&rel)).unwrap();
+            // "a" sorts before "d": the file comes before the next level, "z" after it.
+            for (f, body) in [("a", format!("a{i}")), ("z", format!("z{i}"))] {
+                fs::write(t.path().join(&rel).join(f), &body).unwrap();
+            }
+        }
+        // Expected order: d/, d/a, d/d/, d/d/a, ..., then the z files innermost first.
+        let mut order = Vec::new();
+        let mut p = String::new();
+        for i in 0..levels {
+            p.push_str(if i == 0 { "d" } else { "/d" });
+            order.push((format!("{p}/"), Vec::new()));
+            order.push((format!("{p}/a"), format!("a{i}").into_bytes()));
+        }
+        for i in (0..levels).rev() {
+            let dir: Vec<&str> = std::iter::repeat_n("d", i + 1).collect();
+            order.push((format!("{}/z", dir.join("/")), format!("z{i}").into_bytes()));
+        }
+        let got: Vec<(String, Vec<u8>)> = entries(t.path())
+            .into_iter()
+            .map(|(n, d, _)| (n, d))
+            .collect();
+        assert_eq!(got.len(), levels * 3);
+        assert_eq!(got, order);
+    }
+
+    /// Xattr names and values larger than the first-try stack buffer are read in full, from
+    /// regular files (through their descriptor), directories and symlinks.
+    #[test]
+    fn large_xattrs_are_read_in_full() {
+        let t = tempfile::tempdir().unwrap();
+        let r = t.path();
+        fs::write(r.join("f"), b"data").unwrap();
+        fs::create_dir(r.join("d")).unwrap();
+        let big: Vec<u8> = (0..3000u32).map(|i| b'a' + (i % 26) as u8).collect();
+        let long_name = format!("user.{}", "n".repeat(200));
+        for p in [r.join("f"), r.join("d")] {
+            xattr::set(&p, "user.big", &big).unwrap();
+            xattr::set(&p, &long_name, b"1").unwrap();
+            xattr::set(&p, "user.more", b"2").unwrap();
+            xattr::set(&p, "user.evenmore", b"3").unwrap();
+        }
+        let es = entries(r);
+        for name in ["d/", "f"] {
+            let (_, data, x) = es.iter().find(|e| e.0 == name).unwrap();
+            let keys: Vec<&str> = x.iter().map(|(k, _)| k.as_str()).collect();
+            assert_eq!(
+                keys,
+                ["user.big", "user.evenmore", "user.more", long_name.as_str()],
+                "{name}"
+            );
+            assert_eq!(x[0].1, big, "{name}");
+            if name == "f" {
+                assert_eq!(data, b"data");
+            }
+        }
+    }
 }
