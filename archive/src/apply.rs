@@ -39,7 +39,7 @@ mod reader;
 mod resolve;
 
 use std::collections::{BTreeSet, HashSet};
-use std::ffi::{CString, OsStr};
+use std::ffi::{CString, OsStr, OsString};
 use std::fs::File;
 use std::io::{self, Read};
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
@@ -56,6 +56,9 @@ use crate::{
 };
 use reader::{Entry, TarReader};
 use resolve::{list_dir, open_dir_beneath, open_root, remove_all_at};
+
+/// Size of the buffer in front of the input stream.
+const INPUT_BUFFER: usize = 1 << 20;
 
 /// Options for [`apply_layer`].
 #[derive(Clone, Debug)]
@@ -150,10 +153,13 @@ fn run(
         opaque: BTreeSet::new(),
         dir_times: Vec::new(),
         cache: None,
+        new_owner: None,
         staged: false,
         buf: vec![0u8; 128 * 1024],
     };
-    let mut tar = TarReader::new(reader);
+    // One large buffer in front of the stream: headers, padding and small files come out of
+    // memory instead of one read(2) each.
+    let mut tar = TarReader::new(io::BufReader::with_capacity(INPUT_BUFFER, reader));
     while let Some(entry) = tar.next_entry()? {
         ap.entry(&mut tar, entry)?;
     }
@@ -201,14 +207,24 @@ struct Applier<'a> {
     entries: u64,
     /// Regular-file bytes written so far.
     bytes: u64,
-    /// Paths this layer wrote, with all their ancestors (for opaque directories).
-    written: HashSet<PathBuf>,
+    /// Paths this layer wrote, with all their ancestors (for opaque directories). Normalised
+    /// relative paths, so byte equality is path equality; kept as bytes because hashing a
+    /// `Path` parses its components.
+    written: HashSet<OsString>,
     /// Directories marked opaque (OCI form, processed at the end).
     opaque: BTreeSet<PathBuf>,
     /// Directory mtimes to set at the end.
     dir_times: Vec<(PathBuf, Timespec)>,
     /// The parent directory fd used last, with its path.
     cache: Option<(PathBuf, OwnedFd)>,
+    /// What the kernel gave the first file this run created in the cached parent directory
+    /// (observed with `fstat`), `None` until observed. Owner and masked permission bits depend
+    /// only on our credentials and umask, the directory's owner, group, setgid bit and default
+    /// ACL, and the mount, so a later file created there gets the same: when the entry wants
+    /// exactly that owner, `fchown` is skipped, and when it was created with its final
+    /// permission bits and none of them can have been masked, `fchmod` is skipped. Reset when
+    /// the cached parent changes and whenever a directory's metadata is (re)set.
+    new_owner: Option<NewFile>,
     /// Whether `.wh..wh.plnk` entries were staged.
     staged: bool,
     /// Copy buffer.
@@ -383,9 +399,11 @@ impl Applier<'_> {
     fn mark_written(&mut self, rel: &Path) {
         let mut p = rel;
         loop {
-            if !self.written.insert(p.to_path_buf()) {
+            // Look up before inserting: most ancestors are present already.
+            if self.written.contains(p.as_os_str()) {
                 break;
             }
+            self.written.insert(p.as_os_str().to_owned());
             match p.parent() {
                 Some(parent) => p = parent,
                 None => break,
@@ -405,6 +423,7 @@ impl Applier<'_> {
                 )
             })?;
             self.cache = Some((parent.to_path_buf(), fd));
+            self.new_owner = None;
         }
         match &self.cache {
             Some((_, fd)) => Ok(fd.as_fd()),
@@ -529,14 +548,28 @@ impl Applier<'_> {
                 });
             }
         }
-        self.clear(name, rel, base, false)?;
-        let pfd = self.parent_fd(name, parent)?;
-        let fd = rustix::fs::openat(
-            pfd,
-            base,
-            OFlags::WRONLY | OFlags::CREATE | OFlags::EXCL | OFlags::NOFOLLOW | OFlags::CLOEXEC,
-            Mode::from_raw_mode(0o600),
-        )
+        // Files whose mode has no group/other write and no setuid/setgid/sticky bit (which a
+        // chown would clear) are created with their final permission bits: nobody else can
+        // write them while they are filled, and the fchmod can often be skipped. Others start
+        // as 0600 and get their mode after the chown.
+        let direct = meta.mode & !0o755 == 0;
+        let create_mode = Mode::from_raw_mode(if direct { meta.mode } else { 0o600 });
+        // Most names do not exist yet: create first, clear and retry only when taken.
+        let create = |pfd: BorrowedFd<'_>| {
+            rustix::fs::openat(
+                pfd,
+                base,
+                OFlags::WRONLY | OFlags::CREATE | OFlags::EXCL | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+                create_mode,
+            )
+        };
+        let fd = match create(self.parent_fd(name, parent)?) {
+            Err(rustix::io::Errno::EXIST) => {
+                self.clear(name, rel, base, false)?;
+                create(self.parent_fd(name, parent)?)
+            }
+            other => other,
+        }
         .map_err(|e| Error::io("create", rel, e.into()))?;
         let file = File::from(fd);
         match &entry.sparse {
@@ -550,7 +583,12 @@ impl Applier<'_> {
             }
         }
         self.bytes += size;
-        self.set_owner_mode_fd(file.as_fd(), rel, meta)?;
+        // A new file gets what its directory gives new files: chown only when that owner is not
+        // the entry's, chmod only when some wanted bit may have been masked.
+        let probe = self.new_file(file.as_fd(), create_mode.bits());
+        let chown = self.same_owner && probe.is_none_or(|p| (p.uid, p.gid) != (meta.uid, meta.gid));
+        let chmod = !direct || probe.is_none_or(|p| meta.mode & !p.kept != 0);
+        self.set_owner_mode_fd(file.as_fd(), rel, meta, chown, chmod)?;
         self.set_xattrs_fd(file.as_fd(), rel, meta)?;
         let ts = Timestamps {
             last_access: meta.mtime,
@@ -600,16 +638,27 @@ impl Applier<'_> {
             None => reopen_dir(self.root.as_fd(), OsStr::new("."))
                 .map_err(|e| Error::io("open", "/", e))?,
             Some((parent, base)) => {
-                let exists = self.clear(name, rel, base, true)?;
-                let pfd = self.parent_fd(name, parent)?;
-                if !exists {
+                // Most names do not exist yet: mkdir first, look at what is there only when
+                // the name is taken (an existing directory is kept).
+                let mkdir = |pfd: BorrowedFd<'_>| {
                     rustix::fs::mkdirat(pfd, base, Mode::from_raw_mode(0o700))
-                        .map_err(|e| Error::io("mkdir", rel, e.into()))?;
+                };
+                match mkdir(self.parent_fd(name, parent)?) {
+                    Err(rustix::io::Errno::EXIST) => {
+                        if !self.clear(name, rel, base, true)? {
+                            mkdir(self.parent_fd(name, parent)?)
+                                .map_err(|e| Error::io("mkdir", rel, e.into()))?;
+                        }
+                    }
+                    other => other.map_err(|e| Error::io("mkdir", rel, e.into()))?,
                 }
+                let pfd = self.parent_fd(name, parent)?;
                 reopen_dir(pfd, base).map_err(|e| Error::io("open", rel, e))?
             }
         };
-        self.set_owner_mode_fd(dir.as_fd(), rel, meta)?;
+        // This may change what owner new files in the cached parent get.
+        self.new_owner = None;
+        self.set_owner_mode_fd(dir.as_fd(), rel, meta, self.same_owner, true)?;
         self.set_xattrs_fd(dir.as_fd(), rel, meta)?;
         if !rel.starts_with(WHITEOUT_LINK_DIR) {
             self.dir_times.push((rel.to_path_buf(), meta.mtime));
@@ -625,18 +674,25 @@ impl Applier<'_> {
                 "expected a directory at the root, found another type",
             ));
         };
-        self.clear(name, rel, base, false)?;
         let same_owner = self.same_owner;
-        let pfd = self.parent_fd(name, parent)?;
         let mode = Mode::from_raw_mode(meta.mode);
-        let made = match node {
+        let make = |pfd: BorrowedFd<'_>| match node {
             Node::Symlink(target) => rustix::fs::symlinkat(OsStr::from_bytes(target), pfd, base),
             Node::Dev(ft, dev) => rustix::fs::mknodat(pfd, base, ft, mode, dev),
             Node::Whiteout => {
                 rustix::fs::mknodat(pfd, base, FileType::CharacterDevice, Mode::empty(), 0)
             }
         };
-        made.map_err(|e| Error::io("create", rel, e.into()))?;
+        // Most names do not exist yet: create first, clear and retry only when taken.
+        match make(self.parent_fd(name, parent)?) {
+            Err(rustix::io::Errno::EXIST) => {
+                self.clear(name, rel, base, false)?;
+                make(self.parent_fd(name, parent)?)
+            }
+            other => other,
+        }
+        .map_err(|e| Error::io("create", rel, e.into()))?;
+        let pfd = self.parent_fd(name, parent)?;
         if matches!(node, Node::Whiteout) {
             return Ok(());
         }
@@ -714,9 +770,30 @@ impl Applier<'_> {
         Ok(())
     }
 
-    /// chown (unless disabled) then chmod through an fd.
-    fn set_owner_mode_fd(&self, fd: BorrowedFd<'_>, rel: &Path, meta: &Meta) -> Result<()> {
-        if self.same_owner {
+    /// What a file created in the cached parent directory gets, observed once per directory
+    /// (see the `new_owner` field) on `fd`, a file just created (`O_EXCL`) with `created`
+    /// permission bits and not chowned or chmodded yet.
+    fn new_file(&mut self, fd: BorrowedFd<'_>, created: u32) -> Option<NewFile> {
+        if self.new_owner.is_none() {
+            self.new_owner = rustix::fs::fstat(fd).ok().map(|st| NewFile {
+                uid: st.st_uid,
+                gid: st.st_gid,
+                kept: created & st.st_mode & 0o777,
+            });
+        }
+        self.new_owner
+    }
+
+    /// chown (when `chown`) then chmod (when `chmod`) through an fd.
+    fn set_owner_mode_fd(
+        &self,
+        fd: BorrowedFd<'_>,
+        rel: &Path,
+        meta: &Meta,
+        chown: bool,
+        chmod: bool,
+    ) -> Result<()> {
+        if chown {
             rustix::fs::fchown(
                 fd,
                 Some(rustix::fs::Uid::from_raw(meta.uid)),
@@ -724,8 +801,11 @@ impl Applier<'_> {
             )
             .map_err(|e| Error::io("chown", rel, e.into()))?;
         }
-        rustix::fs::fchmod(fd, Mode::from_raw_mode(meta.mode))
-            .map_err(|e| Error::io("chmod", rel, e.into()))
+        if chmod {
+            rustix::fs::fchmod(fd, Mode::from_raw_mode(meta.mode))
+                .map_err(|e| Error::io("chmod", rel, e.into()))?;
+        }
+        Ok(())
     }
 
     /// Sets the entry's xattrs through an fd.
@@ -783,7 +863,7 @@ impl Applier<'_> {
         let names = list_dir(rd.as_fd()).map_err(|e| Error::io("readdir", rel, e))?;
         for name in names {
             let child = rel.join(&name);
-            if self.written.contains(&child) {
+            if self.written.contains(child.as_os_str()) {
                 let is_dir = rustix::fs::statat(rd.as_fd(), &name, AtFlags::SYMLINK_NOFOLLOW)
                     .map(|st| FileType::from_raw_mode(st.st_mode) == FileType::Directory)
                     .unwrap_or(false);
@@ -798,6 +878,17 @@ impl Applier<'_> {
         }
         Ok(())
     }
+}
+
+/// What the kernel gives a new file in a directory (see `Applier::new_owner`).
+#[derive(Clone, Copy)]
+struct NewFile {
+    /// Its owner.
+    uid: u32,
+    /// Its group.
+    gid: u32,
+    /// Permission bits known to survive creation there (not masked by umask or default ACL).
+    kept: u32,
 }
 
 /// What [`Applier::node`] creates.
@@ -893,6 +984,68 @@ mod tests {
         assert!(normalize(b"../x").is_err());
         assert!(normalize(b"a/../../x").is_err());
         assert_eq!(normalize(b"./").unwrap(), PathBuf::new());
+    }
+
+    /// New files in a setgid directory get its group from the kernel; the fchown skip must not
+    /// mistake that for the owner the entry wants, and must skip correctly when it is. Modes
+    /// come out exact whether the fchmod was skipped or not (setuid after chown included).
+    #[test]
+    fn owners_exact_in_setgid_directory() {
+        use std::os::unix::fs::MetadataExt;
+        if !rustix::process::geteuid().is_root() && std::env::var("CI").as_deref() != Ok("true") {
+            println!("skipped: needs root to chown");
+            return;
+        }
+        let mut b = tar::Builder::new(Vec::new());
+        let mut add = |path: &str, kind: tar::EntryType, mode: u32, gid: u64| {
+            let mut h = tar::Header::new_gnu();
+            h.set_entry_type(kind);
+            h.set_mode(mode);
+            h.set_uid(0);
+            h.set_gid(gid);
+            h.set_size(if kind == tar::EntryType::Regular {
+                1
+            } else {
+                0
+            });
+            let data: &[u8] = if kind == tar::EntryType::Regular {
+                b"x"
+            } else {
+                b""
+            };
+            b.append_data(&mut h, path, data).unwrap();
+        };
+        add("d", tar::EntryType::Directory, 0o2775, 4321);
+        add("d/f", tar::EntryType::Regular, 0o644, 0);
+        add("d/g", tar::EntryType::Regular, 0o755, 4321);
+        add("d/h", tar::EntryType::Regular, 0o640, 0);
+        add("e", tar::EntryType::Regular, 0o666, 0);
+        add("i", tar::EntryType::Regular, 0o4755, 4321);
+        add("j", tar::EntryType::Regular, 0o444, 0);
+        let data = b.into_inner().unwrap();
+        let d = tempfile::tempdir().unwrap();
+        apply_layer(d.path(), &data[..], &ApplyOptions::default()).unwrap();
+        let gid = |p: &str| std::fs::symlink_metadata(d.path().join(p)).unwrap().gid();
+        assert_eq!(gid("d"), 4321);
+        assert_eq!(gid("d/f"), 0);
+        assert_eq!(gid("d/g"), 4321);
+        assert_eq!(gid("d/h"), 0);
+        assert_eq!(gid("e"), 0);
+        assert_eq!(gid("i"), 4321);
+        assert_eq!(gid("j"), 0);
+        let mode = |p: &str| std::fs::symlink_metadata(d.path().join(p)).unwrap().mode() & 0o7777;
+        let want = [
+            ("d", 0o2775),
+            ("d/f", 0o644),
+            ("d/g", 0o755),
+            ("d/h", 0o640),
+            ("e", 0o666),
+            ("i", 0o4755),
+            ("j", 0o444),
+        ];
+        for (p, m) in want {
+            assert_eq!(mode(p), m, "{p}");
+        }
     }
 
     #[test]
