@@ -471,26 +471,40 @@ pub(crate) fn rel_of(path: &Path) -> PathBuf {
 
 /// Sums the bytes the changes hold: `st_size` of every added or modified **regular file** under
 /// `root`, counting an inode shared by several changed names (hardlinks) once. Directories,
-/// symlinks, devices and deletions count 0. This is the same measure [`crate::apply_layer`]
+/// symlinks, devices and deletions count 0, and so does a file that [`crate::export_changes`]
+/// writes as a hardlink to a name outside the list. This is the same measure [`crate::apply_layer`]
 /// returns (regular-file bytes written), so the size of a diff and of its apply agree.
 pub fn changes_size(root: &Path, changes: &[Change]) -> Result<u64> {
     let mut seen = HashSet::new();
     let mut total = 0u64;
+    let mut linked = Vec::new();
+    let mut counts = crate::export::LinkCounts::default();
+    let mut paths = HashSet::new();
     for c in changes {
         if c.kind == ChangeKind::Delete {
             continue;
         }
-        let p = root.join(rel_of(&c.path));
+        let r = rel_of(&c.path);
+        let p = root.join(&r);
         let md = std::fs::symlink_metadata(&p).map_err(|e| Error::io("lstat", &p, e))?;
-        if !md.file_type().is_file() {
+        if !md.file_type().is_file() || r.as_os_str().is_empty() || !paths.insert(r) {
             continue;
         }
-        if md.nlink() > 1 && !seen.insert((md.dev(), md.ino())) {
+        if md.nlink() == 1 {
+            total = total.saturating_add(md.size());
             continue;
         }
-        total = total.saturating_add(md.size());
+        counts.add(&md);
+        if seen.insert((md.dev(), md.ino())) {
+            linked.push(((md.dev(), md.ino()), md.size()));
+        }
     }
-    Ok(total)
+    // Files linked to a name outside the list are hardlink entries of the export: no bytes.
+    let outside = crate::export::names_outside(root, changes, &counts.wanted())?;
+    Ok(linked
+        .into_iter()
+        .filter(|(k, _)| !outside.contains_key(k))
+        .fold(total, |t, (_, s)| t.saturating_add(s)))
 }
 
 /// What one lower layer says about a path.

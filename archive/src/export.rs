@@ -2,7 +2,7 @@
 //!
 //! The format is documented on [`tar_tree`], the streaming on [`TarStream`].
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::ffi::{CStr, OsStr};
 use std::fs::Metadata;
 use std::io::{self, Read};
@@ -606,6 +606,8 @@ struct Exporter {
     opts: TarOptions,
     /// (dev, ino) → first name written, for hardlink detection.
     links: HashMap<(u64, u64), Vec<u8>>,
+    /// (dev, ino) → a name of the inode outside the change list ([`export_changes`] only).
+    unchanged: HashMap<(u64, u64), Vec<u8>>,
     skipped: Skipped,
     /// Whether `opts` selects everything (no include or exclude lists).
     select_all: bool,
@@ -633,6 +635,7 @@ impl Exporter {
             select_all: opts.include.is_empty() && opts.exclude.is_empty(),
             opts,
             links: HashMap::new(),
+            unchanged: HashMap::new(),
             skipped: Arc::clone(skipped),
         }
     }
@@ -777,6 +780,18 @@ impl Exporter {
                 w.entry(&name, b"", &EntryMeta::whiteout(), &[], Data::None)?;
             }
             return Ok(());
+        }
+        if md.nlink > 1
+            && md.kind == Kind::File
+            && !self.links.contains_key(&(md.dev, md.ino))
+            && let Some(target) = self.unchanged.get(&(md.dev, md.ino))
+        {
+            // The first exported name of an inode that also has a name outside the change
+            // list: that name exists unchanged in the parent, so link to it.
+            let target = target.clone();
+            self.links.insert((md.dev, md.ino), target.clone());
+            m.kind = tar::EntryType::Link;
+            return w.entry(rel, &target, &m, &[], Data::None);
         }
         if md.nlink > 1 {
             match self.links.get(&(md.dev, md.ino)) {
@@ -970,6 +985,170 @@ impl Exporter {
     }
 }
 
+/// How many names of each multiply-linked regular file a change list holds, against its link
+/// count.
+#[derive(Default)]
+pub(crate) struct LinkCounts(HashMap<(u64, u64), (u64, u64)>);
+
+impl LinkCounts {
+    /// Counts one (distinct) listed name with metadata `md`; only regular files with more than
+    /// one link are recorded.
+    pub(crate) fn add(&mut self, md: &Metadata) {
+        if md.file_type().is_file() && md.nlink() > 1 {
+            self.0
+                .entry((md.dev(), md.ino()))
+                .or_insert((0, md.nlink()))
+                .0 += 1;
+        }
+    }
+
+    /// The inodes with more links than listed names: they may have names outside the list.
+    pub(crate) fn wanted(&self) -> HashSet<(u64, u64)> {
+        self.0
+            .iter()
+            .filter(|(_, (names, nlink))| names < nlink)
+            .map(|(k, _)| *k)
+            .collect()
+    }
+}
+
+/// For each inode in `want`, the bytewise-smallest name (relative to `root`) of a regular file
+/// under `root` that is that inode and that neither `changes` nor an `Add`/`Delete` of one of its
+/// ancestors touches, so it exists unchanged in the parent the changes were taken against.
+///
+/// One walk of the whole tree, not following symlinks, run only when `want` is not empty;
+/// memory is one name per wanted inode plus the names of the directories being walked.
+pub(crate) fn names_outside(
+    root: &Path,
+    changes: &[Change],
+    want: &HashSet<(u64, u64)>,
+) -> Result<HashMap<(u64, u64), Vec<u8>>> {
+    let mut found = HashMap::new();
+    if want.is_empty() {
+        return Ok(found);
+    }
+    let listed: HashMap<Vec<u8>, ChangeKind> = changes
+        .iter()
+        .map(|c| (rel_of(&c.path).into_os_string().into_vec(), c.kind))
+        .collect();
+    let dir = rustix::fs::open(
+        root,
+        OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC,
+        Mode::empty(),
+    )
+    .map_err(|e| Error::io("open directory", root, e.into()))?;
+    let mut scan = Scan {
+        root,
+        listed: &listed,
+        want,
+        found: &mut found,
+    };
+    scan.dir(dir, &mut Vec::new(), 0)?;
+    Ok(found)
+}
+
+/// The walk of [`names_outside`].
+struct Scan<'a> {
+    root: &'a Path,
+    listed: &'a HashMap<Vec<u8>, ChangeKind>,
+    want: &'a HashSet<(u64, u64)>,
+    found: &'a mut HashMap<(u64, u64), Vec<u8>>,
+}
+
+impl Scan<'_> {
+    /// Whether `rel` exists unchanged in the parent: it is not listed and no ancestor of it
+    /// was added or deleted.
+    fn unchanged(&self, rel: &[u8]) -> bool {
+        if self.listed.contains_key(rel) {
+            return false;
+        }
+        rel.iter()
+            .enumerate()
+            .filter(|&(_, &b)| b == b'/')
+            .all(|(i, _)| {
+                !matches!(
+                    self.listed.get(&rel[..i]),
+                    Some(ChangeKind::Add | ChangeKind::Delete)
+                )
+            })
+    }
+
+    fn dir(&mut self, dir: OwnedFd, rel: &mut Vec<u8>, depth: usize) -> Result<()> {
+        let full = || self.root.join(rel_path(rel));
+        let mut subdirs: Vec<u8> = Vec::new();
+        let mut rd = Dir::new(dir).map_err(|e| Error::io("read directory", full(), e.into()))?;
+        while let Some(ent) = rd.read() {
+            let ent = ent.map_err(|e| Error::io("read directory", full(), e.into()))?;
+            let name = ent.file_name();
+            let nb = name.to_bytes();
+            if nb == b"." || nb == b".." {
+                continue;
+            }
+            let mut ft = ent.file_type();
+            if ft == FileType::Unknown || ft == FileType::RegularFile {
+                let dirfd = rd
+                    .fd()
+                    .map_err(|e| Error::io("read directory", full(), e.into()))?;
+                let st =
+                    rustix::fs::statat(dirfd, name, AtFlags::SYMLINK_NOFOLLOW).map_err(|e| {
+                        Error::io("lstat", full().join(OsStr::from_bytes(nb)), e.into())
+                    })?;
+                let md = Meta::from_stat(&st);
+                ft = match md.kind {
+                    Kind::Dir => FileType::Directory,
+                    Kind::File => FileType::RegularFile,
+                    _ => FileType::Unknown,
+                };
+                let key = (md.dev, md.ino);
+                if md.kind == Kind::File && md.nlink > 1 && self.want.contains(&key) {
+                    let mut r = rel.clone();
+                    if !r.is_empty() {
+                        r.push(b'/');
+                    }
+                    r.extend_from_slice(nb);
+                    let better = self.found.get(&key).is_none_or(|cur| r < *cur);
+                    if better && self.unchanged(&r) {
+                        self.found.insert(key, r);
+                    }
+                }
+            }
+            if ft == FileType::Directory {
+                subdirs.extend_from_slice(name.to_bytes_with_nul());
+            }
+        }
+        // Deep in the tree, stop holding this level's descriptor: reopen by path instead.
+        let held = if depth < MAX_HELD_DIR_FDS {
+            Some(rd)
+        } else {
+            drop(rd);
+            None
+        };
+        for name_z in subdirs.split_inclusive(|&b| b == 0) {
+            let Ok(cname) = CStr::from_bytes_with_nul(name_z) else {
+                continue;
+            };
+            let rel_len = rel.len();
+            if !rel.is_empty() {
+                rel.push(b'/');
+            }
+            rel.extend_from_slice(cname.to_bytes());
+            let fl = OFlags::RDONLY | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC;
+            let opened = match &held {
+                Some(rd) => rd
+                    .fd()
+                    .and_then(|d| rustix::fs::openat(d, cname, fl, Mode::empty())),
+                None => rustix::fs::open(self.root.join(rel_path(rel)), fl, Mode::empty()),
+            };
+            let res = opened
+                .map_err(|e| Error::io("open directory", self.root.join(rel_path(rel)), e.into()))
+                .and_then(|fd| self.dir(fd, rel, depth + 1));
+            rel.truncate(rel_len);
+            res?;
+        }
+        Ok(())
+    }
+}
+
 fn check_root(root: &Path) -> Result<PathBuf> {
     let md = std::fs::metadata(root).map_err(|e| Error::io("stat", root, e))?;
     if !md.is_dir() {
@@ -993,7 +1172,7 @@ fn check_root(root: &Path) -> Result<PathBuf> {
 /// root itself is not written.
 ///
 /// The 2nd and later name of an inode with more than one link becomes a hardlink entry naming
-/// the first one written (within [`export_changes`], only names in the change list count).
+/// the first one written (see [`export_changes`] for names outside a change list).
 /// Deletions are written as empty regular `.wh.<name>` entries (mode 0600, mtime 0, owner 0:0).
 /// Devices and FIFOs are exported; sockets cannot be and are left out, listed by
 /// [`TarStream::skipped`].
@@ -1023,9 +1202,21 @@ pub fn tar_tree(root: &Path, opts: &TarOptions) -> Result<TarStream> {
 /// `Add` and `Modify` entries are written as they are in `root` (a directory without its
 /// contents: its changed children are in the list themselves); a `Delete` becomes an empty
 /// `.wh.<name>` entry in its parent directory. Entries follow the order of `changes` after
-/// sorting them by path, so a list from [`crate::changes`] is written as is. Hardlinks are
-/// linked only to names that are part of the change list. `opts.include`/`exclude` filter the
-/// list; `opts.whiteout_format` applies as in [`tar_tree`].
+/// sorting them by path, so a list from [`crate::changes`] is written as is.
+///
+/// Hardlinks: the 2nd and later exported names of an inode link to the first. The first
+/// exported name of a regular file with more links than exported names is instead written as a
+/// hardlink to another name of the same inode under `root` that is *not* in the list (nor under
+/// an added or deleted directory), so that it exists unchanged in the parent when the layer is
+/// applied and the hardlink group survives; the bytewise-smallest such name is chosen. Finding
+/// it takes one walk of the whole tree, done only when such a file is met (at most once per
+/// export). Without such a name, the file is written in full. With
+/// [`WhiteoutFormat::Overlay`] `root` is an upper directory, not the whole new tree, so no
+/// names outside the list are used. [`crate::changes_size`] counts the same way (a file linked
+/// to an unchanged name adds no bytes).
+///
+/// `opts.include`/`exclude` filter the list; `opts.whiteout_format` applies as in
+/// [`tar_tree`].
 pub fn export_changes(root: &Path, changes: &[Change], opts: &TarOptions) -> Result<TarStream> {
     let root = check_root(root)?;
     let opts = opts.clone();
@@ -1034,6 +1225,8 @@ pub fn export_changes(root: &Path, changes: &[Change], opts: &TarOptions) -> Res
     list.dedup_by(|a, b| a.path == b.path);
     Ok(TarStream::spawn(move |w, skipped| {
         let mut ex = Exporter::new(root, opts, skipped);
+        // Whether names outside the list were looked for (once, on the first inode that needs it).
+        let mut scanned = ex.overlay_ns().is_some();
         for c in &list {
             let rel = rel_of(&c.path);
             if rel.as_os_str().is_empty() || !ex.selected(&rel).0 {
@@ -1052,6 +1245,27 @@ pub fn export_changes(root: &Path, changes: &[Change], opts: &TarOptions) -> Res
             }
             let full = ex.root.join(rel_path(rel));
             let md = std::fs::symlink_metadata(&full).map_err(|e| Error::io("lstat", &full, e))?;
+            if !scanned
+                && md.file_type().is_file()
+                && md.nlink() > 1
+                && !ex.links.contains_key(&(md.dev(), md.ino()))
+            {
+                scanned = true;
+                let mut counts = LinkCounts::default();
+                for c in &list {
+                    let r = rel_of(&c.path);
+                    if c.kind == ChangeKind::Delete
+                        || r.as_os_str().is_empty()
+                        || !ex.selected(&r).0
+                    {
+                        continue;
+                    }
+                    let p = ex.root.join(&r);
+                    let m = std::fs::symlink_metadata(&p).map_err(|e| Error::io("lstat", &p, e))?;
+                    counts.add(&m);
+                }
+                ex.unchanged = names_outside(&ex.root, &list, &counts.wanted())?;
+            }
             ex.write_entry(w, rel, &full, &Meta::from_std(&md), Access::Path)?;
         }
         Ok(())

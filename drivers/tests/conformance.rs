@@ -9,14 +9,7 @@ mod vfs {
         (graphdriver::lookup("vfs")?.init)(home, &graphdriver::DriverOptions::default())
     }
 
-    // diff_keeps_links_to_unchanged: archive::export_changes links only names in the change
-    // list (see graphdriver::conformance::Capabilities); drop it once that is fixed.
-    graphdriver::conformance_tests!(
-        vfs_init,
-        needs_root = false,
-        deep_layers = 64,
-        diff_keeps_links_to_unchanged = false,
-    );
+    graphdriver::conformance_tests!(vfs_init, needs_root = false, deep_layers = 64);
 }
 
 mod overlay {
@@ -26,7 +19,6 @@ mod overlay {
         deep_layers = 128,
         copy_up_breaks_hardlinks = true,
         lower_dir_rename_exdev = true,
-        diff_keeps_links_to_unchanged = false,
     );
 }
 
@@ -126,7 +118,6 @@ mod suite_finds_defects {
     fn caps() -> Capabilities {
         let mut caps = Capabilities::default();
         caps.model_cases = 256;
-        caps.diff_keeps_links_to_unchanged = false;
         caps
     }
 

@@ -4,13 +4,7 @@
 
 use reflink_driver as _;
 
-// diff_keeps_links_to_unchanged: a limitation of naive_diff's export (see the docs of
-// graphdriver::conformance::Capabilities).
-graphdriver::conformance_tests!(
-    driver = "reflink",
-    deep_layers = 32,
-    diff_keeps_links_to_unchanged = false,
-);
+graphdriver::conformance_tests!(driver = "reflink", deep_layers = 32);
 
 #[test]
 fn selectable_by_name_from_toml() {

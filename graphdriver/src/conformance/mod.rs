@@ -91,9 +91,9 @@ pub struct Capabilities {
     /// A diff keeps a hardlink between a changed name and a name left unchanged (for example
     /// after renaming the directory holding one name of a lower file with two), so the layer
     /// rebuilt from the diff has the same hardlink groups. `archive::export_changes` (and so
-    /// `naive_diff`) links only names inside the change list, so naive drivers set this to
-    /// `false` for now; the model then does not compare hardlink groups of rebuilt trees (the
-    /// mounted views are always compared in full). Default `true`.
+    /// `naive_diff`) does; a driver whose native diff cannot sets this to `false`, and the model
+    /// then does not compare hardlink groups of rebuilt trees (the mounted views are always
+    /// compared in full). Default `true`.
     pub diff_keeps_links_to_unchanged: bool,
     /// Proptest cases for [`model`](fn@model) (`GRAPHDRIVER_CONFORMANCE_CASES` overrides).
     /// Default 24.
