@@ -9,7 +9,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::fs;
 use std::hash::Hasher;
 use std::io::Read;
-use std::os::unix::fs::{FileTypeExt, MetadataExt};
+use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 
 use crate::{Error, Result};
@@ -59,6 +59,28 @@ pub enum Kind {
     Fifo,
     /// A Unix socket.
     Socket,
+}
+
+impl From<std::fs::FileType> for Kind {
+    /// The kind of an `lstat` result; anything that is no other kind is a socket.
+    fn from(ft: std::fs::FileType) -> Kind {
+        use std::os::unix::fs::FileTypeExt;
+        if ft.is_dir() {
+            Kind::Dir
+        } else if ft.is_symlink() {
+            Kind::Symlink
+        } else if ft.is_file() {
+            Kind::File
+        } else if ft.is_char_device() {
+            Kind::Char
+        } else if ft.is_block_device() {
+            Kind::Block
+        } else if ft.is_fifo() {
+            Kind::Fifo
+        } else {
+            Kind::Socket
+        }
+    }
 }
 
 /// What a snapshot records about one path.
@@ -125,22 +147,7 @@ pub fn snapshot(root: &Path) -> Result<Snapshot> {
     let mut stack = vec![(root.to_path_buf(), PathBuf::from("/"))];
     while let Some((abs, rel)) = stack.pop() {
         let md = fs::symlink_metadata(&abs).map_err(|e| Error::io("lstat", &abs, e))?;
-        let ft = md.file_type();
-        let kind = if ft.is_dir() {
-            Kind::Dir
-        } else if ft.is_symlink() {
-            Kind::Symlink
-        } else if ft.is_file() {
-            Kind::File
-        } else if ft.is_char_device() {
-            Kind::Char
-        } else if ft.is_block_device() {
-            Kind::Block
-        } else if ft.is_fifo() {
-            Kind::Fifo
-        } else {
-            Kind::Socket
-        };
+        let kind = Kind::from(md.file_type());
         let digest = if kind == Kind::File {
             Some(digest_file(&abs)?)
         } else {

@@ -8,7 +8,7 @@ use std::fs::Metadata;
 use std::io::{self, Read};
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::os::unix::ffi::{OsStrExt, OsStringExt};
-use std::os::unix::fs::{FileTypeExt, MetadataExt, OpenOptionsExt};
+use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::mpsc::{Receiver, Sender, SyncSender, channel, sync_channel};
 use std::sync::{Arc, Mutex};
@@ -17,6 +17,7 @@ use std::thread::JoinHandle;
 use rustix::fs::{AtFlags, Dir, FileType, Mode, OFlags, Stat};
 
 use crate::change::{get_xattr, rel_of};
+use crate::compare::Kind;
 use crate::{Change, ChangeKind, Error, Result, WHITEOUT_OPAQUE, WHITEOUT_PREFIX, WhiteoutFormat};
 
 /// Options for [`tar_tree`], [`export_changes`] and [`crate::untar`].
@@ -438,18 +439,6 @@ fn pad_len(size: u64) -> usize {
     }
 }
 
-/// The file type of an entry on disk.
-#[derive(Clone, Copy, PartialEq, Eq)]
-enum Kind {
-    Dir,
-    File,
-    Symlink,
-    Char,
-    Block,
-    Fifo,
-    Socket,
-}
-
 /// What the export needs from `lstat`, from either `std` or `rustix`.
 struct Meta {
     kind: Kind,
@@ -466,22 +455,7 @@ struct Meta {
 
 impl Meta {
     fn from_std(md: &Metadata) -> Meta {
-        let ft = md.file_type();
-        let kind = if ft.is_dir() {
-            Kind::Dir
-        } else if ft.is_symlink() {
-            Kind::Symlink
-        } else if ft.is_char_device() {
-            Kind::Char
-        } else if ft.is_block_device() {
-            Kind::Block
-        } else if ft.is_fifo() {
-            Kind::Fifo
-        } else if ft.is_socket() {
-            Kind::Socket
-        } else {
-            Kind::File
-        };
+        let kind = Kind::from(md.file_type());
         Meta {
             kind,
             mode: md.mode(),
