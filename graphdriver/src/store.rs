@@ -290,14 +290,8 @@ impl LayerStore {
 
     fn list_unlocked(&self) -> Result<Vec<LayerInfo>> {
         let mut out = Vec::new();
-        let entries = fs::read_dir(&self.home).ctx("read directory", &self.home)?;
-        for entry in entries {
-            let entry = entry.ctx("read directory", &self.home)?;
-            let name = entry.file_name();
-            let Some(id) = name.to_str().and_then(|n| LayerId::new(n).ok()) else {
-                continue;
-            };
-            let dir = entry.path();
+        for (id, entry_path) in entries_named_by_id(&self.home)? {
+            let dir = entry_path;
             if !is_complete(&dir) {
                 continue;
             }
@@ -326,16 +320,8 @@ impl LayerStore {
     /// still needs its parent), sorted.
     fn children_any(&self, id: &LayerId) -> Result<Vec<LayerId>> {
         let mut out = Vec::new();
-        for entry in fs::read_dir(&self.home).ctx("read directory", &self.home)? {
-            let entry = entry.ctx("read directory", &self.home)?;
-            let Some(child) = entry
-                .file_name()
-                .to_str()
-                .and_then(|n| LayerId::new(n).ok())
-            else {
-                continue;
-            };
-            let dir = entry.path();
+        for (child, entry_path) in entries_named_by_id(&self.home)? {
+            let dir = entry_path;
             if dir.is_dir() && read_parent(&dir)?.as_ref() == Some(id) {
                 out.push(child);
             }
@@ -631,16 +617,8 @@ impl LayerStore {
                 }
             }
         }
-        for entry in fs::read_dir(&self.home).ctx("read directory", &self.home)? {
-            let entry = entry.ctx("read directory", &self.home)?;
-            let Some(id) = entry
-                .file_name()
-                .to_str()
-                .and_then(|n| LayerId::new(n).ok())
-            else {
-                continue;
-            };
-            let marker = entry.path().join(INCOMPLETE_FILE);
+        for (id, entry_path) in entries_named_by_id(&self.home)? {
+            let marker = entry_path.join(INCOMPLETE_FILE);
             let Ok(file) = File::open(&marker) else {
                 continue;
             };
@@ -693,15 +671,7 @@ impl LayerStore {
     pub fn mounted(&self) -> Result<Vec<(LayerId, u32)>> {
         let mut out = Vec::new();
         let dir = self.home.join(MOUNTS_DIR);
-        for entry in fs::read_dir(&dir).ctx("read directory", &dir)? {
-            let entry = entry.ctx("read directory", &dir)?;
-            let Some(id) = entry
-                .file_name()
-                .to_str()
-                .and_then(|n| LayerId::new(n).ok())
-            else {
-                continue;
-            };
+        for (id, _) in entries_named_by_id(&dir)? {
             let count = self.mount_count(&id)?;
             if count > 0 {
                 out.push((id, count));
@@ -806,16 +776,8 @@ impl LayerStore {
             return Ok(repaired);
         }
         let dir = self.home.join(MOUNTS_DIR);
-        for entry in fs::read_dir(&dir).ctx("read directory", &dir)? {
-            let entry = entry.ctx("read directory", &dir)?;
-            let Some(id) = entry
-                .file_name()
-                .to_str()
-                .and_then(|n| LayerId::new(n).ok())
-            else {
-                continue;
-            };
-            let path = entry.path();
+        for (id, entry_path) in entries_named_by_id(&dir)? {
+            let path = entry_path;
             let Some(mut lock) = FileLock::acquire_existing(&path, FlockOperation::LockExclusive)?
             else {
                 continue;
@@ -963,6 +925,23 @@ fn is_read_only(path: &Path) -> bool {
     rustix::fs::statvfs(path)
         .map(|s| s.f_flag.contains(rustix::fs::StatVfsMountFlags::RDONLY))
         .unwrap_or(false)
+}
+
+/// The entries of `dir` whose names are valid layer ids, with their paths; other names (the
+/// store's dot-named bookkeeping, stray files) are skipped.
+fn entries_named_by_id(dir: &Path) -> Result<Vec<(LayerId, PathBuf)>> {
+    let mut out = Vec::new();
+    for entry in fs::read_dir(dir).ctx("read directory", dir)? {
+        let entry = entry.ctx("read directory", dir)?;
+        if let Some(id) = entry
+            .file_name()
+            .to_str()
+            .and_then(|n| LayerId::new(n).ok())
+        {
+            out.push((id, entry.path()));
+        }
+    }
+    Ok(out)
 }
 
 fn read_parent(dir: &Path) -> Result<Option<LayerId>> {
