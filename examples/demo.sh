@@ -15,7 +15,7 @@ if [ -n "${1:-}" ]; then root_args=(--root "$1"); fi
 cargo build --quiet --release -p graphctl
 bin="$(cargo metadata --format-version 1 --no-deps | python3 -c 'import json,sys; print(json.load(sys.stdin)["target_directory"])')/release/graphctl"
 g() {
-    echo "\$ graphctl ${root_args[*]} $*" >&2
+    echo "\$ graphctl${root_args[*]:+ ${root_args[*]}} $*" >&2
     "$bin" "${root_args[@]}" "$@"
 }
 
