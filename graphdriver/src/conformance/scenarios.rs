@@ -1,6 +1,7 @@
 //! The named scenario checks (moby graphtest and containerd's snapshot suite, made stricter).
 
 use std::fs;
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
 use super::prop::{check_changes_and_diff, read_all};
@@ -57,13 +58,24 @@ impl Chain {
         ops: &[FsOp],
         caps: &Capabilities,
     ) -> Outcome<PathBuf> {
-        let id = lid(id);
         let src = self.copy_of(parent.map(|p| p.1), "src")?;
         self.apply_ops(&src, ops, caps)?;
+        self.image_from(id, parent, &src)
+    }
+
+    /// Like [`Chain::image`], for a source tree `src` already prepared (a copy of the parent's
+    /// reference, or a new directory, changed by the caller).
+    fn image_from(
+        &mut self,
+        id: &str,
+        parent: Option<(&LayerId, &Path)>,
+        src: &Path,
+    ) -> Outcome<PathBuf> {
+        let id = lid(id);
         let changes =
-            archive::changes(&src, parent.map(|p| p.1)).map_err(|e| format!("changes: {e}"))?;
+            archive::changes(src, parent.map(|p| p.1)).map_err(|e| format!("changes: {e}"))?;
         let tar = read_all(
-            archive::export_changes(&src, &changes, &archive::TarOptions::default())
+            archive::export_changes(src, &changes, &archive::TarOptions::default())
                 .map_err(|e| format!("export_changes: {e}"))?,
         )?;
         let size = self.h.image_layer(&id, parent.map(|p| p.0), &tar)?;
@@ -888,4 +900,190 @@ pub fn modify_hardlinked_lower(factory: Factory, caps: &Capabilities) -> Outcome
     c.verify(caps, "upper", Some("base"), &up_ref, Some(&base_ref))?;
     c.commit("upper", "committed", Some((&base, &base_ref)), &up_ref)
         .map(|_| ())
+}
+
+/// Sets the atime and mtime of `p` (not following symlinks) to `t` seconds.
+fn set_mtime(p: &Path, t: i64) -> Outcome {
+    let ts = rustix::fs::Timespec {
+        tv_sec: t,
+        tv_nsec: 0,
+    };
+    let times = rustix::fs::Timestamps {
+        last_access: ts,
+        last_modification: ts,
+    };
+    rustix::fs::utimensat(
+        rustix::fs::CWD,
+        p,
+        &times,
+        rustix::fs::AtFlags::SYMLINK_NOFOLLOW,
+    )
+    .map_err(|e| format!("set the mtime of {}: {e}", p.display()))
+}
+
+/// Reads `rel` below `view` of layer `id` and returns its content and `(dev, ino, nlink)`.
+fn read_with_inode(id: &LayerId, view: &Path, rel: &str) -> Outcome<(Vec<u8>, (u64, u64, u64))> {
+    let p = view.join(rel);
+    let md = fs::symlink_metadata(&p).map_err(|e| format!("{id}: lstat /{rel}: {e}"))?;
+    if !md.is_file() {
+        return Err(format!(
+            "{id}: /{rel} expected a regular file, found {:?}",
+            md.file_type()
+        ));
+    }
+    let data = fs::read(&p).map_err(|e| format!("{id}: read /{rel}: {e}"))?;
+    Ok((data, (md.dev(), md.ino(), md.nlink())))
+}
+
+/// Checks that `a/f` and `b/g` of layer `id` both read `want`, and — when `same_inode` — that
+/// they are one inode with at least `min_links` links (an image layer of a driver that shares
+/// unchanged inodes with its parent, like overlay's hardlinked roots, also counts the parent's
+/// name; which names of the view share it is checked by comparing the whole view).
+fn expect_linked_pair(
+    h: &Harness,
+    id: &LayerId,
+    want: &[u8],
+    same_inode: bool,
+    min_links: u64,
+) -> Outcome {
+    h.with_mounted(id, |view| {
+        let (fa, ia) = read_with_inode(id, view, "a/f")?;
+        let (gb, ib) = read_with_inode(id, view, "b/g")?;
+        for (name, data) in [("a/f", &fa), ("b/g", &gb)] {
+            if data.as_slice() != want {
+                return Err(format!(
+                    "{id}: /{name} expected {:?}, found {:?}",
+                    String::from_utf8_lossy(want),
+                    String::from_utf8_lossy(data)
+                ));
+            }
+        }
+        if same_inode && ((ia.0, ia.1) != (ib.0, ib.1) || ia.2 < min_links) {
+            return Err(format!(
+                "{id}: /a/f and /b/g expected one inode with at least {min_links} links, \
+                 found (dev, ino, nlink) {ia:?} and {ib:?}"
+            ));
+        }
+        Ok(())
+    })
+}
+
+/// A read-write child hard-links a new name `b/g` to the parent layer's `a/f` (through its
+/// mounted path): `changes` lists `/b` and `/b/g` as `Add` and not `/a/f`; the diff applied to
+/// a fresh child of the parent gives both names with the same content — one inode (nlink 2,
+/// or more where the driver shares unchanged inodes with the parent layer, as overlay's
+/// hardlinked image roots do) and a view equal to the tar applied to the parent's reference
+/// when [`Capabilities::diff_keeps_links_to_unchanged`] — and `diff_size` equals what
+/// `apply_diff` returned. Drivers declaring [`Capabilities::copy_up_breaks_hardlinks`] run it
+/// too: linking copies `a/f` up, and both names still show the same content.
+pub fn diff_keeps_hardlink_to_lower(factory: Factory, caps: &Capabilities) -> Outcome {
+    const CONTENT: &[u8] = b"lower";
+    let mut c = Chain::new(factory)?;
+    // The base layer: a tar of a source tree holding a/f = "lower", with fixed mtimes.
+    let src = c.h.scratch_dir("src")?;
+    let dir = src.join("a");
+    let file = dir.join("f");
+    fs::create_dir(&dir).map_err(|e| format!("create {}: {e}", dir.display()))?;
+    fs::set_permissions(&dir, fs::Permissions::from_mode(0o755))
+        .map_err(|e| format!("chmod {}: {e}", dir.display()))?;
+    fs::write(&file, CONTENT).map_err(|e| format!("write {}: {e}", file.display()))?;
+    fs::set_permissions(&file, fs::Permissions::from_mode(0o644))
+        .map_err(|e| format!("chmod {}: {e}", file.display()))?;
+    c.t += 1;
+    for p in [&file, &dir, &src] {
+        set_mtime(p, c.t)?;
+    }
+    let base_ref = c.image_from("base", None, &src)?;
+    let base = lid("base");
+
+    // The child: b/g becomes a second name of the lower a/f.
+    let child = lid("child");
+    let child_ref = c.rw("child", Some((&base, &base_ref)))?;
+    c.through("child", &child_ref, &[FsOp::mkdir("b")], caps)?;
+    // Plain hard_link, not FsOp::Hardlink: that stamps both names, and a new mtime on the
+    // shared inode would make /a/f a legitimate Modify. Only the directory gets a fixed mtime.
+    c.t += 1;
+    let t = c.t;
+    let link = |root: &Path| -> Outcome {
+        let (from, to) = (root.join("a/f"), root.join("b/g"));
+        fs::hard_link(&from, &to)
+            .map_err(|e| format!("hard_link {} -> {}: {e}", to.display(), from.display()))?;
+        set_mtime(&root.join("b"), t)
+    };
+    c.h.with_mounted(&child, |view| link(view))?;
+    link(&child_ref)?;
+    c.h.expect_view(&child, &child_ref)?;
+    expect_linked_pair(&c.h, &child, CONTENT, true, 2)?;
+    c.h.with_mounted(&child, |view| {
+        let (_, (_, _, n)) = read_with_inode(&child, view, "a/f")?;
+        if n != 2 {
+            return Err(format!("child: /a/f expected 2 links, found {n}"));
+        }
+        Ok(())
+    })?;
+
+    let got =
+        c.h.driver()
+            .changes(&child, Some(&base))
+            .map_err(|e| format!("changes child: {e}"))?;
+    let show = || {
+        got.iter()
+            .map(|c| c.to_string())
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    for want in ["/b", "/b/g"] {
+        if !got
+            .iter()
+            .any(|c| c.path == Path::new(want) && c.kind == ChangeKind::Add)
+        {
+            return Err(format!(
+                "changes child: expected Add {want}, found [{}]",
+                show()
+            ));
+        }
+    }
+    if got.iter().any(|c| c.path == Path::new("/a/f")) {
+        return Err(format!(
+            "changes child: /a/f is unchanged (only linked to) but listed: [{}]",
+            show()
+        ));
+    }
+    c.verify(caps, "child", Some("base"), &child_ref, Some(&base_ref))?;
+
+    // The diff, applied to a fresh child of the base.
+    let tar = c.h.diff_bytes(&child, Some(&base))?;
+    let applied = lid("applied");
+    let size = c.h.image_layer(&applied, Some(&base), &tar)?;
+    let want_size =
+        c.h.driver()
+            .diff_size(&child, Some(&base))
+            .map_err(|e| format!("diff_size child: {e}"))?;
+    if size != want_size {
+        return Err(format!(
+            "apply_diff of diff(child) returned {size} bytes, diff_size said {want_size}"
+        ));
+    }
+    if !caps.diff_keeps_links_to_unchanged {
+        eprintln!(
+            "diff_keeps_hardlink_to_lower: the driver does not promise \
+             diff_keeps_links_to_unchanged; checking content only, not the shared inode"
+        );
+    }
+    expect_linked_pair(
+        &c.h,
+        &applied,
+        CONTENT,
+        caps.diff_keeps_links_to_unchanged,
+        2,
+    )?;
+    if caps.diff_keeps_links_to_unchanged {
+        // The whole view, hardlink groups included, against the tar applied to the base's
+        // reference.
+        let reference = c.copy_of(Some(&base_ref), "ref")?;
+        archive::apply_layer(&reference, &tar[..], &archive::ApplyOptions::default())
+            .map_err(|e| format!("reference apply: {e}"))?;
+        c.h.expect_view(&applied, &reference)?;
+    }
+    Ok(())
 }
