@@ -134,8 +134,8 @@ fn naive_apply<D: ProtoDriver + ?Sized>(
     diff: &mut dyn Read,
 ) -> Result<u64> {
     let layer = Got::get(driver, id)?;
-    let applied =
-        apply_layer(&layer.path, diff, &ApplyOptions::default()).map_err(|e| Error::archive(id, e));
+    let applied = chrootarchive::apply_layer(&layer.path, diff, &ApplyOptions::default())
+        .map_err(|e| Error::archive(id, e));
     match applied {
         Ok(bytes) => {
             layer.put()?;
@@ -149,12 +149,6 @@ fn naive_apply<D: ProtoDriver + ?Sized>(
             Err(err)
         }
     }
-}
-
-/// [`chrootarchive::apply_layer`] for the `&mut dyn Read` that [`DiffDriver::apply_diff`]
-/// receives: decompressed in this process, applied in a confined child, memory bounded.
-pub fn apply_layer(dest: &Path, diff: &mut dyn Read, opts: &ApplyOptions) -> archive::Result<u64> {
-    chrootarchive::apply_layer(dest, diff, opts)
 }
 
 fn naive_diff<'a, D: ProtoDriver + ?Sized>(

@@ -133,7 +133,7 @@ impl ApplyDiffProtoDriver for Fake {
             }
             Native::Apply => {
                 let guard = self.store.begin_apply(id)?;
-                let n = apply_layer(&self.root(id), diff, &ApplyOptions::default())
+                let n = chrootarchive::apply_layer(&self.root(id), diff, &ApplyOptions::default())
                     .map_err(|e| Error::archive(id, e))?;
                 guard.finish()?;
                 // Marker so the test sees the native path ran.

@@ -289,7 +289,7 @@ impl Overlay {
         // Declared after `guard`, so it unmounts before a failed guard discards the layer.
         let mounted = UnmountOnDrop(&merged);
         let bytes =
-            naive_diff::apply_layer(&merged, diff, opts).map_err(|e| Error::archive(id, e))?;
+            chrootarchive::apply_layer(&merged, diff, opts).map_err(|e| Error::archive(id, e))?;
         mounted.unmount()?;
         guard.finish()?;
         Ok(NativeApply::Applied(bytes))
@@ -556,8 +556,8 @@ impl ApplyDiffProtoDriver for Overlay {
         let opts = archive::ApplyOptions::default();
         if root.is_dir() {
             let guard = self.store.begin_apply(id)?;
-            let bytes =
-                naive_diff::apply_layer(&root, diff, &opts).map_err(|e| Error::archive(id, e))?;
+            let bytes = chrootarchive::apply_layer(&root, diff, &opts)
+                .map_err(|e| Error::archive(id, e))?;
             guard.finish()?;
             return Ok(NativeApply::Applied(bytes));
         }
@@ -572,7 +572,7 @@ impl ApplyDiffProtoDriver for Overlay {
         let staging = dir.join(STAGING_ROOT);
         copy_tree(&parent_root, &staging, CopyMode::Hardlink)?;
         let bytes =
-            naive_diff::apply_layer(&staging, diff, &opts).map_err(|e| Error::archive(id, e))?;
+            chrootarchive::apply_layer(&staging, diff, &opts).map_err(|e| Error::archive(id, e))?;
         fs::rename(&staging, &root).ctx("rename into place", &staging)?;
         for d in [UPPER, WORK, MERGED] {
             let p = dir.join(d);

@@ -120,7 +120,7 @@ impl ApplyDiffProtoDriver for Vfs {
     ) -> Result<NativeApply> {
         let guard = self.store.begin_apply(id)?;
         let bytes =
-            naive_diff::apply_layer(&self.root(id), diff, &archive::ApplyOptions::default())
+            chrootarchive::apply_layer(&self.root(id), diff, &archive::ApplyOptions::default())
                 .map_err(|e| Error::archive(id, e))?;
         guard.finish()?;
         Ok(NativeApply::Applied(bytes))
