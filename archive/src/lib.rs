@@ -63,6 +63,7 @@ pub mod compare;
 mod compression;
 mod error;
 mod export;
+pub mod fs;
 mod whiteout;
 
 pub use apply::{ApplyOptions, apply_layer, untar};
