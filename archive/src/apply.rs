@@ -35,7 +35,10 @@
 //! takes locks shared with other threads: `chrootarchive` runs it in a child forked from a
 //! multi-threaded process, where any of those could deadlock or leak.
 
+mod header;
 mod reader;
+
+pub(crate) use header::checksum_matches as header_checksum_matches;
 mod resolve;
 
 use std::collections::{BTreeSet, HashSet};
@@ -191,6 +194,19 @@ struct Meta {
     xattrs: Vec<(CString, Vec<u8>)>,
 }
 
+impl Meta {
+    /// The owner to set: `None` (leave it) for id 4294967295, which `chown(2)` reads as "no
+    /// change" and which GNU tar passes on as such (Python's `testtar.tar` has one).
+    fn owner(&self) -> Option<rustix::fs::Uid> {
+        (self.uid != u32::MAX).then(|| rustix::fs::Uid::from_raw(self.uid))
+    }
+
+    /// The group to set, as [`Meta::owner`].
+    fn group(&self) -> Option<rustix::fs::Gid> {
+        (self.gid != u32::MAX).then(|| rustix::fs::Gid::from_raw(self.gid))
+    }
+}
+
 /// State of one apply run.
 struct Applier<'a> {
     /// `O_PATH` fd of the target directory.
@@ -335,15 +351,7 @@ impl Applier<'_> {
                 self.hardlink(&name, &rel, target)?;
             }
             EntryType::Char | EntryType::Block => {
-                let major = entry
-                    .header
-                    .device_major()
-                    .map_err(|e| malformed(Some(name.clone()), &e))?;
-                let minor = entry
-                    .header
-                    .device_minor()
-                    .map_err(|e| malformed(Some(name.clone()), &e))?;
-                let dev = rustix::fs::makedev(major.unwrap_or(0), minor.unwrap_or(0));
+                let dev = rustix::fs::makedev(entry.device.0, entry.device.1);
                 let ft = if kind == EntryType::Char {
                     FileType::CharacterDevice
                 } else {
@@ -700,8 +708,8 @@ impl Applier<'_> {
             rustix::fs::chownat(
                 pfd,
                 base,
-                Some(rustix::fs::Uid::from_raw(meta.uid)),
-                Some(rustix::fs::Gid::from_raw(meta.gid)),
+                meta.owner(),
+                meta.group(),
                 AtFlags::SYMLINK_NOFOLLOW,
             )
             .map_err(|e| Error::io("lchown", rel, e.into()))?;
@@ -794,12 +802,8 @@ impl Applier<'_> {
         chmod: bool,
     ) -> Result<()> {
         if chown {
-            rustix::fs::fchown(
-                fd,
-                Some(rustix::fs::Uid::from_raw(meta.uid)),
-                Some(rustix::fs::Gid::from_raw(meta.gid)),
-            )
-            .map_err(|e| Error::io("chown", rel, e.into()))?;
+            rustix::fs::fchown(fd, meta.owner(), meta.group())
+                .map_err(|e| Error::io("chown", rel, e.into()))?;
         }
         if chmod {
             rustix::fs::fchmod(fd, Mode::from_raw_mode(meta.mode))

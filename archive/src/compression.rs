@@ -37,7 +37,7 @@ pub fn detect_compression(first_bytes: &[u8]) -> Option<Compression> {
     let b = first_bytes;
     if b.starts_with(&[0x1f, 0x8b, 0x08]) {
         Some(Compression::Gzip)
-    } else if b.starts_with(&[0x28, 0xb5, 0x2f, 0xfd]) {
+    } else if b.starts_with(&[0x28, 0xb5, 0x2f, 0xfd]) || is_zstd_skippable(b) {
         Some(Compression::Zstd)
     } else if b.starts_with(&[0xfd, 0x37, 0x7a, 0x58, 0x5a, 0x00]) {
         Some(Compression::Xz)
@@ -47,6 +47,34 @@ pub fn detect_compression(first_bytes: &[u8]) -> Option<Compression> {
         Some(Compression::None)
     } else {
         None
+    }
+}
+
+/// Whether `b` starts with a zstd skippable frame (magic `0x184D2A50`–`0x184D2A5F`, little
+/// endian), which the zstd decoder steps over; some writers put metadata there.
+fn is_zstd_skippable(b: &[u8]) -> bool {
+    b.len() >= 4 && b[0] & 0xf0 == 0x50 && b[1..4] == [0x2a, 0x4d, 0x18]
+}
+
+/// The most memory the xz decoder may use. `xz -9` needs 65 MiB to decode; a stream asking for
+/// more (a crafted 1 GiB dictionary in a 164 KiB file) is refused instead of allocated.
+pub const XZ_MEMORY_LIMIT: u64 = 256 << 20;
+
+/// Turns liblzma's bare "memory limit reached" into an error that says what happened.
+struct XzLimited<R>(R);
+
+impl<R: Read> Read for XzLimited<R> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        self.0.read(buf).map_err(|e| {
+            if e.to_string().contains("memory limit") {
+                io::Error::other(format!(
+                    "xz stream needs more than {} MiB of memory to decode (a dictionary that large is refused)",
+                    XZ_MEMORY_LIMIT >> 20
+                ))
+            } else {
+                e
+            }
+        })
     }
 }
 
@@ -68,25 +96,10 @@ fn looks_like_tar(b: &[u8]) -> bool {
     header_checksum_ok(block)
 }
 
-/// Whether the checksum field of a 512-byte header block matches its contents.
+/// Whether the checksum field of a 512-byte header block matches its contents (signed or
+/// unsigned sum, as the reader accepts).
 fn header_checksum_ok(block: &[u8]) -> bool {
-    let field = &block[148..156];
-    let text: String = field
-        .iter()
-        .take_while(|&&c| c != 0)
-        .map(|&c| c as char)
-        .collect();
-    let text = text.trim();
-    let Ok(stored) = u32::from_str_radix(text, 8) else {
-        return false;
-    };
-    let sum: u32 = block[..148]
-        .iter()
-        .chain(&block[156..])
-        .map(|&c| u32::from(c))
-        .sum::<u32>()
-        + 8 * u32::from(b' ');
-    sum == stored
+    <&[u8; 512]>::try_from(block).is_ok_and(crate::apply::header_checksum_matches)
 }
 
 /// Wraps `reader` in the decompressor its first bytes call for.
@@ -111,7 +124,16 @@ pub fn decompress<'a>(reader: impl Read + 'a) -> Result<Box<dyn Read + 'a>> {
         Some(Compression::None) => Box::new(whole),
         Some(Compression::Gzip) => Box::new(flate2::read::MultiGzDecoder::new(whole)),
         Some(Compression::Bzip2) => Box::new(bzip2::read::MultiBzDecoder::new(whole)),
-        Some(Compression::Xz) => Box::new(liblzma::read::XzDecoder::new_multi_decoder(whole)),
+        Some(Compression::Xz) => {
+            let stream = liblzma::stream::Stream::new_stream_decoder(
+                XZ_MEMORY_LIMIT,
+                liblzma::stream::CONCATENATED,
+            )
+            .map_err(|e| Error::io("xz init", "<layer stream>", e.into()))?;
+            Box::new(XzLimited(liblzma::read::XzDecoder::new_stream(
+                whole, stream,
+            )))
+        }
         Some(Compression::Zstd) => Box::new(
             zstd::stream::read::Decoder::new(whole)
                 .map_err(|e| Error::io("zstd init", "<layer stream>", e))?,

@@ -23,12 +23,13 @@ use std::io::{self, Read};
 use rustix::fs::Timespec;
 use tar::{EntryType, GnuExtSparseHeader, GnuSparseHeader, Header};
 
+use super::header::{self, Block};
 use crate::{Error, Result};
 
 /// The tar block size.
 const BLOCK: u64 = 512;
-/// The largest PAX extended header (`x` or `g`) we buffer.
-pub(super) const MAX_PAX: u64 = 16 << 20;
+/// The largest PAX extended header (`x`, `X` or `g`) we buffer: Go's `maxSpecialFileSize`.
+pub(super) const MAX_PAX: u64 = 1 << 20;
 /// The largest GNU long name or long link (`L`/`K`) we buffer.
 pub(super) const MAX_LONG_NAME: u64 = 1 << 20;
 /// The most segments a sparse map may have (16 bytes each in memory).
@@ -62,8 +63,10 @@ pub(super) struct Entry {
     pub uid: u64,
     /// Numeric group (header or PAX `gid`).
     pub gid: u64,
-    /// Modification time (header or PAX `mtime`).
+    /// Modification time (header or PAX `mtime`); negative before 1970.
     pub mtime: Timespec,
+    /// Device major and minor numbers (char and block devices; 0 otherwise).
+    pub device: (u32, u32),
     /// `SCHILY.xattr.*` records: name without the prefix, value.
     pub xattrs: Vec<(Vec<u8>, Vec<u8>)>,
     /// The sparse layout, for sparse entries.
@@ -98,6 +101,14 @@ fn bad(entry: &str, reason: impl Into<String>) -> Error {
     }
 }
 
+/// The error for a numeric header field that is not a number.
+fn field_err(entry: &str, f: header::BadField) -> Error {
+    bad(
+        entry,
+        format!("expected an octal or base-256 number in the {} field", f.0),
+    )
+}
+
 /// Padding after `size` data bytes.
 fn padding(size: u64) -> u64 {
     (BLOCK - size % BLOCK) % BLOCK
@@ -105,10 +116,18 @@ fn padding(size: u64) -> u64 {
 
 /// Parses an unsigned decimal number (ASCII digits only, no sign, no overflow).
 fn decimal(v: &[u8]) -> Option<u64> {
-    if v.is_empty() || v.len() > 20 || !v.iter().all(u8::is_ascii_digit) {
+    if v.is_empty() || !v.iter().all(u8::is_ascii_digit) {
         return None;
     }
-    std::str::from_utf8(v).ok()?.parse().ok()
+    // Leading zeros are allowed (Go's strconv.ParseInt reads them): only the rest must fit.
+    let digits = &v[v.iter().position(|&b| b != b'0').unwrap_or(v.len())..];
+    if digits.is_empty() {
+        return Some(0);
+    }
+    if digits.len() > 20 {
+        return None;
+    }
+    std::str::from_utf8(digits).ok()?.parse().ok()
 }
 
 /// One PAX record: keyword and value bytes.
@@ -507,30 +526,31 @@ impl<R: Read> TarReader<R> {
                 return Ok(None);
             }
             let header = Header::from_byte_slice(&block).clone();
-            let hname = String::from_utf8_lossy(&header.path_bytes()).into_owned();
+            let fields = Block::new(&block);
+            let hname = String::from_utf8_lossy(&fields.name()).into_owned();
             let hname = if hname.is_empty() { ctx } else { hname };
-            let sum: u32 = block[..148]
-                .iter()
-                .chain(&block[156..])
-                .map(|&b| u32::from(b))
-                .sum::<u32>()
-                + 8 * u32::from(b' ');
-            let stored = header.cksum().map_err(|e| bad(&hname, e.to_string()))?;
-            if sum != stored {
+            if !header::checksum_matches(&block) {
                 return Err(bad(
                     &hname,
-                    format!("header checksum mismatch: stored {stored}, computed {sum}"),
+                    format!(
+                        "header checksum mismatch: stored {:?}, which is neither the unsigned nor the signed sum of the block",
+                        String::from_utf8_lossy(header::c_string(&block[148..156]))
+                    ),
                 ));
             }
             let kind = header.entry_type();
-            let hsize = header
-                .entry_size()
-                .map_err(|e| bad(&hname, e.to_string()))?;
+            let hsize = fields
+                .size()
+                .map_err(|f| field_err(&hname, f))
+                .and_then(|s| {
+                    u64::try_from(s).map_err(|_| {
+                        bad(&hname, format!("expected a size of 0 or more, found {s}"))
+                    })
+                })?;
             match kind.as_byte() {
-                b'x' => {
-                    if ext.pax_data.is_some() {
-                        return Err(bad(&hname, "two PAX headers describe the same member"));
-                    }
+                // Solaris `X` headers are PAX `x` headers by another name. When several describe
+                // one member the last one wins, as in Go, GNU and BSD tar.
+                b'x' | b'X' => {
                     ext.pax_data = Some(self.ext_data(hsize, MAX_PAX, "PAX header", &hname)?);
                     pending = true;
                     continue;
@@ -542,21 +562,11 @@ impl<R: Read> TarReader<R> {
                 }
                 b'L' | b'K' => {
                     let is_name = kind.as_byte() == b'L';
-                    let slot = if is_name {
-                        &ext.long_name
-                    } else {
-                        &ext.long_link
-                    };
-                    if slot.is_some() {
-                        return Err(bad(
-                            &hname,
-                            "two GNU long-name headers describe the same member",
-                        ));
-                    }
+                    // The last of several long names wins; a long name is a C string, cut at its
+                    // first NUL (Go, GNU and BSD tar).
                     let mut data = self.ext_data(hsize, MAX_LONG_NAME, "GNU long name", &hname)?;
-                    while data.last() == Some(&0) {
-                        data.pop();
-                    }
+                    let len = header::c_string(&data).len();
+                    data.truncate(len);
                     if is_name {
                         ext.long_name = Some(data);
                     } else {
@@ -582,44 +592,91 @@ impl<R: Read> TarReader<R> {
                     .map_or(hname, |n| String::from_utf8_lossy(&n).into_owned());
                 ext.pax(recs, &entry)?;
             }
-            let entry = self.member(header, kind, hsize, ext)?;
+            let entry = self.member(header, &block, kind, hsize, ext)?;
             self.last = Some(entry.display_name());
             return Ok(Some(entry));
         }
     }
 
     /// Builds the member from its header and extensions, reading any sparse map.
-    fn member(&mut self, header: Header, kind: EntryType, hsize: u64, ext: Ext) -> Result<Entry> {
+    fn member(
+        &mut self,
+        header: Header,
+        block: &[u8; 512],
+        kind: EntryType,
+        hsize: u64,
+        ext: Ext,
+    ) -> Result<Entry> {
+        let fields = Block::new(block);
         let sp = ext.sparse;
         let name = sp
             .name
             .clone()
             .or(ext.path)
             .or(ext.long_name)
-            .unwrap_or_else(|| header.path_bytes().into_owned());
+            .unwrap_or_else(|| fields.name());
         let display = String::from_utf8_lossy(&name).into_owned();
         let link = ext
             .linkpath
             .or(ext.long_link)
-            .or_else(|| header.link_name_bytes().map(|l| l.into_owned()));
-        let size = ext.size.unwrap_or(hsize);
-        let h = &header;
-        let mode = h.mode().map_err(|e| bad(&display, e.to_string()))? & 0o7777;
+            .or_else(|| Some(fields.link_name().to_vec()).filter(|l| !l.is_empty()));
+        // Types that carry no data: whatever the size field says, no data follows (Go's
+        // isHeaderOnlyType; GNU tar and Python agree). Skipping "their" bytes would swallow
+        // the next headers.
+        let header_only = matches!(kind.as_byte(), b'1'..=b'6');
+        let size = if header_only {
+            0
+        } else {
+            ext.size.unwrap_or(hsize)
+        };
+        // `kind.as_byte()` reads a NUL type flag (V7's regular file) as `0`: look at the raw byte.
+        let kind = match kind.as_byte() {
+            // A GNU dumpdir (`--incremental`) is a directory; its data, the list of names the
+            // directory held, is skipped.
+            b'D' => EntryType::Directory,
+            // Old (V7) archives mark directories by a trailing slash on a regular-type name.
+            _ if block[156] == 0 && name.ends_with(b"/") => EntryType::Directory,
+            _ => kind,
+        };
+        let num =
+            |r: std::result::Result<i64, header::BadField>| r.map_err(|f| field_err(&display, f));
+        let mode = u32::try_from(num(fields.mode())? & 0o7777).unwrap_or(0);
+        let owner = |v: i64, what: &str| {
+            u64::try_from(v).map_err(|_| {
+                bad(
+                    &display,
+                    format!("expected a {what} of 0 or more, found {v}"),
+                )
+            })
+        };
         let uid = match ext.uid {
             Some(u) => u,
-            None => h.uid().map_err(|e| bad(&display, e.to_string()))?,
+            None => owner(num(fields.uid())?, "uid")?,
         };
         let gid = match ext.gid {
             Some(g) => g,
-            None => h.gid().map_err(|e| bad(&display, e.to_string()))?,
+            None => owner(num(fields.gid())?, "gid")?,
         };
         let mtime = match ext.mtime {
             Some(t) => t,
             None => Timespec {
-                tv_sec: i64::try_from(h.mtime().map_err(|e| bad(&display, e.to_string()))?)
-                    .unwrap_or(i64::MAX),
+                tv_sec: num(fields.mtime())?,
                 tv_nsec: 0,
             },
+        };
+        let device = if matches!(kind, EntryType::Char | EntryType::Block) {
+            let (major, minor) = fields.device().map_err(|f| field_err(&display, f))?;
+            let dev = |v: i64, what: &str| {
+                u32::try_from(v).map_err(|_| {
+                    bad(
+                        &display,
+                        format!("expected a device {what} number, found {v}"),
+                    )
+                })
+            };
+            (dev(major, "major")?, dev(minor, "minor")?)
+        } else {
+            (0, 0)
         };
         self.remaining = size;
         self.pad = padding(size);
@@ -633,6 +690,7 @@ impl<R: Read> TarReader<R> {
             uid,
             gid,
             mtime,
+            device,
             xattrs: ext.xattrs,
             sparse: None,
         };
