@@ -6,7 +6,7 @@ use std::fs;
 use std::io::{BufRead, BufReader};
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{FileTypeExt, MetadataExt};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 
 use crate::util::{Store, TmpMount, layer_tar, skip_root_test};
@@ -351,4 +351,159 @@ fn graphctl_raises_its_open_file_limit() {
     child.wait().unwrap();
     assert_ne!(soft, "1024", "{line}");
     assert_eq!(soft, hard, "{line}");
+}
+#[test]
+fn readme_config_example_parses_and_works() {
+    let readme =
+        fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("../README.md")).unwrap();
+    let start = readme.find("```toml\n[storage]").unwrap() + "```toml\n".len();
+    let block = &readme[start..];
+    let block = &block[..block.find("```").unwrap()];
+    assert!(block.contains("mount_options"), "{block}");
+    let s = Store::new("vfs");
+    let config = s.scratch("storage.toml");
+    fs::write(&config, block).unwrap();
+    let driver = if skip_root_test().is_none() {
+        "overlay"
+    } else {
+        "vfs"
+    };
+    // The example names its own driver and root; --root keeps the test out of /var/lib.
+    let mut cmd = s.cmd_auto(&["--driver", driver, "status"]);
+    cmd.cmd.env("GRAPHCTL_CONFIG", &config);
+    let out = cmd.ok();
+    assert!(out.contains(&format!("Driver: {driver}")), "{out}");
+    if driver != "overlay" {
+        return;
+    }
+    // Its mount options reach the mount: a read-write layer is mounted nodev.
+    for args in [
+        &["create", "base"][..],
+        &["create", "--rw", "--parent", "base", "ctr"],
+    ] {
+        let mut cmd = s.cmd_auto(&[&["--driver", driver][..], args].concat());
+        cmd.cmd.env("GRAPHCTL_CONFIG", &config);
+        cmd.ok();
+    }
+    let mut cmd = s.cmd_auto(&["--driver", driver, "mount", "ctr"]);
+    cmd.cmd.env("GRAPHCTL_CONFIG", &config);
+    let merged = cmd.ok().trim_end().to_string();
+    let info = fs::read_to_string("/proc/self/mountinfo").unwrap();
+    let line = info
+        .lines()
+        .find(|l| l.split(' ').nth(4) == Some(merged.as_str()))
+        .unwrap()
+        .to_string();
+    let mut cmd = s.cmd_auto(&["--driver", driver, "unmount", "ctr"]);
+    cmd.cmd.env("GRAPHCTL_CONFIG", &config);
+    cmd.ok();
+    let per_mount = line.split(' ').nth(5).unwrap();
+    assert!(per_mount.split(',').any(|o| o == "nodev"), "{line}");
+}
+
+/// The per-mount options (field 6 of /proc/self/mountinfo) of the mount at `path`.
+fn mount_flags_of(path: &str) -> Vec<String> {
+    let info = fs::read_to_string("/proc/self/mountinfo").unwrap();
+    let line = info
+        .lines()
+        .find(|l| l.split(' ').nth(4) == Some(path))
+        .unwrap_or_else(|| panic!("{path} is not mounted"));
+    line.split(' ')
+        .nth(5)
+        .unwrap()
+        .split(',')
+        .map(str::to_string)
+        .collect()
+}
+
+#[test]
+fn mount_options_set_mount_flags_on_a_real_overlay() {
+    if let Some(reason) = skip_root_test() {
+        eprintln!("skipping: {reason}");
+        return;
+    }
+    let s = Store::new("overlay");
+    let opt = ["-o", "mount_options=nodev, nosuid,xino=off"];
+    s.ok(&[&opt[..], &["create", "base"]].concat());
+    s.ok(&[&opt[..], &["create", "--rw", "--parent", "base", "ctr"]].concat());
+    let merged = s.ok(&[&opt[..], &["mount", "ctr"]].concat());
+    let flags = mount_flags_of(merged.trim_end());
+    s.ok(&["unmount", "ctr"]);
+    for want in ["nodev", "nosuid"] {
+        assert!(flags.iter().any(|f| f == want), "{want}: {flags:?}");
+    }
+    assert!(!flags.iter().any(|f| f == "noexec"), "{flags:?}");
+    // Without the option the same layer mounts without them.
+    let merged = s.ok(&["mount", "ctr"]);
+    let flags = mount_flags_of(merged.trim_end());
+    s.ok(&["unmount", "ctr"]);
+    assert!(!flags.iter().any(|f| f == "nodev"), "{flags:?}");
+}
+
+#[test]
+fn mount_options_cannot_override_the_driver() {
+    if let Some(reason) = skip_root_test() {
+        eprintln!("skipping: {reason}");
+        return;
+    }
+    let s = Store::new("overlay");
+    s.ok(&["create", "base"]);
+    s.ok(&["create", "--rw", "--parent", "base", "ctr"]);
+    let host = s.scratch("host");
+    fs::create_dir(&host).unwrap();
+    let smuggled = format!("upperdir={}", host.display());
+    for (value, name) in [
+        (smuggled.as_str(), "upperdir"),
+        ("nodev,lowerdir=/", "lowerdir"),
+        ("workdir=/tmp", "workdir"),
+        ("metacopy=on", "metacopy"),
+        ("redirect_dir=on", "redirect_dir"),
+        ("userxattr", "userxattr"),
+        ("volatile", "volatile"),
+        ("index=on", "index"),
+        ("ro", "ro"),
+    ] {
+        let opt = format!("mount_options={value}");
+        let msg = s.err(&["-o", &opt, "mount", "ctr"]);
+        assert!(
+            msg.contains(&format!("{name:?}")) && msg.contains("mount_options"),
+            "{value}: {msg}"
+        );
+        assert!(msg.contains("command line"), "{msg}");
+    }
+    for value in [
+        "nodev,,upperdir=/x",
+        "=x",
+        ",nodev",
+        "context=\"a,upperdir=/x",
+    ] {
+        let opt = format!("mount_options={value}");
+        let msg = s.err(&["-o", &opt, "ls"]);
+        assert!(msg.contains("mount_options"), "{value}: {msg}");
+    }
+    // Through the environment and the config file the option names its origin too.
+    let mut c = s.cmd(&["ls"]);
+    c.cmd
+        .env("GRAPHDRIVER_OPTS", "overlay.mount_options=upperdir=/x");
+    let msg = c.err();
+    assert!(
+        msg.contains("\"upperdir\"") && msg.contains("GRAPHDRIVER_OPTS"),
+        "{msg}"
+    );
+    let config = s.scratch("storage.toml");
+    fs::write(
+        &config,
+        "[storage]\n\n[storage.options.overlay]\nmount_options = \"nodev,workdir=/x\"\n",
+    )
+    .unwrap();
+    let mut c = s.cmd(&["ls"]);
+    c.cmd.env("GRAPHCTL_CONFIG", &config);
+    let msg = c.err();
+    assert!(
+        msg.contains("\"workdir\"") && msg.contains(&format!("{}:4", config.display())),
+        "{msg}"
+    );
+    // Nothing was mounted and the host directory is untouched.
+    assert_eq!(fs::read_dir(&host).unwrap().count(), 0);
+    assert_eq!(s.ok(&["ls"]), "base -\nctr base\n");
 }
