@@ -495,6 +495,19 @@ impl ProtoDriver for Overlay {
             return Ok(root);
         }
         let merged = dir.join(MERGED);
+        if let Some(label) = opts.mount_label.as_deref().filter(|s| !s.is_empty()) {
+            // It is quoted into the mount data: a quote or control character could end it.
+            if !mountopt::label_ok(label) || label.starts_with('"') {
+                return Err(Error::Mount {
+                    target: merged,
+                    options: format!("context={label:?}"),
+                    source: io::Error::new(
+                        io::ErrorKind::InvalidInput,
+                        "expected a mount label without quotes or control characters",
+                    ),
+                });
+            }
+        }
         let lower = self.lower_root(&dir)?;
         let data = self.mount_data(&lower, &dir, opts, true);
         if data.len() >= MAX_MOUNT_DATA {

@@ -151,7 +151,7 @@ fn split(text: &str) -> Result<Vec<&str>, String> {
 
 /// Checks a security label value: `"..."` or bare, no control character, no inner quote, a
 /// bare one without commas (the split already saw to that).
-fn label_ok(value: &str) -> bool {
+pub(crate) fn label_ok(value: &str) -> bool {
     let inner = match value.strip_prefix('"') {
         Some(rest) => match rest.strip_suffix('"') {
             Some(inner) => inner,
@@ -293,6 +293,15 @@ mod tests {
         ] {
             let err = parse(text).unwrap_err();
             assert!(err.contains(&format!("{name:?}")), "{text}: {err}");
+        }
+    }
+
+    #[test]
+    fn labels_cannot_break_out_of_their_quotes() {
+        assert!(label_ok("system_u:object_r:container_file_t:s0:c1,c2"));
+        assert!(label_ok("\"system_u:object_r:t:s0\""));
+        for bad in ["a\",upperdir=/x", "a\nb", "", "\"\"", "\"open"] {
+            assert!(!label_ok(bad), "{bad:?}");
         }
     }
 
