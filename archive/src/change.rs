@@ -48,9 +48,12 @@ pub struct Change {
 }
 
 impl fmt::Display for Change {
-    /// Formats as `docker diff` does: `"A /path"`.
+    /// Formats as `docker diff` does: `"A /path"`, the path written by
+    /// [`crate::quote::quote_name`] (raw when plain, else a Go-style quoted string), so that a
+    /// name holding a newline or escape sequence cannot forge a line.
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{} {}", self.kind.letter(), self.path.display())
+        let path = crate::quote::quote_name(self.path.as_os_str().as_bytes());
+        write!(f, "{} {path}", self.kind.letter())
     }
 }
 

@@ -16,6 +16,7 @@
 //!   tar without whiteout semantics.
 //! * [`decompress`] detects gzip, zstd, xz and bzip2 by their magic bytes.
 //! * [`compare`] snapshots trees and reports every difference, the oracle of the test suites.
+//! * [`quote`] prints names found in a layer so that they cannot forge output (Go `%q` style).
 //!
 //! Drivers rarely call [`apply_layer`] directly: `chrootarchive` runs it in a confined child
 //! process. Code in the apply path therefore never logs, prints or reads the environment (see
@@ -64,6 +65,7 @@ mod compression;
 mod error;
 mod export;
 pub mod fs;
+pub mod quote;
 mod whiteout;
 
 pub use apply::{ApplyOptions, apply_layer, untar};

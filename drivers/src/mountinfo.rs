@@ -73,6 +73,23 @@ pub fn mount_count(path: &Path) -> Result<usize> {
 
 /// Mounts a filesystem of type `fstype` from `source` on `target` with the data string `data`.
 pub fn mount(source: &str, target: &Path, fstype: &str, data: &str) -> Result<()> {
+    mount_with_flags(
+        source,
+        target,
+        fstype,
+        rustix::mount::MountFlags::empty(),
+        data,
+    )
+}
+
+/// Like [`mount`], with mount `flags` (`MS_NODEV`, ...) besides the filesystem's `data`.
+pub fn mount_with_flags(
+    source: &str,
+    target: &Path,
+    fstype: &str,
+    flags: rustix::mount::MountFlags,
+    data: &str,
+) -> Result<()> {
     let err = |e: io::Error| Error::Mount {
         target: target.to_path_buf(),
         options: data.to_string(),
@@ -88,7 +105,7 @@ pub fn mount(source: &str, target: &Path, fstype: &str, data: &str) -> Result<()
         source,
         target.as_os_str().as_bytes(),
         fstype,
-        rustix::mount::MountFlags::empty(),
+        flags,
         cdata.as_c_str(),
     )
     .map_err(|e| err(e.into()))

@@ -184,13 +184,21 @@ fn status(s: &Selected, json: bool) -> Result<()> {
     if json {
         let status: serde_json::Map<String, serde_json::Value> =
             pairs.iter().map(|(k, v)| (k.clone(), json!(v))).collect();
-        return print_json(&json!({
-            "driver": s.name,
-            "home": s.home,
-            "selected_by": selected_by(s),
-            "skipped": s.skipped.iter().map(|(d, r)| json!({"driver": d, "reason": r})).collect::<Vec<_>>(),
-            "status": status,
-        }));
+        let mut obj = serde_json::Map::new();
+        obj.insert("driver".into(), json!(s.name));
+        insert_path(&mut obj, "home", &s.home);
+        obj.insert("selected_by".into(), json!(selected_by(s)));
+        obj.insert(
+            "skipped".into(),
+            json!(
+                s.skipped
+                    .iter()
+                    .map(|(d, r)| json!({"driver": d, "reason": r}))
+                    .collect::<Vec<_>>()
+            ),
+        );
+        obj.insert("status".into(), json!(status));
+        return print_json(&serde_json::Value::Object(obj));
     }
     let mut out = io::stdout().lock();
     writeln!(out, "Driver: {}", s.name)?;
@@ -287,8 +295,8 @@ fn diff(s: &Selected, id: &LayerId, parent: Option<LayerId>, output: Option<&Pat
             out.flush()?;
         }
         Some(path) => {
-            let mut write = || -> Result<()> {
-                let f = File::create(path).with_context(|| format!("create {}", path.display()))?;
+            let (file, created) = open_output(path)?;
+            let mut write = |f: File| -> Result<()> {
                 let mut w = BufWriter::new(f);
                 io::copy(&mut stream, &mut w)
                     .with_context(|| format!("write the layer tar to {}", path.display()))?;
@@ -297,8 +305,10 @@ fn diff(s: &Selected, id: &LayerId, parent: Option<LayerId>, output: Option<&Pat
                     .with_context(|| format!("write {}", path.display()))?;
                 Ok(())
             };
-            if let Err(e) = write() {
-                let _ = std::fs::remove_file(path);
+            if let Err(e) = write(file) {
+                if let Some(made) = created {
+                    remove_if_same(path, &made);
+                }
                 return Err(e);
             }
         }
@@ -306,7 +316,138 @@ fn diff(s: &Selected, id: &LayerId, parent: Option<LayerId>, output: Option<&Pat
     Ok(())
 }
 
-/// `changes`: "A|C|D /path" lines, sorted.
+/// The identity of a file: device and inode.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+struct FileId {
+    dev: u64,
+    ino: u64,
+}
+
+impl FileId {
+    fn of(meta: &std::fs::Metadata) -> FileId {
+        use std::os::unix::fs::MetadataExt;
+        FileId {
+            dev: meta.dev(),
+            ino: meta.ino(),
+        }
+    }
+}
+
+/// A short name for a file type, for errors.
+fn type_name(ft: std::fs::FileType) -> &'static str {
+    use std::os::unix::fs::FileTypeExt;
+    if ft.is_dir() {
+        "a directory"
+    } else if ft.is_symlink() {
+        "a symbolic link"
+    } else if ft.is_char_device() {
+        "a character device"
+    } else if ft.is_block_device() {
+        "a block device"
+    } else if ft.is_fifo() {
+        "a FIFO"
+    } else if ft.is_socket() {
+        "a socket"
+    } else {
+        "not a regular file"
+    }
+}
+
+/// Opens the `diff -o` output file.
+///
+/// A missing `path` is created (`O_CREAT | O_EXCL`, mode 0600: a layer may hold files only
+/// root can read) and its identity is returned so that a failed write can remove it. An existing
+/// `path` must be a regular file, reached without following a symbolic link in its last
+/// component; it is truncated and written, and never removed. Anything else (a symbolic link, a
+/// device node, a FIFO, a socket, a directory) is refused, with an error naming the path,
+/// without being opened for writing.
+fn open_output(path: &Path) -> Result<(File, Option<FileId>)> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let new = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .custom_flags(libc::O_NOFOLLOW)
+        .open(path);
+    match new {
+        Ok(f) => {
+            let id = f
+                .metadata()
+                .map(|m| FileId::of(&m))
+                .with_context(|| format!("stat {}", path.display()))?;
+            return Ok((f, Some(id)));
+        }
+        Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
+        Err(e) => return Err(e).with_context(|| format!("create {}", path.display())),
+    }
+    let refuse = |what: &str| {
+        anyhow::anyhow!(
+            "refusing to write the layer tar to {}: it is {what}, not a regular file \
+             (name a new file or an existing regular file)",
+            path.display()
+        )
+    };
+    let before =
+        std::fs::symlink_metadata(path).with_context(|| format!("stat {}", path.display()))?;
+    if !before.file_type().is_file() {
+        return Err(refuse(type_name(before.file_type())));
+    }
+    // O_NONBLOCK: should the path turn into a FIFO after the check, the open does not wait.
+    let f = std::fs::OpenOptions::new()
+        .write(true)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
+        .open(path)
+        .with_context(|| format!("open {}", path.display()))?;
+    let meta = f
+        .metadata()
+        .with_context(|| format!("stat {}", path.display()))?;
+    if !meta.file_type().is_file() {
+        return Err(refuse(type_name(meta.file_type())));
+    }
+    if FileId::of(&meta) != FileId::of(&before) {
+        bail!(
+            "{} was replaced while it was being opened; not writing to it",
+            path.display()
+        );
+    }
+    f.set_len(0)
+        .with_context(|| format!("truncate {}", path.display()))?;
+    Ok((f, None))
+}
+
+/// Removes `path` after a failed write, if it is still the file this process created.
+fn remove_if_same(path: &Path, made: &FileId) {
+    match std::fs::symlink_metadata(path) {
+        Ok(meta) if FileId::of(&meta) == *made => {
+            if let Err(e) = std::fs::remove_file(path) {
+                tracing::warn!(path = %path.display(), error = %e, "could not remove the partial output");
+            }
+        }
+        _ => {
+            tracing::warn!(path = %path.display(), "the output file was replaced; not removing it")
+        }
+    }
+}
+
+/// Puts `path` into a JSON object as `key` without loss and without panicking: the path as a
+/// string (invalid UTF-8 replaced by U+FFFD), and, only when the path is not valid UTF-8,
+/// `<key>_bytes` with its exact bytes as an array of numbers.
+fn insert_path(obj: &mut serde_json::Map<String, serde_json::Value>, key: &str, path: &Path) {
+    use std::os::unix::ffi::OsStrExt;
+    let bytes = path.as_os_str().as_bytes();
+    match std::str::from_utf8(bytes) {
+        Ok(s) => {
+            obj.insert(key.into(), json!(s));
+        }
+        Err(_) => {
+            obj.insert(key.into(), json!(String::from_utf8_lossy(bytes)));
+            obj.insert(format!("{key}_bytes"), json!(bytes));
+        }
+    }
+}
+
+/// `changes`: "A|C|D /path" lines sorted by path, each path raw or quoted as
+/// [`archive::quote`] documents.
 fn changes(s: &Selected, id: &LayerId, parent: Option<LayerId>, json: bool) -> Result<()> {
     let parent = parent_or_recorded(s, id, parent)?;
     let mut list = s.driver.changes(id, parent.as_ref())?;
@@ -314,7 +455,12 @@ fn changes(s: &Selected, id: &LayerId, parent: Option<LayerId>, json: bool) -> R
     if json {
         let v: Vec<_> = list
             .iter()
-            .map(|c| json!({"kind": c.kind.letter().to_string(), "path": c.path}))
+            .map(|c| {
+                let mut obj = serde_json::Map::new();
+                obj.insert("kind".into(), json!(c.kind.letter().to_string()));
+                insert_path(&mut obj, "path", &c.path);
+                serde_json::Value::Object(obj)
+            })
             .collect();
         return print_json(&json!(v));
     }

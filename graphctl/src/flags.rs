@@ -76,11 +76,13 @@ pub enum Command {
         parent: Option<String>,
         /// The layer.
         id: String,
-        /// Write to FILE instead of stdout.
+        /// Write to FILE instead of stdout: a new file (mode 0600, removed if the diff fails)
+        /// or an existing regular file (truncated, never removed); anything else is refused.
         #[arg(short = 'o', long = "output", value_name = "FILE")]
         output: Option<PathBuf>,
     },
-    /// List a layer's changes, one "A|C|D /path" line each, sorted.
+    /// List a layer's changes, one "A|C|D /path" line each, sorted; a path holding control
+    /// characters or bytes that are not UTF-8 is printed Go-quoted ("/a\nb").
     Changes {
         /// Compare against this layer instead of the recorded parent.
         #[arg(long)]

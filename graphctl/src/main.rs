@@ -19,6 +19,7 @@ use drivers as _;
 mod commands;
 mod flags;
 mod image;
+mod limits;
 
 fn main() -> ExitCode {
     let cli = match flags::Cli::try_parse() {
@@ -30,6 +31,13 @@ fn main() -> ExitCode {
         }
     };
     init_logging(cli.verbose);
+    let nofile = limits::raise_nofile_limit();
+    tracing::debug!(
+        before = ?nofile.before,
+        after = ?nofile.after,
+        hard = ?nofile.hard,
+        "open-file limit"
+    );
     match commands::run(&cli) {
         Ok(status) => status,
         Err(err) => {
@@ -41,7 +49,7 @@ fn main() -> ExitCode {
                 line.push_str("; ");
                 line.push_str(&hint);
             }
-            let line = line.replace('\n', " ");
+            let line = one_line(&line);
             let _ = writeln!(std::io::stderr(), "{line}");
             ExitCode::FAILURE
         }
@@ -65,7 +73,23 @@ fn describe(err: &anyhow::Error) -> String {
     line
 }
 
-/// Logs go to stderr; `RUST_LOG` wins over `-v`.
+/// `text` on one line that cannot move the cursor or colour the terminal: a newline becomes a
+/// space, any other control character (C0, DEL, C1) a `\xNN` or `\u{NNNN}` escape. Error
+/// messages name paths from layers, which may hold such characters.
+fn one_line(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    for c in text.chars() {
+        match c {
+            '\n' => out.push(' '),
+            c if c.is_ascii_control() => out.push_str(&format!("\\x{:02x}", c as u32)),
+            c if c.is_control() => out.push_str(&format!("\\u{{{:04x}}}", c as u32)),
+            c => out.push(c),
+        }
+    }
+    out
+}
+
+/// Logs go to stderr, coloured only on a terminal; `RUST_LOG` wins over `-v`.
 fn init_logging(verbose: u8) {
     let default = match verbose {
         0 => "warn",
@@ -78,6 +102,7 @@ fn init_logging(verbose: u8) {
     let _ = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .without_time()
         .try_init();
 }

@@ -275,8 +275,12 @@ fn line_of(text: &str, offset: usize) -> usize {
 }
 
 /// toml's message with the line number and key in front, on one line.
+///
+/// The file may hold secrets, so neither the offending line nor a string value is echoed: the
+/// message names the line, the key when it is a plain TOML key, and what was wrong, with quoted
+/// values replaced by `(value not shown)`.
 fn describe_toml_error(text: &str, err: &toml::de::Error) -> String {
-    let msg = err.message().trim().replace('\n', " ");
+    let msg = redact_quoted(err.message().trim()).replace('\n', " ");
     let Some(span) = err.span() else {
         return msg;
     };
@@ -285,12 +289,57 @@ fn describe_toml_error(text: &str, err: &toml::de::Error) -> String {
     let key = source_line
         .split_once('=')
         .map(|(k, _)| k.trim())
-        .filter(|k| !k.is_empty() && !k.starts_with('['));
+        .filter(|k| is_plain_key(k));
     match key {
         Some(key) => format!("line {line}, key {key}: {msg}"),
-        None if !source_line.is_empty() => format!("line {line}, at `{source_line}`: {msg}"),
         None => format!("line {line}: {msg}"),
     }
+}
+
+/// True for a dotted TOML bare key of a sane length (`storage.driver`, `mount_options`): the
+/// only part of a line an error message repeats.
+fn is_plain_key(key: &str) -> bool {
+    !key.is_empty()
+        && key.len() <= 64
+        && key
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'-' | b'.'))
+}
+
+/// `msg` with every double-quoted run (serde quotes string values it did not expect, `\"`
+/// escapes inside) replaced by `(value not shown)`, and every backquoted run (a key serde did
+/// not expect) that is not a plain key replaced by `(key not shown)`.
+fn redact_quoted(msg: &str) -> String {
+    let mut out = String::with_capacity(msg.len());
+    let mut chars = msg.chars();
+    while let Some(c) = chars.next() {
+        if c == '`' {
+            let quoted: String = chars.by_ref().take_while(|c| *c != '`').collect();
+            if is_plain_key(&quoted) {
+                out.push('`');
+                out.push_str(&quoted);
+                out.push('`');
+            } else {
+                out.push_str("(key not shown)");
+            }
+            continue;
+        }
+        if c != '"' {
+            out.push(c);
+            continue;
+        }
+        out.push_str("(value not shown)");
+        while let Some(c) = chars.next() {
+            match c {
+                '\\' => {
+                    chars.next();
+                }
+                '"' => break,
+                _ => {}
+            }
+        }
+    }
+    out
 }
 
 #[cfg(test)]
@@ -387,6 +436,32 @@ sync = true
             .unwrap_err()
             .to_string();
         assert!(msg.contains("deep"), "{msg}");
+    }
+
+    #[test]
+    fn errors_never_echo_the_file() {
+        let secret = "hunter2-s3cr3t";
+        for text in [
+            // Malformed TOML on a line that holds a secret and no key.
+            format!("[storage]\n{secret}\n"),
+            format!("[storage]\ndriver = \"vfs\" {secret}\n"),
+            // A string where a list was expected: serde would quote the value.
+            format!("[storage]\ndriver_priority = \"{secret}\"\n"),
+            format!("[storage]\ndriver_priority = \"a\\\"{secret}\"\n"),
+            // An unterminated string.
+            format!("[storage]\ndriver = \"{secret}\n"),
+            // A quoted key that is no plain key (a plain one is named: it is the key).
+            format!("[storage]\n\"{secret} and more\" = 1\n"),
+        ] {
+            let msg = parse(&text).unwrap_err().to_string();
+            assert!(!msg.contains(secret), "{text:?}: {msg}");
+            assert!(msg.contains("/etc/graphctl/storage.toml"), "{msg}");
+            assert!(msg.contains("line 2"), "{text:?}: {msg}");
+        }
+        let msg = parse(&format!("[storage]\ndriver_priority = \"{secret}\"\n"))
+            .unwrap_err()
+            .to_string();
+        assert!(msg.contains("key driver_priority"), "{msg}");
     }
 
     #[test]

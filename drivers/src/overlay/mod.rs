@@ -20,6 +20,7 @@
 //! vanished behind our back (manual umount) is made again by the next get. Image layers with a
 //! `root/` are returned without mounting but still counted.
 
+pub mod mountopt;
 mod plugin;
 
 use std::fs;
@@ -53,7 +54,8 @@ const MAX_MOUNT_DATA: usize = 4096;
 /// Settings of the overlay driver.
 #[derive(Clone, Debug, Default)]
 pub struct OverlayConfig {
-    /// Extra mount options appended to every overlay mount (`mount_options`).
+    /// Extra mount options for every overlay mount (`mount_options`): mount flags and the
+    /// overlay options [`mountopt`] allows, checked by [`Overlay::new`].
     pub mount_options: Option<String>,
     /// Flush layers to disk before they become visible (`sync`).
     pub sync: bool,
@@ -66,6 +68,8 @@ pub struct Overlay {
     config: OverlayConfig,
     backing_fs: String,
     index_param: bool,
+    /// `config.mount_options`, parsed.
+    user_opts: mountopt::MountOptions,
 }
 
 impl Overlay {
@@ -76,6 +80,16 @@ impl Overlay {
             driver: NAME.to_string(),
             reason,
         };
+        // The user's options are checked before anything touches the host.
+        let user_opts =
+            mountopt::parse(config.mount_options.as_deref().unwrap_or("")).map_err(|reason| {
+                Error::InvalidOption {
+                    driver: NAME.to_string(),
+                    key: "mount_options".to_string(),
+                    origin: None,
+                    reason,
+                }
+            })?;
         let filesystems = fs::read_to_string("/proc/filesystems")
             .map_err(|e| fail(format!("cannot read /proc/filesystems: {e}")))?;
         if !filesystems
@@ -143,12 +157,18 @@ impl Overlay {
             config,
             backing_fs,
             index_param,
+            user_opts,
         };
         if !read_only {
             driver
                 .probe_mount(false)
                 .map_err(|e| fail(format!("a test overlay mount failed: {e}")))?;
-            if let Some(extra) = driver.config.mount_options.as_deref() {
+            if let Some(extra) = driver
+                .config
+                .mount_options
+                .as_deref()
+                .filter(|s| !s.trim().is_empty())
+            {
                 // Overlay works here; a failure now is the user's option, not the host's.
                 driver.probe_mount(true).map_err(|e| Error::InvalidOption {
                     driver: NAME.to_string(),
@@ -180,7 +200,9 @@ impl Overlay {
         self.store.layer_dir(id)
     }
 
-    /// The mount options for an overlay of `lower` under `dir`'s upper and work.
+    /// The mount data for an overlay of `lower` under `dir`'s upper and work: the driver's own
+    /// options, then (with `user_opts`) the overlay options of `mount_options` that [`mountopt`]
+    /// allowed, then the mount label.
     fn mount_data(&self, lower: &Path, dir: &Path, opts: &MountOpts, user_opts: bool) -> String {
         let mut data = format!(
             "lowerdir={},upperdir={},workdir={}",
@@ -191,19 +213,25 @@ impl Overlay {
         if self.index_param {
             data.push_str(",index=off");
         }
-        if let Some(extra) = self
-            .config
-            .mount_options
-            .as_deref()
-            .filter(|s| user_opts && !s.is_empty())
-        {
-            data.push(',');
-            data.push_str(extra);
+        if user_opts {
+            for item in &self.user_opts.data {
+                data.push(',');
+                data.push_str(item);
+            }
         }
         if let Some(label) = opts.mount_label.as_deref().filter(|s| !s.is_empty()) {
             data.push_str(&format!(",context=\"{label}\""));
         }
         data
+    }
+
+    /// The mount flags of `mount_options` (with `user_opts`), else none.
+    fn mount_flags(&self, user_opts: bool) -> rustix::mount::MountFlags {
+        if user_opts {
+            self.user_opts.flags
+        } else {
+            rustix::mount::MountFlags::empty()
+        }
     }
 
     /// Mounts a tiny overlay in a scratch dir under the home and takes it down again; with
@@ -224,7 +252,13 @@ impl Overlay {
                 &MountOpts::default(),
                 user_opts,
             );
-            mountinfo::mount("overlay", &scratch.join(MERGED), "overlay", &data)?;
+            mountinfo::mount_with_flags(
+                "overlay",
+                &scratch.join(MERGED),
+                "overlay",
+                self.mount_flags(user_opts),
+                &data,
+            )?;
             mountinfo::unmount(&scratch.join(MERGED))
         })();
         let cleaned = fs::remove_dir_all(&scratch).ctx("remove", &scratch);
@@ -285,7 +319,7 @@ impl Overlay {
         let merged = dir.join(MERGED);
         let lower = self.lower_root(dir)?;
         let data = self.mount_data(&lower, dir, &MountOpts::default(), true);
-        mountinfo::mount("overlay", &merged, "overlay", &data)?;
+        mountinfo::mount_with_flags("overlay", &merged, "overlay", self.mount_flags(true), &data)?;
         // Declared after `guard`, so it unmounts before a failed guard discards the layer.
         let mounted = UnmountOnDrop(&merged);
         let bytes =
@@ -461,6 +495,19 @@ impl ProtoDriver for Overlay {
             return Ok(root);
         }
         let merged = dir.join(MERGED);
+        if let Some(label) = opts.mount_label.as_deref().filter(|s| !s.is_empty()) {
+            // It is quoted into the mount data: a quote or control character could end it.
+            if !mountopt::label_ok(label) || label.starts_with('"') {
+                return Err(Error::Mount {
+                    target: merged,
+                    options: format!("context={label:?}"),
+                    source: io::Error::new(
+                        io::ErrorKind::InvalidInput,
+                        "expected a mount label without quotes or control characters",
+                    ),
+                });
+            }
+        }
         let lower = self.lower_root(&dir)?;
         let data = self.mount_data(&lower, &dir, opts, true);
         if data.len() >= MAX_MOUNT_DATA {
@@ -478,7 +525,15 @@ impl ProtoDriver for Overlay {
         self.store.acquire_ref(
             id,
             || mountinfo::is_mountpoint(&merged),
-            || mountinfo::mount("overlay", &merged, "overlay", &data),
+            || {
+                mountinfo::mount_with_flags(
+                    "overlay",
+                    &merged,
+                    "overlay",
+                    self.mount_flags(true),
+                    &data,
+                )
+            },
         )?;
         Ok(merged)
     }
