@@ -190,8 +190,9 @@ impl ProtoDriver for Reflink {
         self.store.remove(id, |_| Ok(()))
     }
     /// Nothing to mount: counts the reference and returns the copy.
-    fn get(&self, id: &LayerId, _opts: &MountOpts) -> Result<PathBuf> {
-        self.store.acquire_ref(id, || Ok(true), || Ok(()))?;
+    fn get(&self, id: &LayerId, opts: &MountOpts) -> Result<PathBuf> {
+        self.store
+            .acquire_ref(id, opts.holder(), || Ok(true), || Ok(()))?;
         Ok(self.root(id))
     }
     fn put(&self, id: &LayerId) -> Result<()> {
