@@ -14,3 +14,4 @@ mod bad_input;
 mod cli;
 mod e2e;
 mod import;
+mod store_trust;
