@@ -361,9 +361,10 @@ impl LayerStore {
                 }
                 None => continue,
             }
+            // A record of a layer that no longer exists (or of no valid id at all) is stale.
             let gone = match &id {
                 Some(id) => lstat_type(self.fd(), id.as_str(), &self.layer_dir(id))?.is_none(),
-                None => !is_refs || name.len() == REFS_PREFIX.len(),
+                None => true,
             };
             if gone {
                 match nofollow::remove_entry(mounts.as_fd(), &name, &path) {

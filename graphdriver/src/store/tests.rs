@@ -382,12 +382,17 @@ fn recovery_removes_leftovers_but_not_live_work() {
     fs::create_dir(home.join(STAGING_DIR).join("new-x-1-1")).unwrap();
     fs::write(home.join("a").join(INCOMPLETE_FILE), "").unwrap();
     fs::write(home.join(MOUNTS_DIR).join("gone"), "1").unwrap();
+    fs::create_dir(home.join(MOUNTS_DIR).join(".refs-gone")).unwrap();
+    fs::write(home.join(MOUNTS_DIR).join(".refs-gone").join("ref-1-1"), "").unwrap();
     // Live work: a guard held by "another process" (same effect: the flock is held).
     let live = s.begin_apply(&id("b")).unwrap();
     let (_s2, rec) = LayerStore::open(&home, false).unwrap();
     assert_eq!(rec.staging_removed.len(), 1);
     assert_eq!(rec.incomplete_removed, vec![id("a")]);
-    assert_eq!(rec.stale_mount_records, vec!["gone".to_string()]);
+    let mut stale = rec.stale_mount_records.clone();
+    stale.sort();
+    assert_eq!(stale, [".refs-gone", "gone"]);
+    assert!(!home.join(MOUNTS_DIR).join(".refs-gone").exists());
     assert!(home.join("b").exists(), "live apply must be left alone");
     live.finish().unwrap();
     assert!(s.exists(&id("b")));
