@@ -57,7 +57,8 @@ pub fn run(cli: &Cli) -> Result<ExitCode> {
         }
         Command::Mount { id } => {
             let s = open(&config)?;
-            let path = s.driver.get(&layer_id(id)?, &MountOpts::default())?;
+            // The mount outlives this process: a durable reference, released by `unmount`.
+            let path = s.driver.get(&layer_id(id)?, &MountOpts::durable())?;
             println_out(format_args!("{}", path.display()))
         }
         Command::Unmount { id } => Ok(open(&config)?.driver.put(&layer_id(id)?)?),

@@ -98,7 +98,8 @@ pub enum Command {
         /// The layer.
         id: String,
     },
-    /// Mount a layer (reference counted, also across processes) and print its path.
+    /// Mount a layer and print its path; it stays mounted after graphctl exits, until a matching
+    /// `unmount` (reference counted, also across processes).
     Mount {
         /// The layer.
         id: String,

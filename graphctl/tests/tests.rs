@@ -15,3 +15,4 @@ mod cli;
 mod e2e;
 mod import;
 mod safety;
+mod store_trust;

@@ -53,6 +53,10 @@ use crate::{Change, LayerId, Result};
 pub struct MountOpts {
     /// An SELinux mount label (`context=` option) for drivers that mount; `None` for none.
     pub mount_label: Option<String>,
+    /// The get must outlive the calling process (`graphctl mount`): it is released only by a
+    /// put, in any process. By default (`false`) a get belongs to the calling process and is
+    /// released when the process dies, so a killed reader never leaves a layer busy.
+    pub durable: bool,
 }
 
 impl MountOpts {
@@ -60,6 +64,25 @@ impl MountOpts {
     pub fn with_label(label: impl Into<String>) -> Self {
         MountOpts {
             mount_label: Some(label.into()),
+            ..MountOpts::default()
+        }
+    }
+
+    /// Options for a get that outlives the calling process (see [`MountOpts::durable`]).
+    pub fn durable() -> Self {
+        MountOpts {
+            durable: true,
+            ..MountOpts::default()
+        }
+    }
+
+    /// Who owns the reference a get with these options takes (for
+    /// [`LayerStore::acquire_ref`](crate::LayerStore::acquire_ref)).
+    pub fn holder(&self) -> crate::Holder {
+        if self.durable {
+            crate::Holder::Durable
+        } else {
+            crate::Holder::Process
         }
     }
 }
@@ -105,10 +128,13 @@ pub trait ProtoDriver: Send + Sync {
     /// Makes layer `id`'s tree available and returns its path, mounting it if needed.
     ///
     /// Reference counted: each call must be matched by one [`put`](Self::put); the tree stays
-    /// available until the last put, in this or any other process sharing the home.
+    /// available until the last put, in this or any other process sharing the home. The
+    /// reference belongs to the calling process and dies with it unless `opts.durable` is set
+    /// (then only a put, in any process, releases it).
     fn get(&self, id: &LayerId, opts: &MountOpts) -> Result<PathBuf>;
 
-    /// Releases one [`get`](Self::get) of `id`; the last release unmounts.
+    /// Releases one [`get`](Self::get) of `id` (one this process made if it holds any, else a
+    /// durable one); the last release unmounts.
     fn put(&self, id: &LayerId) -> Result<()>;
 
     /// True if a complete layer `id` exists (unfinished layers count as absent).

@@ -90,11 +90,12 @@ impl ProtoDriver for Fake {
     fn remove(&self, id: &LayerId) -> Result<()> {
         self.store.remove(id, |_| Ok(()))
     }
-    fn get(&self, id: &LayerId, _opts: &MountOpts) -> Result<PathBuf> {
+    fn get(&self, id: &LayerId, opts: &MountOpts) -> Result<PathBuf> {
         if self.fail_get.lock().unwrap().as_ref() == Some(id) {
             return Err(Error::NotFound(id.clone()));
         }
-        self.store.acquire_ref(id, || Ok(true), || Ok(()))?;
+        self.store
+            .acquire_ref(id, opts.holder(), || Ok(true), || Ok(()))?;
         self.outstanding.fetch_add(1, Ordering::SeqCst);
         Ok(self.root(id))
     }

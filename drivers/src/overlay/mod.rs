@@ -200,6 +200,35 @@ impl Overlay {
         self.store.layer_dir(id)
     }
 
+    /// Directory `name` of layer `id`, which must exist and be a real directory (a planted
+    /// symlink is refused, not followed).
+    fn subdir(&self, id: &LayerId, name: &str) -> Result<PathBuf> {
+        self.store.layer_subdir(id, name)?.ok_or_else(|| {
+            Error::io(
+                "open layer directory",
+                self.store.layer_dir(id).join(name),
+                io::Error::from(io::ErrorKind::NotFound),
+            )
+        })
+    }
+
+    /// Checks that the upper and work directories of overlay layer `id` are real directories
+    /// (the kernel would follow a symlink there) and returns its `merged/`.
+    fn checked_overlay_dirs(&self, id: &LayerId) -> Result<PathBuf> {
+        self.subdir(id, UPPER)?;
+        self.subdir(id, WORK)?;
+        self.subdir(id, MERGED)
+    }
+
+    /// Unmounts `merged/` of layer `id` if it is mounted; a `merged` that is not a real
+    /// directory is an error, never followed.
+    fn unmount_layer(&self, id: &LayerId) -> Result<()> {
+        match self.store.layer_subdir(id, MERGED)? {
+            Some(merged) => Self::unmount_if_mounted(&merged),
+            None => Ok(()),
+        }
+    }
+
     /// The mount data for an overlay of `lower` under `dir`'s upper and work: the driver's own
     /// options, then (with `user_opts`) the overlay options of `mount_options` that [`mountopt`]
     /// allowed, then the mount label.
@@ -266,13 +295,13 @@ impl Overlay {
     }
 
     fn create_layer(&self, id: &LayerId, parent: Option<&LayerId>, rw: bool) -> Result<()> {
-        let parent_dir = parent.map(|p| self.store.layer_dir(p));
         self.store.create(id, parent, rw, |dir| {
-            let Some(pdir) = parent_dir else {
+            let Some(p) = parent else {
                 return mkdir(&dir.join(ROOT), 0o755);
             };
-            let proot = pdir.join(ROOT);
-            if let Ok(meta) = fs::symlink_metadata(&proot) {
+            let pdir = self.store.layer_dir(p);
+            if let Some(proot) = self.store.layer_subdir(p, ROOT)? {
+                let meta = fs::symlink_metadata(&proot).ctx("stat", &proot)?;
                 mkdir(&dir.join(UPPER), meta.mode() & 0o7777)?;
                 let upper = dir.join(UPPER);
                 fs::set_permissions(&upper, fs::Permissions::from_mode(meta.mode() & 0o7777))
@@ -290,7 +319,7 @@ impl Overlay {
                     fs::read_to_string(pdir.join(LOWER_ID)).ctx("read", &pdir.join(LOWER_ID))?;
                 LayerId::new(lower.trim())?;
                 fs::write(dir.join(LOWER_ID), lower.trim()).ctx("write", &dir.join(LOWER_ID))?;
-                copy_tree(&pdir.join(UPPER), &dir.join(UPPER), CopyMode::Content)?;
+                copy_tree(&self.subdir(p, UPPER)?, &dir.join(UPPER), CopyMode::Content)?;
             }
             mkdir(&dir.join(WORK), 0o700)?;
             mkdir(&dir.join(MERGED), 0o700)
@@ -301,7 +330,7 @@ impl Overlay {
         let path = dir.join(LOWER_ID);
         let lower = fs::read_to_string(&path).ctx("read", &path)?;
         let lower = LayerId::new(lower.trim())?;
-        Ok(self.store.layer_dir(&lower).join(ROOT))
+        self.subdir(&lower, ROOT)
     }
 
     /// Applies a diff to an overlay layer (read-write, or on a parent without `root/`) through a
@@ -316,7 +345,10 @@ impl Overlay {
         opts: &archive::ApplyOptions,
     ) -> Result<NativeApply> {
         let guard = self.store.begin_apply(id)?;
-        let merged = dir.join(MERGED);
+        let merged = self.checked_overlay_dirs(id)?;
+        // A mount left behind by a killed reader (its reference died with it) must not stay
+        // stacked under ours: nobody can get the layer while it is being applied.
+        Self::unmount_if_mounted(&merged)?;
         let lower = self.lower_root(dir)?;
         let data = self.mount_data(&lower, dir, &MountOpts::default(), true);
         mountinfo::mount_with_flags("overlay", &merged, "overlay", self.mount_flags(true), &data)?;
@@ -479,22 +511,16 @@ impl ProtoDriver for Overlay {
         self.create_layer(id, parent, true)
     }
     fn remove(&self, id: &LayerId) -> Result<()> {
-        self.store.remove(id, |dir| {
-            let merged = dir.join(MERGED);
-            if merged.exists() {
-                Self::unmount_if_mounted(&merged)?;
-            }
-            Ok(())
-        })
+        self.store.remove(id, |_| self.unmount_layer(id))
     }
     fn get(&self, id: &LayerId, opts: &MountOpts) -> Result<PathBuf> {
         let dir = self.store.require(id)?;
-        let root = dir.join(ROOT);
-        if root.is_dir() {
-            self.store.acquire_ref(id, || Ok(true), || Ok(()))?;
+        if let Some(root) = self.store.layer_subdir(id, ROOT)? {
+            self.store
+                .acquire_ref(id, opts.holder(), || Ok(true), || Ok(()))?;
             return Ok(root);
         }
-        let merged = dir.join(MERGED);
+        let merged = self.checked_overlay_dirs(id)?;
         if let Some(label) = opts.mount_label.as_deref().filter(|s| !s.is_empty()) {
             // It is quoted into the mount data: a quote or control character could end it.
             if !mountopt::label_ok(label) || label.starts_with('"') {
@@ -524,6 +550,7 @@ impl ProtoDriver for Overlay {
         }
         self.store.acquire_ref(
             id,
+            opts.holder(),
             || mountinfo::is_mountpoint(&merged),
             || {
                 mountinfo::mount_with_flags(
@@ -538,15 +565,8 @@ impl ProtoDriver for Overlay {
         Ok(merged)
     }
     fn put(&self, id: &LayerId) -> Result<()> {
-        let merged = self.store.layer_dir(id).join(MERGED);
         self.store
-            .release_ref(id, || {
-                if merged.exists() {
-                    Self::unmount_if_mounted(&merged)
-                } else {
-                    Ok(())
-                }
-            })
+            .release_ref(id, || self.unmount_layer(id))
             .map(|_| ())
     }
     fn exists(&self, id: &LayerId) -> bool {
@@ -572,15 +592,11 @@ impl ProtoDriver for Overlay {
     }
     fn cleanup(&self) -> Result<()> {
         let mut first_err = None;
-        for (id, _) in self.store.mounted()? {
-            let merged = self.store.layer_dir(&id).join(MERGED);
-            let res = self.store.release_all(&id, || {
-                if merged.exists() {
-                    Self::unmount_if_mounted(&merged)
-                } else {
-                    Ok(())
-                }
-            });
+        // Every layer, not only those with live references: a reader killed while holding a
+        // reference leaves a mount that no record counts any more.
+        for layer in self.store.list()? {
+            let id = layer.id;
+            let res = self.store.release_all(&id, || self.unmount_layer(&id));
             if let Err(e) = res {
                 tracing::warn!(layer = %id, error = %e, "cleanup could not unmount a layer");
                 first_err.get_or_insert(e);
@@ -607,9 +623,8 @@ impl ApplyDiffProtoDriver for Overlay {
         diff: &mut dyn Read,
     ) -> Result<NativeApply> {
         let dir = self.store.require(id)?;
-        let root = dir.join(ROOT);
         let opts = archive::ApplyOptions::default();
-        if root.is_dir() {
+        if let Some(root) = self.store.layer_subdir(id, ROOT)? {
             let guard = self.store.begin_apply(id)?;
             let bytes = chrootarchive::apply_layer(&root, diff, &opts)
                 .map_err(|e| Error::archive(id, e))?;
@@ -617,18 +632,18 @@ impl ApplyDiffProtoDriver for Overlay {
             return Ok(NativeApply::Applied(bytes));
         }
         let parent_root = match self.store.parent(id)? {
-            Some(p) => self.store.layer_dir(&p).join(ROOT),
+            Some(p) => self.store.layer_subdir(&p, ROOT)?,
             None => return Ok(NativeApply::Fallback),
         };
-        if !parent_root.is_dir() || self.store.is_read_write(id) {
+        let Some(parent_root) = parent_root.filter(|_| !self.store.is_read_write(id)) else {
             return self.apply_through_mount(id, &dir, diff, &opts);
-        }
+        };
         let guard = self.store.begin_apply(id)?;
         let staging = dir.join(STAGING_ROOT);
         copy_tree(&parent_root, &staging, CopyMode::Hardlink)?;
         let bytes =
             chrootarchive::apply_layer(&staging, diff, &opts).map_err(|e| Error::archive(id, e))?;
-        fs::rename(&staging, &root).ctx("rename into place", &staging)?;
+        fs::rename(&staging, dir.join(ROOT)).ctx("rename into place", &staging)?;
         for d in [UPPER, WORK, MERGED] {
             let p = dir.join(d);
             fs::remove_dir_all(&p).ctx("remove", &p)?;

@@ -50,12 +50,23 @@ impl Vfs {
         self.store.layer_dir(id).join("root")
     }
 
+    /// The tree of existing layer `id`, checked to be a real directory (a planted symlink is
+    /// refused, not followed).
+    fn checked_root(&self, id: &LayerId) -> Result<PathBuf> {
+        self.store.layer_subdir(id, "root")?.ok_or_else(|| {
+            Error::io(
+                "open layer directory",
+                self.root(id),
+                std::io::Error::from(std::io::ErrorKind::NotFound),
+            )
+        })
+    }
+
     fn create_layer(&self, id: &LayerId, parent: Option<&LayerId>, rw: bool) -> Result<()> {
-        let parent_root = parent.map(|p| self.root(p));
         self.store.create(id, parent, rw, |dir| {
             let root = dir.join("root");
-            match &parent_root {
-                Some(src) => copy_tree(src, &root, CopyMode::Content),
+            match parent {
+                Some(p) => copy_tree(&self.checked_root(p)?, &root, CopyMode::Content),
                 None => fs::DirBuilder::new()
                     .mode(0o755)
                     .create(&root)
@@ -81,9 +92,12 @@ impl ProtoDriver for Vfs {
     fn remove(&self, id: &LayerId) -> Result<()> {
         self.store.remove(id, |_| Ok(()))
     }
-    fn get(&self, id: &LayerId, _opts: &MountOpts) -> Result<PathBuf> {
-        self.store.acquire_ref(id, || Ok(true), || Ok(()))?;
-        Ok(self.root(id))
+    fn get(&self, id: &LayerId, opts: &MountOpts) -> Result<PathBuf> {
+        self.store.require(id)?;
+        let root = self.checked_root(id)?;
+        self.store
+            .acquire_ref(id, opts.holder(), || Ok(true), || Ok(()))?;
+        Ok(root)
     }
     fn put(&self, id: &LayerId) -> Result<()> {
         self.store.release_ref(id, || Ok(())).map(|_| ())
@@ -119,9 +133,12 @@ impl ApplyDiffProtoDriver for Vfs {
         diff: &mut dyn Read,
     ) -> Result<NativeApply> {
         let guard = self.store.begin_apply(id)?;
-        let bytes =
-            chrootarchive::apply_layer(&self.root(id), diff, &archive::ApplyOptions::default())
-                .map_err(|e| Error::archive(id, e))?;
+        let bytes = chrootarchive::apply_layer(
+            &self.checked_root(id)?,
+            diff,
+            &archive::ApplyOptions::default(),
+        )
+        .map_err(|e| Error::archive(id, e))?;
         guard.finish()?;
         Ok(NativeApply::Applied(bytes))
     }

@@ -57,14 +57,23 @@ impl Reflink {
         })
     }
 
-    fn root(&self, id: &LayerId) -> PathBuf {
-        self.store.layer_dir(id).join("root")
+    /// The tree of existing layer `id`; [`LayerStore::layer_subdir`] refuses a planted symlink.
+    fn root(&self, id: &LayerId) -> Result<PathBuf> {
+        let path = self.store.layer_dir(id).join("root");
+        self.store.layer_subdir(id, "root")?.ok_or_else(|| {
+            graphdriver::Error::io(
+                "open layer directory",
+                path,
+                std::io::Error::from(std::io::ErrorKind::NotFound),
+            )
+        })
     }
 
     fn create_layer(&self, id: &LayerId, parent: Option<&LayerId>, rw: bool) -> Result<()> {
-        let src = parent.map(|p| self.root(p));
         self.store.create(id, parent, rw, |dir| {
             let root = dir.join("root");
+            // The store has checked that the parent exists.
+            let src = parent.map(|p| self.root(p)).transpose()?;
             match &src {
                 Some(src) => {
                     let mut links = HashMap::new();
@@ -190,9 +199,12 @@ impl ProtoDriver for Reflink {
         self.store.remove(id, |_| Ok(()))
     }
     /// Nothing to mount: counts the reference and returns the copy.
-    fn get(&self, id: &LayerId, _opts: &MountOpts) -> Result<PathBuf> {
-        self.store.acquire_ref(id, || Ok(true), || Ok(()))?;
-        Ok(self.root(id))
+    fn get(&self, id: &LayerId, opts: &MountOpts) -> Result<PathBuf> {
+        self.store.require(id)?;
+        let root = self.root(id)?;
+        self.store
+            .acquire_ref(id, opts.holder(), || Ok(true), || Ok(()))?;
+        Ok(root)
     }
     fn put(&self, id: &LayerId) -> Result<()> {
         self.store.release_ref(id, || Ok(())).map(|_| ())

@@ -194,9 +194,11 @@ impl Harness {
             .map_err(|e| format!("create temporary directory in {}: {e}", base.display()))?;
         let home = tmp.path().join("home");
         let scratch = tmp.path().join("scratch");
-        for d in [&home, &scratch] {
-            fs::create_dir(d).map_err(|e| format!("create {}: {e}", d.display()))?;
-        }
+        // The home private whatever the umask: a store refuses one group or others can write.
+        std::os::unix::fs::DirBuilderExt::mode(&mut fs::DirBuilder::new(), 0o700)
+            .create(&home)
+            .map_err(|e| format!("create {}: {e}", home.display()))?;
+        fs::create_dir(&scratch).map_err(|e| format!("create {}: {e}", scratch.display()))?;
         let driver =
             factory(&home).map_err(|e| format!("driver init in {}: {e}", home.display()))?;
         Ok(Harness {

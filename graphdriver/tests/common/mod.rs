@@ -46,8 +46,9 @@ impl ProtoDriver for DirDriver {
     fn remove(&self, id: &LayerId) -> Result<()> {
         self.store.remove(id, |_| Ok(()))
     }
-    fn get(&self, id: &LayerId, _opts: &MountOpts) -> Result<PathBuf> {
-        self.store.acquire_ref(id, || Ok(true), || Ok(()))?;
+    fn get(&self, id: &LayerId, opts: &MountOpts) -> Result<PathBuf> {
+        self.store
+            .acquire_ref(id, opts.holder(), || Ok(true), || Ok(()))?;
         Ok(self.store.layer_dir(id))
     }
     fn put(&self, id: &LayerId) -> Result<()> {

@@ -1,0 +1,987 @@
+//! Layer bookkeeping shared by every driver: directories, parents, staging, locks, mount counts.
+//!
+//! A driver keeps its layer *contents* however it likes; where layers live, who their parent is,
+//! how a new one appears atomically and how many gets are outstanding is the same for all of them,
+//! so it lives here (like containerd's `snapshots/storage`), not copied into each driver.
+//!
+//! # Layout of a driver home
+//!
+//! ```text
+//! <home>/.lock            store lock (flock): held exclusively around metadata changes
+//! <home>/.staging/        layers being built, and layers being deleted
+//! <home>/.mounts/         mount references (see [`mounts`](self#mount-references))
+//! <home>/<id>/            one layer
+//!     parent              the parent's id (absent for a base layer)
+//!     rw                  present for read-write (container) layers
+//!     incomplete          present while a diff is applied; such a layer counts as absent
+//!     …                   the driver's own content (root/, upper/, …)
+//! ```
+//!
+//! Layer ids never start with `.`, so the bookkeeping names cannot collide with a layer.
+//!
+//! # Trust
+//!
+//! The store trusts nothing it did not make. [`LayerStore::open`] refuses, like ssh's
+//! `StrictModes`, a home that is a symlink, is not owned by the effective uid or can be written
+//! by group or others, and the same for the root directory above it (which may also be owned
+//! by root). The error names the path and what is wrong. Inside the home every file and directory
+//! of the store is opened relative to the home's descriptor with `O_NOFOLLOW`: a symlink (or any
+//! other type) where the store expects one of its directories or files is reported as an error
+//! naming the path ("expected a directory, found a symlink"), never followed, and recovery never
+//! deletes through one. Drivers ask [`LayerStore::layer_subdir`] for their own directories inside
+//! a layer (`root/`, `upper/`, …), which refuses a symlink in the same way.
+//!
+//! # Atomicity
+//!
+//! [`LayerStore::create`] builds the layer in `.staging/` and renames it into place with
+//! `RENAME_NOREPLACE`: a layer is either complete or absent. [`LayerStore::begin_apply`] marks an
+//! existing layer incomplete while it is modified; if the modification fails (or the process dies)
+//! the layer is removed rather than left half-applied. Removal renames the layer into `.staging/`
+//! first, so the id disappears at once. [`LayerStore::open`] deletes leftovers of processes that
+//! died mid-way; work still in progress in another process is recognised by the flock its owner
+//! holds and left alone. No layer is copied from a half-applied one: an apply is refused while a
+//! child of the layer is being created or applied or its parent is being applied.
+//!
+//! # Mount references
+//!
+//! A get of a layer is a *reference* to it; the layer cannot be removed or applied to while
+//! references are outstanding, and the last one going deactivates (unmounts) it. A reference is
+//! owned either by a live process or by a durable record ([`Holder`]):
+//!
+//! ```text
+//! <home>/.mounts/<id>                 durable references of <id>: a decimal count, replaced by
+//!                                     rename (written to a new file and fsynced first), never
+//!                                     rewritten in place, absent when zero
+//! <home>/.mounts/.refs-<id>/          the per-layer lock (flock of the directory)
+//!     ref-<pid>-<n>                   one process-owned reference, flocked by its holder
+//!     count.new                       a durable count being written
+//! ```
+//!
+//! * [`Holder::Process`] (the default, what [`MountOpts::default`](crate::MountOpts) asks for):
+//!   the reference is a file its holder keeps flocked. It dies with the process (or when the last
+//!   clone of this `LayerStore` is dropped): a holder file whose flock anyone else can take is
+//!   dead, and is deleted by the next [`LayerStore::open`], [`LayerStore::mount_count`] (so by
+//!   every `remove` and `begin_apply`), get or put of that layer. A `changes` or `diff` killed
+//!   mid-way therefore leaves nothing that blocks `rm`. A mount left behind by a dead holder is
+//!   adopted by the next get (and unmounted by its put), and unmounted by `remove` and by the
+//!   driver's cleanup.
+//! * [`Holder::Durable`] (`MountOpts::durable`, what `graphctl mount` asks for): a reference that
+//!   must outlive the process; it is a count in `.mounts/<id>` that only a put (in any process)
+//!   or [`LayerStore::release_all`] takes down. A kill mid-write leaves the old or the new count,
+//!   never an empty or zero one.
+//!
+//! [`LayerStore::release_ref`] releases one of the references this `LayerStore` (or a clone)
+//! holds as a process, else one durable reference: gets and puts in one process pair up, and a
+//! put in a later process (`graphctl unmount`) releases a durable get. [`LayerStore::mount_count`]
+//! counts live references only. Mount states are not trusted blindly either:
+//! [`LayerStore::acquire_ref`] asks the driver whether the mount is really there, and
+//! [`LayerStore::repair_mounts`] (called by mounting drivers at init) resets the durable counts
+//! of mounts that vanished (a reboot, a manual umount).
+//!
+//! # Locking (several processes share one home)
+//!
+//! * The store lock `.lock`: exclusive around metadata changes (the commit of a create, a
+//!   removal, the start of an apply, recovery), shared around reads that must see one state
+//!   ([`LayerStore::list`], [`LayerStore::children`]) and around taking a mount reference (so a
+//!   layer cannot be removed between the check that it exists and the count going up).
+//! * Per-layer locks: the flock on `.mounts/.refs-<id>/` serialises gets and puts of one layer
+//!   (and the mount/unmount they do); the flock on `<id>/incomplete` marks an apply in progress;
+//!   staging and removed directories are flocked by the process working on them.
+//! * Lock order: store lock, then a per-layer lock. Nothing waits for the store lock while it
+//!   holds a per-layer lock, so the locks cannot deadlock.
+//!
+//! # Permissions
+//!
+//! The home is created 0700 and an existing one is made 0700 (0710 is left alone; one that group
+//! or others can write is refused, see above), and layer directories are created 0700, so other
+//! users cannot reach into layers (and the setuid binaries they may hold).
+
+mod mounts;
+mod nofollow;
+#[cfg(test)]
+mod tests;
+
+use std::collections::HashMap;
+use std::fs::File;
+use std::io;
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+
+use rustix::fs::{AtFlags, FileType, FlockOperation, Mode, OFlags, RenameFlags};
+use rustix::io::Errno;
+
+pub use mounts::Holder;
+use nofollow::{lstat_type, open_dir, open_dir_opt, unexpected};
+
+use crate::{Error, LayerId, LayerInfo, Result};
+
+const LOCK_FILE: &str = ".lock";
+const STAGING_DIR: &str = ".staging";
+const MOUNTS_DIR: &str = ".mounts";
+const PARENT_FILE: &str = "parent";
+const RW_FILE: &str = "rw";
+const INCOMPLETE_FILE: &str = "incomplete";
+
+static STAGING_COUNTER: AtomicU64 = AtomicU64::new(0);
+
+/// The bookkeeping of one driver home. Cheap to share: clones share the home's descriptor and
+/// the process-owned mount references (see the [module docs](self#mount-references)).
+#[derive(Debug, Clone)]
+pub struct LayerStore {
+    home: PathBuf,
+    /// The home, opened once (after its checks); everything inside is opened relative to it.
+    dir: Arc<OwnedFd>,
+    sync: bool,
+    /// The process-owned references this store holds, by layer.
+    held: Arc<Mutex<HashMap<LayerId, Vec<mounts::HeldRef>>>>,
+}
+
+/// An exclusive or shared hold on a flock; released on drop.
+#[derive(Debug)]
+pub struct FileLock {
+    file: Option<File>,
+}
+
+impl FileLock {
+    /// Opens (creating, mode 0600) regular file `name` of `dir` without following a symlink and
+    /// locks it with `op`, waiting for the lock. A read-only store (a read-only bind mount, a
+    /// snapshot) can still be read: flock works on a read-only descriptor of an existing file.
+    fn acquire_at(
+        dir: BorrowedFd<'_>,
+        name: &str,
+        path: &Path,
+        op: FlockOperation,
+    ) -> Result<FileLock> {
+        let file = match nofollow::open_file(dir, name, path, true, true) {
+            Err(Error::Io { source, .. }) if source.raw_os_error() == Some(libc::EROFS) => {
+                nofollow::open_file(dir, name, path, false, false)?.ok_or_else(|| {
+                    Error::io(
+                        "open lock file",
+                        path,
+                        io::Error::from(io::ErrorKind::NotFound),
+                    )
+                })?
+            }
+            other => other?.ok_or_else(|| {
+                Error::io(
+                    "open lock file",
+                    path,
+                    io::Error::from(io::ErrorKind::NotFound),
+                )
+            })?,
+        };
+        FileLock::on(file.into(), path, op)
+    }
+
+    /// Locks the open file or directory `fd` with `op`, waiting for the lock.
+    fn on(fd: OwnedFd, path: &Path, op: FlockOperation) -> Result<FileLock> {
+        rustix::fs::flock(&fd, op).map_err(|e| Error::io("lock", path, e.into()))?;
+        Ok(FileLock {
+            file: Some(File::from(fd)),
+        })
+    }
+
+    /// The locked file's descriptor.
+    fn fd(&self, path: &Path) -> Result<BorrowedFd<'_>> {
+        self.file.as_ref().map(|f| f.as_fd()).ok_or_else(|| {
+            Error::io(
+                "use lock file",
+                path,
+                io::Error::new(io::ErrorKind::NotFound, "the lock file is missing"),
+            )
+        })
+    }
+
+    /// Tries to take an exclusive lock on an already open file or directory without blocking;
+    /// `None` if someone else holds it.
+    fn try_exclusive(fd: impl Into<OwnedFd>) -> Option<FileLock> {
+        let fd: OwnedFd = fd.into();
+        match rustix::fs::flock(&fd, FlockOperation::NonBlockingLockExclusive) {
+            Ok(()) => Some(FileLock {
+                file: Some(File::from(fd)),
+            }),
+            Err(_) => None,
+        }
+    }
+}
+
+/// What [`LayerStore::open`] cleaned up.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct Recovery {
+    /// Staging directories of interrupted creates and removals that were deleted.
+    pub staging_removed: Vec<PathBuf>,
+    /// Layers left incomplete by an interrupted apply, now removed.
+    pub incomplete_removed: Vec<LayerId>,
+    /// Mount records of layers that no longer exist, dropped.
+    pub stale_mount_records: Vec<String>,
+    /// Layers whose process-owned mount references belonged to dead processes, with how many
+    /// were dropped.
+    pub dead_references: Vec<(LayerId, u32)>,
+    /// Leftovers that could not be removed (for example a mount inside them) and entries the
+    /// store did not make (a symlink where it expects a directory), one message each naming the
+    /// path; they stay for the next open to retry, and the store is usable meanwhile.
+    pub failed: Vec<String>,
+}
+
+impl Recovery {
+    /// True if nothing needed cleaning.
+    pub fn is_empty(&self) -> bool {
+        self.staging_removed.is_empty()
+            && self.incomplete_removed.is_empty()
+            && self.stale_mount_records.is_empty()
+            && self.dead_references.is_empty()
+            && self.failed.is_empty()
+    }
+}
+
+impl LayerStore {
+    /// Opens (creating if needed, mode 0700) the driver home `home`, and removes what interrupted
+    /// work left behind (reported through `tracing` and returned).
+    ///
+    /// Refused with an error naming the path and what is wrong when `home` or the directory
+    /// above it (the storage root) is a symlink, is owned by another user (the root may be owned
+    /// by root) or can be written by group or others; and when `.staging` or `.mounts` inside it
+    /// is not a directory. See the [module docs](self#trust).
+    ///
+    /// With `sync`, layer data is flushed to disk before a new layer becomes visible.
+    pub fn open(home: &Path, sync: bool) -> Result<(LayerStore, Recovery)> {
+        let dir = nofollow::open_home(home)?;
+        let store = LayerStore {
+            home: home.to_path_buf(),
+            dir: Arc::new(dir),
+            sync,
+            held: Arc::default(),
+        };
+        for name in [STAGING_DIR, MOUNTS_DIR] {
+            let path = home.join(name);
+            nofollow::mkdir_if_missing(store.fd(), name, 0o700, &path)?;
+            open_dir(store.fd(), name, &path)?;
+        }
+        if store.is_read_only() {
+            // Nothing can be repaired, and nothing can be changed either: every change fails
+            // with EROFS naming its path. Reading (list, get of image layers) still works.
+            tracing::debug!(home = %home.display(), "store is read-only; skipping recovery");
+            return Ok((store, Recovery::default()));
+        }
+        restrict_mode(store.fd(), home)?;
+        let recovery = store.recover()?;
+        if !recovery.failed.is_empty() {
+            tracing::error!(home = %home.display(), failed = ?recovery.failed, "could not remove some leftovers of interrupted work; will retry at the next open");
+        }
+        if !recovery.is_empty() {
+            tracing::warn!(home = %home.display(), ?recovery, "cleaned up after interrupted work");
+        }
+        Ok((store, recovery))
+    }
+
+    /// The driver home.
+    pub fn home(&self) -> &Path {
+        &self.home
+    }
+
+    fn fd(&self) -> BorrowedFd<'_> {
+        self.dir.as_fd()
+    }
+
+    /// True if the home is on a filesystem mounted read-only: layers can be read, not changed.
+    pub fn is_read_only(&self) -> bool {
+        rustix::fs::fstatvfs(self.fd())
+            .map(|s| s.f_flag.contains(rustix::fs::StatVfsMountFlags::RDONLY))
+            .unwrap_or(false)
+    }
+
+    /// The directory of layer `id` (whether or not it exists).
+    pub fn layer_dir(&self, id: &LayerId) -> PathBuf {
+        self.home.join(id.as_str())
+    }
+
+    /// The driver-owned directory `name` (one path component, such as `root`) inside layer
+    /// `id`'s directory: `None` if there is no entry of that name, an error naming the path if
+    /// the entry is anything but a real directory (a symlink is refused, not followed), and
+    /// [`Error::NotFound`] if the layer directory does not exist. Works on layers being applied
+    /// too. Drivers use it before they hand such a directory to an apply, a mount or a copy.
+    pub fn layer_subdir(&self, id: &LayerId, name: &str) -> Result<Option<PathBuf>> {
+        let path = self.layer_dir(id).join(name);
+        if name.is_empty() || name.contains('/') || name == "." || name == ".." {
+            return Err(Error::io(
+                "open layer directory",
+                &path,
+                io::Error::new(io::ErrorKind::InvalidInput, "expected a single name"),
+            ));
+        }
+        let layer = self
+            .layer_fd(id)?
+            .ok_or_else(|| Error::NotFound(id.clone()))?;
+        match lstat_type(layer.as_fd(), name, &path)? {
+            None => Ok(None),
+            Some(FileType::Directory) => Ok(Some(path)),
+            Some(t) => Err(unexpected("open layer directory", &path, "a directory", t)),
+        }
+    }
+
+    /// Layer `id`'s directory, opened without following a symlink; `None` if absent.
+    fn layer_fd(&self, id: &LayerId) -> Result<Option<OwnedFd>> {
+        open_dir_opt(self.fd(), id.as_str(), &self.layer_dir(id))
+    }
+
+    /// Layer `id`'s directory if it is complete; `None` if absent or being applied.
+    fn complete_layer_fd(&self, id: &LayerId) -> Result<Option<OwnedFd>> {
+        Ok(self.layer_fd(id)?.filter(|fd| is_complete(fd.as_fd())))
+    }
+
+    fn staging_fd(&self) -> Result<OwnedFd> {
+        open_dir(self.fd(), STAGING_DIR, &self.home.join(STAGING_DIR))
+    }
+
+    /// Takes the store lock exclusively (blocks until free). Hold it around metadata changes
+    /// that must not interleave with other processes' (check-then-rename).
+    pub fn lock_exclusive(&self) -> Result<FileLock> {
+        FileLock::acquire_at(
+            self.fd(),
+            LOCK_FILE,
+            &self.home.join(LOCK_FILE),
+            FlockOperation::LockExclusive,
+        )
+    }
+
+    /// Takes the store lock shared (many readers). On a read-only store without a lock file
+    /// nobody can change anything, and the hold is empty.
+    pub fn lock_shared(&self) -> Result<FileLock> {
+        let path = self.home.join(LOCK_FILE);
+        match FileLock::acquire_at(self.fd(), LOCK_FILE, &path, FlockOperation::LockShared) {
+            Err(Error::Io { source, .. })
+                if source.kind() == io::ErrorKind::NotFound && self.is_read_only() =>
+            {
+                Ok(FileLock { file: None })
+            }
+            other => other,
+        }
+    }
+
+    /// True if a complete layer `id` exists (its directory exists and no apply is unfinished).
+    /// Anything but a real directory under the id (a planted symlink) is not a layer; such an
+    /// entry is logged, and [`require`](Self::require) reports it as an error.
+    pub fn exists(&self, id: &LayerId) -> bool {
+        match self.complete_layer_fd(id) {
+            Ok(fd) => fd.is_some(),
+            Err(e) => {
+                tracing::warn!(layer = %id, error = %e, "not a layer");
+                false
+            }
+        }
+    }
+
+    /// Fails with [`Error::NotFound`] unless a complete layer `id` exists, and with an error
+    /// naming the path if something else than a directory is there (a symlink is not followed).
+    pub fn require(&self, id: &LayerId) -> Result<PathBuf> {
+        self.require_fd(id)?;
+        Ok(self.layer_dir(id))
+    }
+
+    fn require_fd(&self, id: &LayerId) -> Result<OwnedFd> {
+        self.complete_layer_fd(id)?
+            .ok_or_else(|| Error::NotFound(id.clone()))
+    }
+
+    /// The parent recorded for layer `id`.
+    pub fn parent(&self, id: &LayerId) -> Result<Option<LayerId>> {
+        let fd = self.require_fd(id)?;
+        read_parent(fd.as_fd(), &self.layer_dir(id))
+    }
+
+    /// True if `id` is a read-write (container) layer.
+    pub fn is_read_write(&self, id: &LayerId) -> bool {
+        let path = self.layer_dir(id).join(RW_FILE);
+        matches!(self.layer_fd(id), Ok(Some(fd))
+            if matches!(lstat_type(fd.as_fd(), RW_FILE, &path), Ok(Some(_))))
+    }
+
+    /// Every complete layer, sorted by id; one consistent state (under the shared store lock).
+    /// An entry named like a layer that is not a directory (a planted symlink) is an error
+    /// naming its path.
+    pub fn list(&self) -> Result<Vec<LayerInfo>> {
+        let _lock = self.lock_shared()?;
+        self.list_unlocked()
+    }
+
+    fn list_unlocked(&self) -> Result<Vec<LayerInfo>> {
+        let mut out = Vec::new();
+        for id in ids_in(self.fd(), &self.home)? {
+            let dir = self.layer_dir(&id);
+            let fd = open_dir(self.fd(), id.as_str(), &dir)?;
+            if !is_complete(fd.as_fd()) {
+                continue;
+            }
+            let parent = read_parent(fd.as_fd(), &dir)?;
+            out.push(LayerInfo {
+                read_write: lstat_type(fd.as_fd(), RW_FILE, &dir.join(RW_FILE))?.is_some(),
+                id,
+                parent,
+            });
+        }
+        out.sort();
+        Ok(out)
+    }
+
+    /// The complete layers whose parent is `id`.
+    pub fn children(&self, id: &LayerId) -> Result<Vec<LayerId>> {
+        Ok(self
+            .list()?
+            .into_iter()
+            .filter(|l| l.parent.as_ref() == Some(id))
+            .map(|l| l.id)
+            .collect())
+    }
+
+    /// Every layer directory naming `id` as parent, complete or not (a child being applied
+    /// still needs its parent), sorted.
+    fn children_any(&self, id: &LayerId) -> Result<Vec<LayerId>> {
+        let mut out = Vec::new();
+        for child in ids_in(self.fd(), &self.home)? {
+            let dir = self.layer_dir(&child);
+            let fd = open_dir(self.fd(), child.as_str(), &dir)?;
+            if read_parent(fd.as_fd(), &dir)?.as_ref() == Some(id) {
+                out.push(child);
+            }
+        }
+        // Children still being built in `.staging/` copy this layer's tree right now: they count
+        // too, while their builder is alive (it holds the staging dir's flock).
+        let staging = self.staging_fd()?;
+        let staging_path = self.home.join(STAGING_DIR);
+        for name in names_in(staging.as_fd(), &staging_path)? {
+            let Some(child) = name
+                .strip_prefix("new-")
+                .and_then(|n| n.rsplitn(3, '-').nth(2))
+                .and_then(|n| LayerId::new(n).ok())
+            else {
+                continue;
+            };
+            let path = staging_path.join(&name);
+            let Some(dir) = open_dir_opt(staging.as_fd(), &name, &path)? else {
+                continue;
+            };
+            if read_parent(dir.as_fd(), &path)?.as_ref() != Some(id) {
+                continue;
+            }
+            if FileLock::try_exclusive(dir).is_none() {
+                out.push(child);
+            }
+        }
+        out.sort();
+        Ok(out)
+    }
+
+    /// Creates layer `id` atomically.
+    ///
+    /// `populate` fills a fresh staging directory (which already holds the store's metadata);
+    /// the directory is then renamed to `<home>/<id>`. Fails with [`Error::AlreadyExists`] if
+    /// `id` exists (any entry of that name counts) and [`Error::NotFound`] if `parent` does not —
+    /// checked again under the store lock at the rename, so a parent removed concurrently is
+    /// noticed. On any failure the staging directory is deleted and `id` stays absent.
+    pub fn create(
+        &self,
+        id: &LayerId,
+        parent: Option<&LayerId>,
+        read_write: bool,
+        populate: impl FnOnce(&Path) -> Result<()>,
+    ) -> Result<()> {
+        if lstat_type(self.fd(), id.as_str(), &self.layer_dir(id))?.is_some() {
+            return Err(Error::AlreadyExists(id.clone()));
+        }
+        if let Some(p) = parent {
+            self.require(p)?;
+        }
+        let staging = self.staging_dir(id, parent)?;
+        if read_write {
+            nofollow::create_new_file(staging.fd.as_fd(), RW_FILE, &staging.path.join(RW_FILE))?;
+        }
+        populate(&staging.path)?;
+        if self.sync {
+            sync_tree(staging.fd.as_fd(), &staging.path)?;
+        }
+        let _lock = self.lock_exclusive()?;
+        if let Some(p) = parent {
+            self.require(p)?;
+        }
+        let target = self.layer_dir(id);
+        match rustix::fs::renameat_with(
+            &staging.parent,
+            staging.name.as_str(),
+            self.fd(),
+            id.as_str(),
+            RenameFlags::NOREPLACE,
+        ) {
+            Ok(()) => {}
+            Err(Errno::EXIST) | Err(Errno::NOTEMPTY) => {
+                return Err(Error::AlreadyExists(id.clone()));
+            }
+            Err(e) => return Err(Error::io("rename into place", &target, e.into())),
+        }
+        staging.committed();
+        if self.sync {
+            fsync_dir(self.fd(), &self.home)?;
+        }
+        Ok(())
+    }
+
+    /// Marks complete layer `id` as being modified; until [`ApplyGuard::finish`] it counts as
+    /// absent, and if the guard is dropped unfinished the layer is removed.
+    ///
+    /// Refused with [`Error::InUse`] while another apply of `id` runs, while `id` is mounted
+    /// (live references only: those of dead processes do not count), while a child of `id` is
+    /// being created or applied, or while its parent is being applied (so no layer is ever
+    /// copied from a half-applied one).
+    pub fn begin_apply(&self, id: &LayerId) -> Result<ApplyGuard<'_>> {
+        let _lock = self.lock_exclusive()?;
+        let dir = self.require_fd(id)?;
+        let count = self.mount_count(id)?;
+        if count > 0 {
+            return Err(Error::InUse {
+                id: id.clone(),
+                reason: format!("mounted {count} time(s); unmount it before applying a diff"),
+            });
+        }
+        if let Some(reason) = self.relatives_busy(id, dir.as_fd())? {
+            return Err(Error::InUse {
+                id: id.clone(),
+                reason,
+            });
+        }
+        let marker = self.layer_dir(id).join(INCOMPLETE_FILE);
+        let in_progress = || Error::InUse {
+            id: id.clone(),
+            reason: "another apply is in progress".to_string(),
+        };
+        let file = match rustix::fs::openat(
+            &dir,
+            INCOMPLETE_FILE,
+            OFlags::WRONLY | OFlags::CREATE | OFlags::EXCL | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+            Mode::from_raw_mode(0o600),
+        ) {
+            Ok(fd) => fd,
+            Err(Errno::EXIST) => return Err(in_progress()),
+            Err(e) => return Err(Error::io("create marker", &marker, e.into())),
+        };
+        let lock = FileLock::try_exclusive(file).ok_or_else(in_progress)?;
+        Ok(ApplyGuard {
+            store: self,
+            id: id.clone(),
+            dir,
+            _lock: Some(lock),
+            finished: false,
+        })
+    }
+
+    /// Removes layer `id`: refused with [`Error::InUse`] while it has live references (those of
+    /// dead processes are dropped first) and with [`Error::HasChildren`] while layers name it as
+    /// parent. `before` runs under the store lock after those checks and before the layer
+    /// disappears (drivers unmount or release there).
+    ///
+    /// Also refused with [`Error::InUse`] while another process applies a diff to `id`, and with
+    /// [`Error::HasChildren`] for a child that is still being applied. A symlink (or anything but
+    /// a directory) under the id is an error naming the path; nothing is deleted through it. The
+    /// layer disappears by one rename under the store lock; its data is deleted after the lock
+    /// is released.
+    pub fn remove(&self, id: &LayerId, before: impl FnOnce(&Path) -> Result<()>) -> Result<()> {
+        let grave = {
+            let _lock = self.lock_exclusive()?;
+            let dir = self.layer_dir(id);
+            let Some(fd) = self.layer_fd(id)? else {
+                return Err(Error::NotFound(id.clone()));
+            };
+            if apply_in_progress(fd.as_fd()) {
+                return Err(Error::InUse {
+                    id: id.clone(),
+                    reason: "a diff is being applied to it".to_string(),
+                });
+            }
+            let count = self.mount_count(id)?;
+            if count > 0 {
+                return Err(Error::InUse {
+                    id: id.clone(),
+                    reason: format!("mounted {count} time(s)"),
+                });
+            }
+            let children = self.children_any(id)?;
+            if !children.is_empty() {
+                return Err(Error::HasChildren {
+                    id: id.clone(),
+                    children,
+                });
+            }
+            before(&dir)?;
+            self.bury(id)?
+        };
+        grave.delete()
+    }
+
+    /// Renames `<home>/<id>` into `.staging/` (flocked, so recovery elsewhere leaves it to us)
+    /// and drops its mount records. No checks: callers have done them.
+    fn bury(&self, id: &LayerId) -> Result<Grave> {
+        let dir = self.layer_dir(id);
+        // The flock follows the directory through the rename: there is no moment where the
+        // grave is in `.staging/` unlocked while we still work on it.
+        let lock = FileLock::on(
+            open_dir(self.fd(), id.as_str(), &dir)?,
+            &dir,
+            FlockOperation::LockExclusive,
+        )?;
+        let n = STAGING_COUNTER.fetch_add(1, Ordering::Relaxed);
+        let name = format!("rm-{}-{}-{n}", id.as_str(), std::process::id());
+        let staging = self.staging_fd()?;
+        rustix::fs::renameat(self.fd(), id.as_str(), &staging, name.as_str())
+            .map_err(|e| Error::io("rename for removal", &dir, e.into()))?;
+        self.drop_mount_records(id);
+        Ok(Grave {
+            path: self.home.join(STAGING_DIR).join(&name),
+            parent: staging,
+            name,
+            _lock: lock,
+        })
+    }
+
+    /// Renames `<home>/<id>` away and deletes it. No checks: callers have done them.
+    fn discard_layer_dir(&self, id: &LayerId) -> Result<()> {
+        self.bury(id)?.delete()
+    }
+
+    /// A fresh, flocked staging directory for `id`, with its `parent` file. The parent is
+    /// checked again after that file is written, under the shared store lock: an apply to the
+    /// parent either started before (and the parent is absent now) or sees this child being
+    /// created and is refused, so a child never copies a half-applied parent.
+    fn staging_dir(&self, id: &LayerId, parent: Option<&LayerId>) -> Result<StagingDir> {
+        let n = STAGING_COUNTER.fetch_add(1, Ordering::Relaxed);
+        let name = format!("new-{}-{}-{n}", id.as_str(), std::process::id());
+        let path = self.home.join(STAGING_DIR).join(&name);
+        // Recovery (which holds the store lock exclusively) deletes staging dirs nobody has
+        // locked: hold the lock shared from the mkdir until our flock is taken.
+        let _store = self.lock_shared()?;
+        let staging = self.staging_fd()?;
+        rustix::fs::mkdirat(&staging, name.as_str(), Mode::from_raw_mode(0o700))
+            .map_err(|e| Error::io("create staging directory", &path, e.into()))?;
+        let remove = |staging: &OwnedFd| {
+            let _ = nofollow::remove_entry(staging.as_fd(), &name, &path);
+        };
+        let dir = match open_dir(staging.as_fd(), &name, &path) {
+            Ok(d) => d,
+            Err(e) => {
+                remove(&staging);
+                return Err(e);
+            }
+        };
+        let fd = match dir.try_clone() {
+            Ok(fd) => fd,
+            Err(e) => {
+                remove(&staging);
+                return Err(Error::io("open staging directory", &path, e));
+            }
+        };
+        let Some(lock) = FileLock::try_exclusive(dir) else {
+            remove(&staging);
+            let e = io::Error::from(io::ErrorKind::WouldBlock);
+            return Err(Error::io("lock", &path, e));
+        };
+        let staging = StagingDir {
+            path,
+            parent: staging,
+            name,
+            fd,
+            _lock: lock,
+            committed: false,
+        };
+        if let Some(p) = parent {
+            use std::io::Write;
+            let path = staging.path.join(PARENT_FILE);
+            nofollow::create_new_file(staging.fd.as_fd(), PARENT_FILE, &path)?
+                .write_all(p.as_str().as_bytes())
+                .map_err(|e| Error::io("write", &path, e))?;
+            self.require(p)?;
+        }
+        Ok(staging)
+    }
+
+    /// Why a diff cannot be applied to `id` (whose directory is `dir`) now because of its
+    /// relatives, if it cannot: a child being created (it copies this layer) or applied (it may
+    /// copy this layer's tree), or the parent being applied (this layer may copy it). Call under
+    /// the store lock.
+    fn relatives_busy(&self, id: &LayerId, dir: BorrowedFd<'_>) -> Result<Option<String>> {
+        if let Some(p) = read_parent(dir, &self.layer_dir(id))? {
+            if let Some(pfd) = self.layer_fd(&p)? {
+                if apply_in_progress(pfd.as_fd()) {
+                    return Ok(Some(format!("its parent {p} is being applied")));
+                }
+            }
+        }
+        for child in self.children_any(id)? {
+            if let Some(cfd) = self.layer_fd(&child)? {
+                if apply_in_progress(cfd.as_fd()) {
+                    return Ok(Some(format!("its child {child} is being applied")));
+                }
+            }
+        }
+        let staging = self.staging_fd()?;
+        let staging_path = self.home.join(STAGING_DIR);
+        for name in names_in(staging.as_fd(), &staging_path)? {
+            if !name.starts_with("new-") {
+                continue;
+            }
+            let path = staging_path.join(&name);
+            let Some(fd) = open_dir_opt(staging.as_fd(), &name, &path)? else {
+                continue;
+            };
+            if read_parent(fd.as_fd(), &path)?.as_ref() == Some(id) {
+                return Ok(Some("a child of it is being created".to_string()));
+            }
+        }
+        Ok(None)
+    }
+
+    fn recover(&self) -> Result<Recovery> {
+        let mut rec = Recovery::default();
+        let _lock = self.lock_exclusive()?;
+        let staging = self.staging_fd()?;
+        let staging_path = self.home.join(STAGING_DIR);
+        for name in names_in(staging.as_fd(), &staging_path)? {
+            let path = staging_path.join(&name);
+            // Only real directories are ours; anything else is reported and left alone (never
+            // followed, never deleted through).
+            let dir = match open_dir_opt(staging.as_fd(), &name, &path) {
+                Ok(Some(d)) => d,
+                Ok(None) => continue,
+                Err(e) => {
+                    rec.failed.push(e.to_string());
+                    continue;
+                }
+            };
+            // A live owner holds the flock on its staging dir (removals: no owner, always stale
+            // once we hold the store lock... unless mid-delete; deleting twice is harmless).
+            if let Some(_held) = FileLock::try_exclusive(dir) {
+                // One undeletable leftover must not make the whole store unusable.
+                match nofollow::remove_entry(staging.as_fd(), &name, &path) {
+                    Ok(()) => rec.staging_removed.push(path),
+                    Err(e) => rec.failed.push(e.to_string()),
+                }
+            }
+        }
+        for id in ids_in(self.fd(), &self.home)? {
+            let dir = match open_dir(self.fd(), id.as_str(), &self.layer_dir(&id)) {
+                Ok(d) => d,
+                Err(e) => {
+                    rec.failed.push(e.to_string());
+                    continue;
+                }
+            };
+            let marker = self.layer_dir(&id).join(INCOMPLETE_FILE);
+            let file =
+                match nofollow::open_file(dir.as_fd(), INCOMPLETE_FILE, &marker, false, false) {
+                    Ok(Some(f)) => f,
+                    Ok(None) => continue,
+                    Err(e) => {
+                        rec.failed.push(e.to_string());
+                        continue;
+                    }
+                };
+            if let Some(held) = FileLock::try_exclusive(file) {
+                // An apply that finished between our open and our lock removed the marker
+                // first: the layer is complete, not abandoned.
+                if !still_linked(&held, dir.as_fd(), INCOMPLETE_FILE) {
+                    continue;
+                }
+                match self.discard_layer_dir(&id) {
+                    Ok(()) => rec.incomplete_removed.push(id),
+                    Err(e) => rec.failed.push(format!("incomplete layer {id}: {e}")),
+                }
+            }
+        }
+        self.recover_mounts(&mut rec)?;
+        Ok(rec)
+    }
+}
+
+/// A layer being modified by [`LayerStore::begin_apply`].
+#[derive(Debug)]
+pub struct ApplyGuard<'a> {
+    store: &'a LayerStore,
+    id: LayerId,
+    /// The layer's directory (opened without following a symlink).
+    dir: OwnedFd,
+    _lock: Option<FileLock>,
+    finished: bool,
+}
+
+impl ApplyGuard<'_> {
+    /// The modification succeeded: sync if configured and make the layer visible again.
+    pub fn finish(mut self) -> Result<()> {
+        let path = self.store.layer_dir(&self.id);
+        if self.store.sync {
+            sync_tree(self.dir.as_fd(), &path)?;
+        }
+        rustix::fs::unlinkat(&self.dir, INCOMPLETE_FILE, AtFlags::empty())
+            .map_err(|e| Error::io("remove marker", path.join(INCOMPLETE_FILE), e.into()))?;
+        self.finished = true;
+        if self.store.sync {
+            fsync_dir(self.dir.as_fd(), &path)?;
+        }
+        Ok(())
+    }
+}
+
+impl Drop for ApplyGuard<'_> {
+    fn drop(&mut self) {
+        if !self.finished {
+            // Never leave a half-applied layer under its id.
+            if let Err(e) = self.store.discard_layer_dir(&self.id) {
+                tracing::error!(layer = %self.id, error = %e, "could not remove a failed layer");
+            }
+        }
+    }
+}
+
+/// A removed layer's directory in `.staging/`, flocked until its deletion is done.
+struct Grave {
+    path: PathBuf,
+    /// `.staging/` and the grave's name in it.
+    parent: OwnedFd,
+    name: String,
+    _lock: FileLock,
+}
+
+impl Grave {
+    fn delete(self) -> Result<()> {
+        nofollow::remove_entry(self.parent.as_fd(), &self.name, &self.path)
+    }
+}
+
+struct StagingDir {
+    path: PathBuf,
+    /// `.staging/` and the directory's name in it.
+    parent: OwnedFd,
+    name: String,
+    /// The directory itself.
+    fd: OwnedFd,
+    _lock: FileLock,
+    committed: bool,
+}
+
+impl StagingDir {
+    fn committed(mut self) {
+        self.committed = true;
+    }
+}
+
+impl Drop for StagingDir {
+    fn drop(&mut self) {
+        if !self.committed {
+            let _ = nofollow::remove_entry(self.parent.as_fd(), &self.name, &self.path);
+        }
+    }
+}
+
+/// True if the layer directory `dir` has no unfinished apply. The marker is looked up through
+/// the directory's descriptor, so a layer renamed away meanwhile is judged by its own state,
+/// not by a missing path.
+fn is_complete(dir: BorrowedFd<'_>) -> bool {
+    matches!(
+        rustix::fs::statat(dir, INCOMPLETE_FILE, AtFlags::SYMLINK_NOFOLLOW),
+        Err(Errno::NOENT)
+    )
+}
+
+/// True if the file `lock` holds is still entry `name` of `dir` (not unlinked or replaced).
+fn still_linked(lock: &FileLock, dir: BorrowedFd<'_>, name: &str) -> bool {
+    let (Some(file), Ok(now)) = (
+        lock.file.as_ref(),
+        rustix::fs::statat(dir, name, AtFlags::SYMLINK_NOFOLLOW),
+    ) else {
+        return false;
+    };
+    rustix::fs::fstat(file).is_ok_and(|held| held.st_ino == now.st_ino && held.st_dev == now.st_dev)
+}
+
+/// True if a live process holds the `incomplete` marker of layer directory `dir` (a marker
+/// nobody holds is a dead process's leftover). A marker that is not a regular file counts as
+/// in progress: nothing is done to such a layer.
+fn apply_in_progress(dir: BorrowedFd<'_>) -> bool {
+    match nofollow::open_file(
+        dir,
+        INCOMPLETE_FILE,
+        Path::new(INCOMPLETE_FILE),
+        false,
+        false,
+    ) {
+        Ok(Some(f)) => match FileLock::try_exclusive(f) {
+            None => true,
+            // Free, but is it still there? (An apply that just finished unlinked it.)
+            Some(held) => {
+                !still_linked(&held, dir, INCOMPLETE_FILE)
+                    && rustix::fs::statat(dir, INCOMPLETE_FILE, AtFlags::SYMLINK_NOFOLLOW).is_ok()
+            }
+        },
+        Ok(None) => false,
+        Err(_) => true,
+    }
+}
+
+/// Takes group and other access away from the home unless it is already 0700 or 0710.
+fn restrict_mode(home: BorrowedFd<'_>, path: &Path) -> Result<()> {
+    let st = rustix::fs::fstat(home).map_err(|e| Error::io("stat", path, e.into()))?;
+    let mode = st.st_mode & 0o7777;
+    if mode & 0o067 != 0 || mode & 0o7000 != 0 {
+        tracing::info!(home = %path.display(), mode = format!("{mode:o}"), "restricting the driver home to 0700");
+        rustix::fs::fchmod(home, Mode::from_raw_mode(0o700))
+            .map_err(|e| Error::io("chmod", path, e.into()))?;
+    }
+    Ok(())
+}
+
+/// The names in directory `dir` (shown as `path`), without `.` and `..`; names that are not
+/// UTF-8 are skipped (the store never makes one).
+fn names_in(dir: BorrowedFd<'_>, path: &Path) -> Result<Vec<String>> {
+    let mut out = Vec::new();
+    let reader =
+        rustix::fs::Dir::read_from(dir).map_err(|e| Error::io("read directory", path, e.into()))?;
+    for entry in reader {
+        let entry = entry.map_err(|e| Error::io("read directory", path, e.into()))?;
+        let Ok(name) = entry.file_name().to_str() else {
+            continue;
+        };
+        if name != "." && name != ".." {
+            out.push(name.to_string());
+        }
+    }
+    Ok(out)
+}
+
+/// The entries of `dir` whose names are valid layer ids; other names (the store's dot-named
+/// bookkeeping, stray files) are skipped.
+fn ids_in(dir: BorrowedFd<'_>, path: &Path) -> Result<Vec<LayerId>> {
+    Ok(names_in(dir, path)?
+        .into_iter()
+        .filter_map(|n| LayerId::new(n).ok())
+        .collect())
+}
+
+/// The `parent` file of the layer (or staging) directory `dir`, shown as `path`.
+fn read_parent(dir: BorrowedFd<'_>, path: &Path) -> Result<Option<LayerId>> {
+    let path = path.join(PARENT_FILE);
+    match nofollow::read_small(dir, PARENT_FILE, &path)? {
+        Some(s) => LayerId::new(s.trim()).map(Some).map_err(|e| Error::Io {
+            op: "read parent id".into(),
+            path,
+            source: io::Error::new(io::ErrorKind::InvalidData, e.to_string()),
+        }),
+        None => Ok(None),
+    }
+}
+
+fn fsync_dir(dir: BorrowedFd<'_>, path: &Path) -> Result<()> {
+    rustix::fs::fsync(dir).map_err(|e| Error::io("sync", path, e.into()))
+}
+
+/// Flushes the filesystem holding `dir` (syncfs): cheaper and more complete than syncing every
+/// file of a large layer one by one.
+fn sync_tree(dir: BorrowedFd<'_>, path: &Path) -> Result<()> {
+    rustix::fs::syncfs(dir).map_err(|e| Error::io("sync filesystem", path, e.into()))
+}
