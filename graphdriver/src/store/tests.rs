@@ -1072,10 +1072,9 @@ fn a_killed_durable_writer_never_leaves_an_empty_or_zero_count() {
             .trim()
             .parse()
             .unwrap_or_else(|_| panic!("count file holds {text:?}"));
-        assert!(
-            on_disk == last || on_disk == last + 1,
-            "count {on_disk} on disk, {last} reported"
-        );
+        // The child may have written a few more counts between the line read here and the
+        // kill landing: never fewer than reported, never a torn or empty file.
+        assert!(on_disk >= last, "count {on_disk} on disk, {last} reported");
         assert_eq!(s.mount_count(&id("a")).unwrap(), on_disk);
         last = on_disk;
     }
