@@ -213,7 +213,7 @@ impl Overlay {
             .store
             .home()
             .join(format!(".probe-{}", std::process::id()));
-        let _ = fs::remove_dir_all(&scratch);
+        let _ = archive::fs::remove_tree(&scratch);
         let result = (|| {
             for d in ["lower", UPPER, WORK, MERGED] {
                 fs::create_dir_all(scratch.join(d)).ctx("create directory", &scratch)?;
@@ -227,7 +227,7 @@ impl Overlay {
             mountinfo::mount("overlay", &scratch.join(MERGED), "overlay", &data)?;
             mountinfo::unmount(&scratch.join(MERGED))
         })();
-        let cleaned = fs::remove_dir_all(&scratch).ctx("remove", &scratch);
+        let cleaned = archive::fs::remove_tree(&scratch).ctx("remove", &scratch);
         result.and(cleaned)
     }
 
@@ -351,7 +351,7 @@ fn remove_stale_scratch(home: &Path) {
         if mountinfo::is_mountpoint(&merged).unwrap_or(false) {
             let _ = mountinfo::unmount(&merged);
         }
-        match fs::remove_dir_all(&path) {
+        match archive::fs::remove_tree(&path) {
             Ok(()) => {
                 tracing::warn!(path = %path.display(), "removed the scratch directory of an interrupted init")
             }
@@ -407,7 +407,7 @@ fn incompatible(magic: i64) -> Option<&'static str> {
 /// Creates a file in a scratch dir under `home` and checks that readdir reports its type.
 fn supports_d_type(home: &Path) -> io::Result<bool> {
     let scratch = home.join(format!(".dtype-{}", std::process::id()));
-    let _ = fs::remove_dir_all(&scratch);
+    let _ = archive::fs::remove_tree(&scratch);
     fs::create_dir(&scratch)?;
     let result = (|| {
         fs::write(scratch.join("f"), b"")?;
@@ -427,7 +427,7 @@ fn supports_d_type(home: &Path) -> io::Result<bool> {
         }
         Ok(found)
     })();
-    let _ = fs::remove_dir_all(&scratch);
+    let _ = archive::fs::remove_tree(&scratch);
     result
 }
 
@@ -576,7 +576,7 @@ impl ApplyDiffProtoDriver for Overlay {
         fs::rename(&staging, &root).ctx("rename into place", &staging)?;
         for d in [UPPER, WORK, MERGED] {
             let p = dir.join(d);
-            fs::remove_dir_all(&p).ctx("remove", &p)?;
+            archive::fs::remove_tree(&p).ctx("remove", &p)?;
         }
         let lower_id = dir.join(LOWER_ID);
         fs::remove_file(&lower_id).ctx("remove", &lower_id)?;
