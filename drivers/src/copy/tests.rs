@@ -48,6 +48,11 @@ fn fixture(src: &Path) {
     xattr::set(src.join("d/file"), "user.color", b"blue").unwrap();
     xattr::set(src.join("d/file"), "trusted.note", b"t").unwrap();
     xattr::set(src.join("d/sub"), "trusted.overlay.opaque", b"y").unwrap();
+    // On nodes that are never opened: read through their directory, written through
+    // /proc/self/fd/<dir>/<name> (the xattr crate does not follow the symlink).
+    xattr::set(src.join("sym"), "trusted.on-link", b"L").unwrap();
+    xattr::set(src.join("fifo"), "trusted.on-fifo", b"F").unwrap();
+    xattr::set(src.join("null"), "security.on-dev", b"D").unwrap();
     // A valid v2 file capability (CAP_NET_BIND_SERVICE permitted).
     let cap: [u8; 20] = [0, 0, 0, 2, 0, 4, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0];
     xattr::set(src.join("suid"), "security.capability", &cap).unwrap();
@@ -112,6 +117,28 @@ fn content_copy_keeps_everything() {
     assert_eq!(mtime_ns(&dst.join("d/sub")), (1_000_000_000, 123_456_789));
     assert_eq!(mtime_ns(&dst.join("d")), (1_100_000_000, 987_654_321));
     assert_eq!(mtime_ns(&dst.join("sym")), (1_200_000_000, 5));
+    assert_unopened_xattrs(&dst);
+}
+
+/// The xattrs of the fixture's symlink, FIFO and device node, on the copies themselves.
+fn assert_unopened_xattrs(dst: &Path) {
+    for (name, attr, value) in [
+        ("sym", "trusted.on-link", b"L"),
+        ("fifo", "trusted.on-fifo", b"F"),
+        ("null", "security.on-dev", b"D"),
+    ] {
+        assert_eq!(
+            xattr::get(dst.join(name), attr).unwrap().as_deref(),
+            Some(&value[..]),
+            "{name}: {attr}"
+        );
+    }
+    assert!(
+        xattr::get_deref(dst.join("sym"), "trusted.on-link")
+            .unwrap()
+            .is_none(),
+        "set on the link, not on its target"
+    );
 }
 
 #[test]
@@ -132,6 +159,7 @@ fn hardlink_copy_links_files_and_copies_the_rest() {
     );
     assert_ne!(ino(&src.join("sym")), ino(&dst.join("sym")));
     assert_eq!(mtime_ns(&dst.join("d")), (1_100_000_000, 987_654_321));
+    assert_unopened_xattrs(&dst);
 }
 
 #[test]
