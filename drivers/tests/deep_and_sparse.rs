@@ -88,9 +88,23 @@ fn assert_home_clean(home: &Path) {
     }
 }
 
-#[test]
-#[ignore = "the store removes layers with std::fs::remove_dir_all (EMFILE at depth) until LayerStore::remove_any uses archive::fs::remove_tree (issue 12; store.rs belongs to the store helper, the lead switches it when merging)"]
-fn vfs_child_of_a_10000_level_tree_and_rm_with_1024_descriptors() {
+/// What to do with the layers once the child's copy is checked.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Then {
+    /// `rm` the child and the parent through the driver.
+    Rm,
+    /// Leave them; the test deletes its scratch directory with `archive::fs::remove_tree`.
+    Keep,
+}
+
+/// Cleans up after a test that kept its deep layers (TempDir's own cleanup is std's
+/// `remove_dir_all`, which runs out of descriptors at this depth).
+fn drop_deep_scratch(t: tempfile::TempDir) {
+    archive::fs::remove_tree(t.path()).unwrap();
+    let _ = t.keep();
+}
+
+fn vfs_deep_child(then: Then) {
     limit_fds();
     let t = tempfile::tempdir().unwrap();
     let home = t.path().join("vfs");
@@ -106,16 +120,18 @@ fn vfs_child_of_a_10000_level_tree_and_rm_with_1024_descriptors() {
         bottom_file(&d.inner().root(&child)),
     );
     assert_ne!(a, b, "a vfs child is a copy");
+    if then == Then::Keep {
+        drop(d);
+        return drop_deep_scratch(t);
+    }
     d.remove(&child).unwrap();
     d.remove(&base).unwrap();
     assert!(d.list().unwrap().is_empty());
     assert_home_clean(&home);
 }
 
-#[test]
-#[ignore = "the store removes layers with std::fs::remove_dir_all (EMFILE at depth) until LayerStore::remove_any uses archive::fs::remove_tree (issue 12; store.rs belongs to the store helper, the lead switches it when merging)"]
-fn overlay_child_of_a_10000_level_tree_and_rm_with_1024_descriptors() {
-    if !root_or_skip("overlay_child_of_a_10000_level_tree_and_rm_with_1024_descriptors") {
+fn overlay_deep_child(test: &str, then: Then) {
+    if !root_or_skip(test) {
         return;
     }
     limit_fds();
@@ -141,10 +157,47 @@ fn overlay_child_of_a_10000_level_tree_and_rm_with_1024_descriptors() {
         "unchanged files are hardlinks of the parent's"
     );
     d.put(&app).unwrap();
+    if then == Then::Keep {
+        drop(d);
+        return drop_deep_scratch(t);
+    }
     d.remove(&app).unwrap();
     d.remove(&base).unwrap();
     assert!(d.list().unwrap().is_empty());
     assert_home_clean(&home);
+}
+
+#[test]
+fn vfs_child_of_a_10000_level_tree_with_1024_descriptors() {
+    vfs_deep_child(Then::Keep);
+}
+
+#[test]
+fn overlay_child_of_a_10000_level_tree_with_1024_descriptors() {
+    overlay_deep_child(
+        "overlay_child_of_a_10000_level_tree_with_1024_descriptors",
+        Then::Keep,
+    );
+}
+
+// The two tests below also `rm` both layers. The copy passes today; the removal goes through
+// `LayerStore::remove_any` (graphdriver/src/store.rs, std's `remove_dir_all`: EMFILE at this
+// depth), which is being rewritten elsewhere. With `remove_any` calling
+// `archive::fs::remove_tree` they pass: drop the `ignore` when that lands.
+
+#[test]
+#[ignore = "needs LayerStore::remove_any to use archive::fs::remove_tree (issue 12, store.rs)"]
+fn vfs_child_of_a_10000_level_tree_and_rm_with_1024_descriptors() {
+    vfs_deep_child(Then::Rm);
+}
+
+#[test]
+#[ignore = "needs LayerStore::remove_any to use archive::fs::remove_tree (issue 12, store.rs)"]
+fn overlay_child_of_a_10000_level_tree_and_rm_with_1024_descriptors() {
+    overlay_deep_child(
+        "overlay_child_of_a_10000_level_tree_and_rm_with_1024_descriptors",
+        Then::Rm,
+    );
 }
 
 const GIB: u64 = 1 << 30;
