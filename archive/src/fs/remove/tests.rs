@@ -166,6 +166,16 @@ fn locked_out_tree_is_removed(work: &Path) {
     mode("c", 0o600);
     mode("d", 0o300);
     mode("e", 0o000);
+    // Locked directories deeper than the descriptors a DirStack holds: leaving them reopens
+    // their parents through `..`.
+    let chain: Vec<String> = (1..=2 * super::super::MAX_HELD_FDS + 5)
+        .map(|n| format!("deep/{}", vec!["d"; n].join("/")))
+        .collect();
+    fs::create_dir_all(top.join(chain.last().unwrap())).unwrap();
+    for p in chain.iter().rev() {
+        fs::write(top.join(p).join("f"), "data").unwrap();
+        mode(p, 0o000);
+    }
     mode(".", 0o500);
     // The control: std cannot do it.
     assert!(fs::remove_dir_all(&top).is_err());
