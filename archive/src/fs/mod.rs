@@ -26,12 +26,16 @@
 //! * [`walk`] is the one iterative (explicit stack, no recursion) depth-first walk built on it,
 //!   for export, copies and comparisons: a tree 10,000 levels deep is walked with a few dozen
 //!   descriptors and a constant native stack.
+//! * [`remove_tree_at`] removes a tree the same way (iterative, bounded descriptors, no link
+//!   followed, mode-000 directories made removable); [`remove_tree`] is its ambient-path form.
 //!
 //! Function names say how safe they are: everything here takes a directory descriptor and never
-//! leaves it, except [`open_root_dir`], whose path is the caller's own (trusted) path.
+//! leaves it, except [`open_root_dir`] and [`remove_tree`], whose paths are the caller's own
+//! (trusted) paths.
 
 mod dirs;
 mod open;
+mod remove;
 mod stack;
 mod walk;
 mod xattr;
@@ -41,6 +45,7 @@ pub use open::{
     changed_during_walk, open_beneath, open_dir_at, open_dir_checked, open_file_checked,
     open_root_dir, openat2_supported, same_inode,
 };
+pub use remove::{remove_tree, remove_tree_at};
 pub use stack::{DirStack, MAX_HELD_FDS};
 pub use walk::{Visitor, walk};
 pub use xattr::{XattrTarget, get_xattr, list_xattrs, xattr_at_supported};

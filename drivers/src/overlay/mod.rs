@@ -270,7 +270,7 @@ impl Overlay {
             .store
             .home()
             .join(format!(".probe-{}", std::process::id()));
-        let _ = fs::remove_dir_all(&scratch);
+        let _ = archive::fs::remove_tree(&scratch);
         let result = (|| {
             for d in ["lower", UPPER, WORK, MERGED] {
                 fs::create_dir_all(scratch.join(d)).ctx("create directory", &scratch)?;
@@ -290,7 +290,7 @@ impl Overlay {
             )?;
             mountinfo::unmount(&scratch.join(MERGED))
         })();
-        let cleaned = fs::remove_dir_all(&scratch).ctx("remove", &scratch);
+        let cleaned = archive::fs::remove_tree(&scratch).ctx("remove", &scratch);
         result.and(cleaned)
     }
 
@@ -417,7 +417,7 @@ fn remove_stale_scratch(home: &Path) {
         if mountinfo::is_mountpoint(&merged).unwrap_or(false) {
             let _ = mountinfo::unmount(&merged);
         }
-        match fs::remove_dir_all(&path) {
+        match archive::fs::remove_tree(&path) {
             Ok(()) => {
                 tracing::warn!(path = %path.display(), "removed the scratch directory of an interrupted init")
             }
@@ -473,7 +473,7 @@ fn incompatible(magic: i64) -> Option<&'static str> {
 /// Creates a file in a scratch dir under `home` and checks that readdir reports its type.
 fn supports_d_type(home: &Path) -> io::Result<bool> {
     let scratch = home.join(format!(".dtype-{}", std::process::id()));
-    let _ = fs::remove_dir_all(&scratch);
+    let _ = archive::fs::remove_tree(&scratch);
     fs::create_dir(&scratch)?;
     let result = (|| {
         fs::write(scratch.join("f"), b"")?;
@@ -493,7 +493,7 @@ fn supports_d_type(home: &Path) -> io::Result<bool> {
         }
         Ok(found)
     })();
-    let _ = fs::remove_dir_all(&scratch);
+    let _ = archive::fs::remove_tree(&scratch);
     result
 }
 
@@ -646,7 +646,7 @@ impl ApplyDiffProtoDriver for Overlay {
         fs::rename(&staging, dir.join(ROOT)).ctx("rename into place", &staging)?;
         for d in [UPPER, WORK, MERGED] {
             let p = dir.join(d);
-            fs::remove_dir_all(&p).ctx("remove", &p)?;
+            archive::fs::remove_tree(&p).ctx("remove", &p)?;
         }
         let lower_id = dir.join(LOWER_ID);
         fs::remove_file(&lower_id).ctx("remove", &lower_id)?;
