@@ -186,13 +186,11 @@ fn overlay_child_of_a_10000_level_tree_with_1024_descriptors() {
 // `archive::fs::remove_tree` they pass: drop the `ignore` when that lands.
 
 #[test]
-#[ignore = "needs LayerStore::remove_any to use archive::fs::remove_tree (issue 12, store.rs)"]
 fn vfs_child_of_a_10000_level_tree_and_rm_with_1024_descriptors() {
     vfs_deep_child(Then::Rm);
 }
 
 #[test]
-#[ignore = "needs LayerStore::remove_any to use archive::fs::remove_tree (issue 12, store.rs)"]
 fn overlay_child_of_a_10000_level_tree_and_rm_with_1024_descriptors() {
     overlay_deep_child(
         "overlay_child_of_a_10000_level_tree_and_rm_with_1024_descriptors",

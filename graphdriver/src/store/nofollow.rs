@@ -194,15 +194,21 @@ pub(super) fn read_small(dir: BorrowedFd<'_>, name: &str, path: &Path) -> Result
 }
 
 /// Removes entry `name` of `dir` (a file, or a whole tree) without following symlinks; absent
-/// is fine. A tree is removed by path (`path`, which must name the same entry) with
-/// [`std::fs::remove_dir_all`], which does not follow symlinks inside the tree.
+/// is fine; `path` names the same entry, for messages. A tree is removed through descriptors by
+/// [`archive::fs::remove_tree_at`]: iteratively at any depth with bounded descriptors, mode-000
+/// directories included, never entering a filesystem mounted below it.
 pub(super) fn remove_entry(dir: BorrowedFd<'_>, name: &str, path: &Path) -> Result<()> {
     match lstat_type(dir, name, path)? {
         None => Ok(()),
-        Some(FileType::Directory) => match std::fs::remove_dir_all(path) {
-            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
-            other => other.map_err(|e| Error::io("remove", path, e)),
-        },
+        Some(FileType::Directory) => {
+            let cname = std::ffi::CString::new(name).map_err(|_| {
+                Error::io("remove", path, io::Error::from(io::ErrorKind::InvalidInput))
+            })?;
+            match archive::fs::remove_tree_at(dir, &cname) {
+                Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+                other => other.map_err(|e| Error::io("remove", path, e)),
+            }
+        }
         Some(_) => match rustix::fs::unlinkat(dir, name, AtFlags::empty()) {
             Ok(()) | Err(Errno::NOENT) => Ok(()),
             Err(e) => Err(Error::io("remove", path, e.into())),
