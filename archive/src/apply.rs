@@ -39,8 +39,9 @@ mod reader;
 mod resolve;
 
 use std::collections::{BTreeSet, HashSet};
-use std::ffi::{CString, OsStr, OsString};
+use std::ffi::{CString, OsStr};
 use std::fs::File;
+use std::hash::{BuildHasher, RandomState};
 use std::io::{self, Read};
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
@@ -55,7 +56,8 @@ use crate::{
     WHITEOUT_OPAQUE, WHITEOUT_PREFIX, WhiteoutFormat,
 };
 use reader::{Entry, TarReader};
-use resolve::{list_dir, open_dir_beneath, open_root, remove_all_at};
+pub use resolve::remove_tree_at;
+use resolve::{Cursor, list_dir, open_dir_beneath, open_root};
 
 /// Size of the buffer in front of the input stream.
 const INPUT_BUFFER: usize = 1 << 20;
@@ -149,9 +151,9 @@ fn run(
         max_bytes,
         entries: 0,
         bytes: 0,
-        written: HashSet::new(),
+        written: PathSet::new(),
         opaque: BTreeSet::new(),
-        dir_times: Vec::new(),
+        dir_times: DirTimes::default(),
         cache: None,
         new_owner: None,
         staged: false,
@@ -207,16 +209,14 @@ struct Applier<'a> {
     entries: u64,
     /// Regular-file bytes written so far.
     bytes: u64,
-    /// Paths this layer wrote, with all their ancestors (for opaque directories). Normalised
-    /// relative paths, so byte equality is path equality; kept as bytes because hashing a
-    /// `Path` parses its components.
-    written: HashSet<OsString>,
+    /// Paths this layer wrote, with all their ancestors (for opaque directories).
+    written: PathSet,
     /// Directories marked opaque (OCI form, processed at the end).
     opaque: BTreeSet<PathBuf>,
     /// Directory mtimes to set at the end.
-    dir_times: Vec<(PathBuf, Timespec)>,
-    /// The parent directory fd used last, with its path.
-    cache: Option<(PathBuf, OwnedFd)>,
+    dir_times: DirTimes,
+    /// The parent directory used last.
+    cache: Option<Cursor>,
     /// What the kernel gave the first file this run created in the cached parent directory
     /// (observed with `fstat`), `None` until observed. Owner and masked permission bits depend
     /// only on our credentials and umask, the directory's owner, group, setgid bit and default
@@ -400,10 +400,9 @@ impl Applier<'_> {
         let mut p = rel;
         loop {
             // Look up before inserting: most ancestors are present already.
-            if self.written.contains(p.as_os_str()) {
+            if !self.written.insert(p) {
                 break;
             }
-            self.written.insert(p.as_os_str().to_owned());
             match p.parent() {
                 Some(parent) => p = parent,
                 None => break,
@@ -413,20 +412,21 @@ impl Applier<'_> {
 
     /// Opens (creating if missing) the parent directory `parent`, reusing the cached fd.
     fn parent_fd(&mut self, name: &str, parent: &Path) -> Result<BorrowedFd<'_>> {
-        let hit = matches!(&self.cache, Some((p, _)) if p == parent);
+        let hit = matches!(&self.cache, Some(c) if c.is_at(parent));
         if !hit {
-            let fd = open_dir_beneath(self.root.as_fd(), parent, true).map_err(|e| {
+            let prev = self.cache.take();
+            let cursor = Cursor::open(self.root.as_fd(), prev, parent, true).map_err(|e| {
                 Error::io(
                     format!("open parent directory of entry {name:?}"),
                     parent,
                     e,
                 )
             })?;
-            self.cache = Some((parent.to_path_buf(), fd));
+            self.cache = Some(cursor);
             self.new_owner = None;
         }
         match &self.cache {
-            Some((_, fd)) => Ok(fd.as_fd()),
+            Some(c) => Ok(c.fd()),
             None => Err(Error::bad_entry(name, "internal: parent cache empty")),
         }
     }
@@ -475,7 +475,7 @@ impl Applier<'_> {
                     return Ok(());
                 };
                 self.cache = None;
-                remove_all_at(pfd.as_fd(), victim).map_err(|e| {
+                remove_tree_at(pfd.as_fd(), victim).map_err(|e| {
                     Error::io(format!("remove whiteout target of {name:?}"), &rel, e)
                 })?;
             }
@@ -511,7 +511,7 @@ impl Applier<'_> {
             return Ok(true);
         }
         if ft == FileType::Directory {
-            remove_all_at(pfd, base).map_err(|e| Error::io("remove", rel, e))?;
+            remove_tree_at(pfd, base).map_err(|e| Error::io("remove", rel, e))?;
         } else {
             match rustix::fs::unlinkat(pfd, base, AtFlags::empty()) {
                 Ok(()) | Err(rustix::io::Errno::NOENT) => {}
@@ -661,7 +661,7 @@ impl Applier<'_> {
         self.set_owner_mode_fd(dir.as_fd(), rel, meta, self.same_owner, true)?;
         self.set_xattrs_fd(dir.as_fd(), rel, meta)?;
         if !rel.starts_with(WHITEOUT_LINK_DIR) {
-            self.dir_times.push((rel.to_path_buf(), meta.mtime));
+            self.dir_times.push(rel, meta.mtime);
         }
         Ok(())
     }
@@ -824,59 +824,156 @@ impl Applier<'_> {
         Ok(())
     }
 
-    /// End of stream: opaque directories, staging removal, then directory mtimes deepest first.
+    /// End of stream: opaque directories, staging removal, then directory mtimes.
+    ///
+    /// Setting a directory's times does not change its parent's, so the times are set in the
+    /// order the directories were written (a repeated entry's last metadata wins), moving one
+    /// cursor from directory to directory: no full-path calls and no fd per level.
     fn finish(&mut self) -> Result<()> {
         self.cache = None;
         let opaque: Vec<PathBuf> = self.opaque.iter().cloned().collect();
         for dir in opaque {
-            let Ok(fd) = open_dir_beneath(self.root.as_fd(), &dir, false) else {
-                continue;
-            };
-            self.prune(fd.as_fd(), &dir)?;
+            self.prune(&dir)?;
         }
         if self.staged {
-            remove_all_at(self.root.as_fd(), OsStr::new(WHITEOUT_LINK_DIR))
+            remove_tree_at(self.root.as_fd(), OsStr::new(WHITEOUT_LINK_DIR))
                 .map_err(|e| Error::io("remove", WHITEOUT_LINK_DIR, e))?;
         }
-        let mut times = std::mem::take(&mut self.dir_times);
-        times.sort_by_key(|(p, _)| std::cmp::Reverse(p.components().count()));
-        for (rel, mtime) in times {
+        let times = std::mem::take(&mut self.dir_times);
+        let mut cursor: Option<Cursor> = None;
+        let mut result = Ok(());
+        times.for_each(|rel, mtime| {
+            if result.is_err() {
+                return;
+            }
             let ts = Timestamps {
                 last_access: mtime,
                 last_modification: mtime,
             };
-            let (parent, base) = split(&rel).unwrap_or((Path::new(""), OsStr::new(".")));
-            let Ok(pfd) = open_dir_beneath(self.root.as_fd(), parent, false) else {
+            let (parent, base) = split(rel).unwrap_or((Path::new(""), OsStr::new(".")));
+            let pfd = match cursor.take() {
+                Some(c) if c.is_at(parent) => c,
+                // Stale or missing parents (removed by a later entry) are skipped.
+                prev => match Cursor::open(self.root.as_fd(), prev, parent, false) {
+                    Ok(c) => c,
+                    Err(_) => return,
+                },
+            };
+            match rustix::fs::utimensat(pfd.fd(), base, &ts, AtFlags::SYMLINK_NOFOLLOW) {
+                Ok(()) | Err(rustix::io::Errno::NOENT) => {}
+                Err(e) => result = Err(Error::io("set directory mtime", rel, e.into())),
+            }
+            cursor = Some(pfd);
+        });
+        result
+    }
+
+    /// Removes from the opaque directory `rel`, and from the directories this layer wrote below
+    /// it, everything this layer did not write. Iterative: one pending list of directories, one
+    /// cursor, whatever the depth.
+    fn prune(&self, rel: &Path) -> Result<()> {
+        let mut pending = vec![rel.to_path_buf()];
+        let mut cursor: Option<Cursor> = None;
+        while let Some(dir) = pending.pop() {
+            let Ok(c) = Cursor::open(self.root.as_fd(), cursor.take(), &dir, false) else {
                 continue;
             };
-            match rustix::fs::utimensat(&pfd, base, &ts, AtFlags::SYMLINK_NOFOLLOW) {
-                Ok(()) | Err(rustix::io::Errno::NOENT) => {}
-                Err(e) => return Err(Error::io("set directory mtime", &rel, e.into())),
+            let rd = reopen_dir(c.fd(), OsStr::new(".")).map_err(|e| Error::io("open", &dir, e))?;
+            let names = list_dir(rd.as_fd()).map_err(|e| Error::io("readdir", &dir, e))?;
+            for name in names {
+                let child = dir.join(&name);
+                if self.written.contains(&child) {
+                    let is_dir = rustix::fs::statat(rd.as_fd(), &name, AtFlags::SYMLINK_NOFOLLOW)
+                        .map(|st| FileType::from_raw_mode(st.st_mode) == FileType::Directory)
+                        .unwrap_or(false);
+                    if is_dir {
+                        pending.push(child);
+                    }
+                } else {
+                    remove_tree_at(rd.as_fd(), &name)
+                        .map_err(|e| Error::io("remove", &child, e))?;
+                }
             }
+            cursor = Some(c);
         }
         Ok(())
     }
+}
 
-    /// Removes from the opaque directory `dir` (at `rel`) everything this layer did not write.
-    fn prune(&self, dir: BorrowedFd<'_>, rel: &Path) -> Result<()> {
-        let rd = reopen_dir(dir, OsStr::new(".")).map_err(|e| Error::io("open", rel, e))?;
-        let names = list_dir(rd.as_fd()).map_err(|e| Error::io("readdir", rel, e))?;
-        for name in names {
-            let child = rel.join(&name);
-            if self.written.contains(child.as_os_str()) {
-                let is_dir = rustix::fs::statat(rd.as_fd(), &name, AtFlags::SYMLINK_NOFOLLOW)
-                    .map(|st| FileType::from_raw_mode(st.st_mode) == FileType::Directory)
-                    .unwrap_or(false);
-                if is_dir {
-                    let sub =
-                        reopen_dir(rd.as_fd(), &name).map_err(|e| Error::io("open", &child, e))?;
-                    self.prune(sub.as_fd(), &child)?;
-                }
-            } else {
-                remove_all_at(rd.as_fd(), &name).map_err(|e| Error::io("remove", &child, e))?;
-            }
+/// A set of normalised relative paths, stored as 128-bit keyed hashes (two independently,
+/// randomly keyed SipHash values) so that its memory does not grow with the length of the
+/// names: a 10,000-level tree has 20,000-byte names. The keys are random per run, so a layer
+/// cannot be built to make two of its paths collide.
+struct PathSet {
+    /// First hash key.
+    a: RandomState,
+    /// Second hash key.
+    b: RandomState,
+    /// The hashes.
+    set: HashSet<u128>,
+}
+
+impl PathSet {
+    fn new() -> Self {
+        PathSet {
+            a: RandomState::new(),
+            b: RandomState::new(),
+            set: HashSet::new(),
         }
-        Ok(())
+    }
+
+    fn key(&self, p: &Path) -> u128 {
+        let bytes = p.as_os_str().as_bytes();
+        (u128::from(self.a.hash_one(bytes)) << 64) | u128::from(self.b.hash_one(bytes))
+    }
+
+    /// Adds `p`; `false` when it was present.
+    fn insert(&mut self, p: &Path) -> bool {
+        let k = self.key(p);
+        self.set.insert(k)
+    }
+
+    fn contains(&self, p: &Path) -> bool {
+        self.set.contains(&self.key(p))
+    }
+}
+
+/// Directory mtimes recorded during the apply, front-coded (each path stored as the length it
+/// shares with the previous one plus the rest), so a deep tree costs a few bytes per directory.
+#[derive(Default)]
+struct DirTimes {
+    /// The last path pushed.
+    last: Vec<u8>,
+    /// (bytes shared with the previous path, the rest, mtime).
+    items: Vec<(usize, Box<[u8]>, Timespec)>,
+}
+
+impl DirTimes {
+    fn push(&mut self, rel: &Path, mtime: Timespec) {
+        let bytes = rel.as_os_str().as_bytes();
+        // Most directories extend the previous one (a memcmp); others share a short prefix.
+        let shared = if bytes.starts_with(&self.last) {
+            self.last.len()
+        } else {
+            self.last
+                .iter()
+                .zip(bytes)
+                .take_while(|(a, b)| a == b)
+                .count()
+        };
+        self.items.push((shared, bytes[shared..].into(), mtime));
+        self.last.truncate(shared);
+        self.last.extend_from_slice(&bytes[shared..]);
+    }
+
+    /// Calls `f` with every path and mtime, in the order they were pushed.
+    fn for_each(self, mut f: impl FnMut(&Path, Timespec)) {
+        let mut buf: Vec<u8> = Vec::new();
+        for (shared, rest, mtime) in self.items {
+            buf.truncate(shared);
+            buf.extend_from_slice(&rest);
+            f(Path::new(OsStr::from_bytes(&buf)), mtime);
+        }
     }
 }
 

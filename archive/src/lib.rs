@@ -65,7 +65,7 @@ mod error;
 mod export;
 mod whiteout;
 
-pub use apply::{ApplyOptions, apply_layer, untar};
+pub use apply::{ApplyOptions, apply_layer, remove_tree_at, untar};
 pub use change::{Change, ChangeKind, changes, changes_from_overlay_upper, changes_size};
 pub use compression::{Compression, decompress, detect_compression};
 pub use error::{Error, Result};
