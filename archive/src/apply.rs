@@ -31,9 +31,11 @@
 //!
 //! # Invariant: fork-safe
 //!
-//! This module never logs, prints, reads environment variables, allocates thread-local state or
-//! takes locks shared with other threads: `chrootarchive` runs it in a child forked from a
-//! multi-threaded process, where any of those could deadlock or leak.
+//! This module never logs, prints, reads environment variables or takes locks shared with other
+//! threads: `chrootarchive` runs it in a child forked from a multi-threaded process, where any
+//! of those could deadlock or leak. [`apply_layer_report`] and [`untar_report`] (what the child
+//! calls) touch no thread-local state with a destructor either; only [`apply_layer`] and
+//! [`untar`] add to this thread's skipped list ([`take_skipped`]) after the apply.
 
 mod reader;
 mod resolve;
@@ -99,10 +101,47 @@ impl Default for ApplyOptions {
 /// [`crate::changes_size`], so a diff→apply round trip reports equal sizes. Compressed input
 /// must be passed through [`crate::decompress`] first (in the trusted process).
 ///
+/// Entries it skipped (see [`apply_layer_report`]) are added to this thread's list, which
+/// [`take_skipped`] returns; call [`apply_layer_report`] to get them with the result instead.
+///
+/// **Whiteouts and char 0/0.** With [`WhiteoutFormat::Oci`] (the default), a `.wh.<name>`
+/// entry deletes `<name>` (everything below it included), `.wh..wh..opq` empties its directory
+/// of what lower layers had, and a **character device 0/0 entry is a whiteout too**: it
+/// deletes the path it names from the lower layers and is not created, exactly like
+/// `.wh.<name>`. An overlay driver uses layer trees as lower directories, where a char 0/0
+/// *is* a whiteout; applying it as a whiteout makes the layer's own tree, its children's views
+/// and every driver agree (the path is absent everywhere, as overlay stacking shows it), and
+/// no layer tree contains a device that means "deleted" in one view and "device" in another.
+/// With [`WhiteoutFormat::Overlay`] the tree *is* an overlay upper directory, so a char 0/0
+/// entry stays a char 0/0 (there it is the whiteout) and `.wh.` entries become char 0/0.
+///
+/// **Paths of any length.** Entry names far beyond `PATH_MAX` (a 10,000-level tree has
+/// 20,000-byte names) resolve component by component with a bounded number of fds, whatever
+/// the depth and the soft `RLIMIT_NOFILE`.
+///
 /// Errors: [`Error::BadEntry`] for entries that try to leave `dest` or use reserved whiteout
 /// names, [`Error::Malformed`] for broken tar streams, [`Error::LimitExceeded`] for limits,
 /// [`Error::Io`] for filesystem failures. On error the tree is left partially applied.
 pub fn apply_layer(dest: &Path, reader: impl Read, opts: &ApplyOptions) -> Result<u64> {
+    let report = apply_layer_report(dest, reader, opts)?;
+    note_skipped(report.skipped, report.skipped_count);
+    Ok(report.bytes)
+}
+
+/// [`apply_layer`], returning what it skipped along with the byte count (and leaving this
+/// thread's skipped list alone).
+///
+/// Entries are skipped, never silently: a character or block device whose `mknod` is refused
+/// with `EPERM` — the process lacks `CAP_MKNOD` over the target's filesystem, as a normal user
+/// or in a user namespace (rootless `chrootarchive`) — is not created and is listed in
+/// [`ApplyReport::skipped`] with the reason, as moby does in a user namespace; the rest of the
+/// layer is applied. Root in the initial user namespace creates devices as before. A path that
+/// held something else before the device entry no longer holds it.
+pub fn apply_layer_report(
+    dest: &Path,
+    reader: impl Read,
+    opts: &ApplyOptions,
+) -> Result<ApplyReport> {
     let mode = Mode_::Layer(opts.whiteout_format);
     run(
         dest,
@@ -114,6 +153,87 @@ pub fn apply_layer(dest: &Path, reader: impl Read, opts: &ApplyOptions) -> Resul
     )
 }
 
+/// What [`apply_layer_report`] did.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct ApplyReport {
+    /// Regular-file content bytes written (what [`apply_layer`] returns).
+    pub bytes: u64,
+    /// Entries not written, as (path relative to the target, why): device nodes the process
+    /// may not create. At most [`MAX_SKIPPED`] are listed.
+    pub skipped: Vec<(PathBuf, String)>,
+    /// How many entries were skipped in all (more than `skipped.len()` when the list was cut).
+    pub skipped_count: u64,
+}
+
+impl ApplyReport {
+    /// A report of `bytes` written and nothing skipped.
+    pub fn new(bytes: u64) -> Self {
+        ApplyReport {
+            bytes,
+            ..Default::default()
+        }
+    }
+}
+
+/// The most skipped entries an [`ApplyReport`] (and [`take_skipped`]) lists; a layer with more
+/// (a hostile one) is counted, not listed, so memory stays bounded.
+pub const MAX_SKIPPED: usize = 256;
+
+/// A bounded list of skipped entries.
+#[derive(Default)]
+struct Skipped {
+    /// The first [`MAX_SKIPPED`].
+    list: Vec<(PathBuf, String)>,
+    /// All of them.
+    count: u64,
+}
+
+impl Skipped {
+    fn push(&mut self, path: PathBuf, reason: String) {
+        self.count += 1;
+        if self.list.len() < MAX_SKIPPED {
+            self.list.push((path, reason));
+        }
+    }
+}
+
+std::thread_local! {
+    /// Entries skipped by applies on this thread that returned only a byte count.
+    static SKIPPED: std::cell::RefCell<Skipped> = std::cell::RefCell::new(Skipped::default());
+}
+
+/// Adds `skipped` (of `count` skipped in all) to this thread's skipped list (see
+/// [`take_skipped`]). For appliers that return only a byte count but got an [`ApplyReport`]
+/// from elsewhere: `chrootarchive::apply_layer` calls it with what its confined child reported.
+pub fn note_skipped(skipped: Vec<(PathBuf, String)>, count: u64) {
+    if count == 0 {
+        return;
+    }
+    let listed = skipped.len() as u64;
+    SKIPPED.with(|s| {
+        let mut s = s.borrow_mut();
+        for (p, why) in skipped {
+            s.push(p, why);
+        }
+        // Those counted but not listed by the report.
+        s.count += count.saturating_sub(listed);
+    });
+}
+
+/// Takes the entries skipped, since the last call, by the byte-count applies that ran on this
+/// thread ([`apply_layer`], [`untar`], `chrootarchive::apply_layer` and whatever calls them, a
+/// driver's `apply_diff` for example): (path relative to the apply target, why), at most
+/// [`MAX_SKIPPED`], and how many were skipped in all. A command-line tool prints them as
+/// warnings after an apply; a long-running caller should take them after every apply (the
+/// list is bounded, not forgotten).
+pub fn take_skipped() -> (Vec<(PathBuf, String)>, u64) {
+    SKIPPED.with(|s| {
+        let s = std::mem::take(&mut *s.borrow_mut());
+        (s.list, s.count)
+    })
+}
+
 /// Extracts the plain tar read from `reader` into `dest`, without whiteout semantics.
 ///
 /// `.wh.` names are written as ordinary files. Only entries at or below one of
@@ -121,7 +241,15 @@ pub fn apply_layer(dest: &Path, reader: impl Read, opts: &ApplyOptions) -> Resul
 /// directories that are ancestors of an include path are written too, keeping their metadata.
 /// Confinement, metadata and error rules are those of [`apply_layer`]; owners are set.
 pub fn untar(dest: &Path, reader: impl Read, opts: &TarOptions) -> Result<()> {
-    run(dest, reader, Mode_::Plain(opts), true, None, None).map(|_| ())
+    untar_report(dest, reader, opts).map(|r| {
+        note_skipped(r.skipped, r.skipped_count);
+    })
+}
+
+/// [`untar`], returning what it skipped (device nodes, as in [`apply_layer_report`]) with the
+/// bytes written, and leaving this thread's skipped list alone.
+pub fn untar_report(dest: &Path, reader: impl Read, opts: &TarOptions) -> Result<ApplyReport> {
+    run(dest, reader, Mode_::Plain(opts), true, None, None)
 }
 
 /// What kind of extraction runs.
@@ -141,7 +269,7 @@ fn run(
     same_owner: bool,
     max_entries: Option<u64>,
     max_bytes: Option<u64>,
-) -> Result<u64> {
+) -> Result<ApplyReport> {
     let root = open_root(dest).map_err(|e| Error::io("open", dest, e))?;
     let mut ap = Applier {
         root,
@@ -157,6 +285,7 @@ fn run(
         cache: None,
         new_owner: None,
         staged: false,
+        skipped: Skipped::default(),
         buf: vec![0u8; 128 * 1024],
     };
     // One large buffer in front of the stream: headers, padding and small files come out of
@@ -168,7 +297,11 @@ fn run(
     ap.finish()?;
     // Drain zero padding and anything else after the end-of-archive marker.
     io::copy(&mut tar.into_inner(), &mut io::sink()).map_err(|e| malformed(None, &e))?;
-    Ok(ap.bytes)
+    Ok(ApplyReport {
+        bytes: ap.bytes,
+        skipped: std::mem::take(&mut ap.skipped.list),
+        skipped_count: ap.skipped.count,
+    })
 }
 
 /// An [`Error::Malformed`] from a tar-reading failure.
@@ -227,6 +360,8 @@ struct Applier<'a> {
     new_owner: Option<NewFile>,
     /// Whether `.wh..wh.plnk` entries were staged.
     staged: bool,
+    /// Entries not written (device nodes without the privilege to create them).
+    skipped: Skipped,
     /// Copy buffer.
     buf: Vec<u8>,
 }
@@ -297,8 +432,28 @@ impl Applier<'_> {
             }
             Mode_::Layer(format) => whiteouts = Some(format),
         }
+        let dev = if matches!(kind, EntryType::Char | EntryType::Block) {
+            let major = entry
+                .header
+                .device_major()
+                .map_err(|e| malformed(Some(name.clone()), &e))?;
+            let minor = entry
+                .header
+                .device_minor()
+                .map_err(|e| malformed(Some(name.clone()), &e))?;
+            (major.unwrap_or(0), minor.unwrap_or(0))
+        } else {
+            (0, 0)
+        };
         if let (Some(format), Some((parent, base))) = (whiteouts, split(&rel)) {
             let in_plnk = rel.starts_with(WHITEOUT_LINK_DIR);
+            if kind == EntryType::Char && dev == (0, 0) && format == WhiteoutFormat::Oci && !in_plnk
+            {
+                // The overlay form of a whiteout: one treatment whatever the view (see
+                // `apply_layer`), so it deletes `base` exactly like `.wh.<base>`.
+                self.delete(&name, parent, base)?;
+                return Ok(());
+            }
             let base_b = base.as_bytes();
             if in_plnk {
                 self.staged = true;
@@ -335,15 +490,7 @@ impl Applier<'_> {
                 self.hardlink(&name, &rel, target)?;
             }
             EntryType::Char | EntryType::Block => {
-                let major = entry
-                    .header
-                    .device_major()
-                    .map_err(|e| malformed(Some(name.clone()), &e))?;
-                let minor = entry
-                    .header
-                    .device_minor()
-                    .map_err(|e| malformed(Some(name.clone()), &e))?;
-                let dev = rustix::fs::makedev(major.unwrap_or(0), minor.unwrap_or(0));
+                let dev = rustix::fs::makedev(dev.0, dev.1);
                 let ft = if kind == EntryType::Char {
                     FileType::CharacterDevice
                 } else {
@@ -469,16 +616,7 @@ impl Applier<'_> {
         let victim = OsStr::from_bytes(victim);
         let rel = parent.join(victim);
         match format {
-            WhiteoutFormat::Oci => {
-                let Ok(pfd) = open_dir_beneath(self.root.as_fd(), parent, false) else {
-                    // The parent does not exist (or is no directory): nothing to delete.
-                    return Ok(());
-                };
-                self.cache = None;
-                remove_tree_at(pfd.as_fd(), victim).map_err(|e| {
-                    Error::io(format!("remove whiteout target of {name:?}"), &rel, e)
-                })?;
-            }
+            WhiteoutFormat::Oci => self.delete(name, parent, victim)?,
             WhiteoutFormat::Overlay(_) => {
                 self.mark_written(&rel);
                 let meta = Meta {
@@ -495,6 +633,22 @@ impl Applier<'_> {
             }
         }
         Ok(())
+    }
+
+    /// Deletes `victim` in `parent` (and everything below it) for the whiteout entry `name`.
+    fn delete(&mut self, name: &str, parent: &Path, victim: &OsStr) -> Result<()> {
+        let Ok(pfd) = open_dir_beneath(self.root.as_fd(), parent, false) else {
+            // The parent does not exist (or is no directory): nothing to delete.
+            return Ok(());
+        };
+        self.cache = None;
+        remove_tree_at(pfd.as_fd(), victim).map_err(|e| {
+            Error::io(
+                format!("remove whiteout target of {name:?}"),
+                parent.join(victim),
+                e,
+            )
+        })
     }
 
     /// Removes whatever is at `base` in `pfd` unless `keep_dir` and it is a directory.
@@ -684,14 +838,33 @@ impl Applier<'_> {
             }
         };
         // Most names do not exist yet: create first, clear and retry only when taken.
-        match make(self.parent_fd(name, parent)?) {
+        let made = match make(self.parent_fd(name, parent)?) {
             Err(rustix::io::Errno::EXIST) => {
                 self.clear(name, rel, base, false)?;
                 make(self.parent_fd(name, parent)?)
             }
             other => other,
+        };
+        if let (Err(rustix::io::Errno::PERM), Node::Dev(ft, dev)) = (made, node) {
+            if matches!(ft, FileType::CharacterDevice | FileType::BlockDevice) {
+                // No privilege to create device nodes (a normal user, a user namespace): skip
+                // the node and report it, as moby does, instead of failing the layer.
+                let kind = if ft == FileType::CharacterDevice {
+                    "char"
+                } else {
+                    "block"
+                };
+                let reason = format!(
+                    "{kind} device {}/{} not created: mknod: {} (device nodes need CAP_MKNOD in the initial user namespace)",
+                    rustix::fs::major(dev),
+                    rustix::fs::minor(dev),
+                    io::Error::from(rustix::io::Errno::PERM),
+                );
+                self.skipped.push(rel.to_path_buf(), reason);
+                return Ok(());
+            }
         }
-        .map_err(|e| Error::io("create", rel, e.into()))?;
+        made.map_err(|e| Error::io("create", rel, e.into()))?;
         let pfd = self.parent_fd(name, parent)?;
         if matches!(node, Node::Whiteout) {
             return Ok(());

@@ -65,7 +65,10 @@ mod error;
 mod export;
 mod whiteout;
 
-pub use apply::{ApplyOptions, apply_layer, remove_tree_at, untar};
+pub use apply::{
+    ApplyOptions, ApplyReport, MAX_SKIPPED, apply_layer, apply_layer_report, note_skipped,
+    remove_tree_at, take_skipped, untar, untar_report,
+};
 pub use change::{Change, ChangeKind, changes, changes_from_overlay_upper, changes_size};
 pub use compression::{Compression, decompress, detect_compression};
 pub use error::{Error, Result};
