@@ -11,9 +11,14 @@
 //!   [`changes_from_overlay_upper`] reads the same list straight from an overlayfs upper dir.
 //! * [`tar_tree`] and [`export_changes`] write a whole tree, or only a change list, as a
 //!   streaming PAX tar ([`TarOptions`]).
-//! * [`apply_layer`] applies a layer tar onto a directory, honouring whiteouts and refusing any
-//!   entry that would reach outside the target ([`ApplyOptions`]); [`untar`] extracts a plain
-//!   tar without whiteout semantics.
+//! * [`apply_layer`] applies a layer tar onto a directory, honouring whiteouts (a char device
+//!   0/0 is one too) and refusing any entry that would reach outside the target
+//!   ([`ApplyOptions`]), at any depth with bounded fds; [`apply_layer_report`] also returns the
+//!   entries it had to skip (device nodes without the privilege to create them,
+//!   [`ApplyReport`]), which [`apply_layer`] leaves for [`take_skipped`]; [`untar`] extracts a
+//!   plain tar without whiteout semantics.
+//! * [`remove_tree_at`] removes a tree of any depth relative to a directory fd, never following
+//!   a symlink, with a bounded number of fds (mode-000 directories included).
 //! * [`decompress`] detects gzip, zstd, xz and bzip2 by their magic bytes.
 //! * [`compare`] snapshots trees and reports every difference, the oracle of the test suites.
 //!

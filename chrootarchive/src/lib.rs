@@ -15,13 +15,14 @@
 //!    numeric and nothing is loaded from the layer (no NSS, no decompressor, no exec).
 //! 3. The parent streams the decompressed input into the pipe (enlarged to 256 KiB) in 128 KiB
 //!    chunks while the child writes, so memory stays bounded for any layer size. The child
-//!    writes one result message (bytes applied, or the [`archive::Error`] with its entry name,
-//!    path and errno, see `protocol`) to the second pipe and leaves with `_exit`. The parent reads it, reaps the
+//!    writes one result message (bytes applied and entries skipped, or the [`archive::Error`]
+//!    with its entry name, path and errno, see `protocol`) to the second pipe and leaves with `_exit`. The parent reads it, reaps the
 //!    child and rebuilds an equal error.
 //!
 //! Without root the child first enters a user namespace that maps the caller's uid and gid to
 //! 0 (as rootless container engines do): the mount steps then work inside it, and every entry is
-//! owned by the caller (`same_owner` is forced off; device nodes cannot be created there). If the
+//! owned by the caller (`same_owner` is forced off; char and block devices cannot be created
+//! there and are skipped and reported, see [`apply_layer_report`]). If the
 //! confinement cannot be set up (unprivileged user namespaces disabled, no mount namespaces), the
 //! result is [`archive::Error::Confinement`] naming the step; the layer is never applied
 //! unconfined.
