@@ -177,6 +177,36 @@ fn tail_files() -> Vec<Vec<u8>> {
             b"top",
             MTIME,
         ),
+        // A relative symlink climbing three levels at depth (`..` checked on the way up).
+        entry(
+            EntryType::Symlink,
+            &format!("{mid}/rel"),
+            Some("../../.."),
+            b"",
+            MTIME,
+        ),
+        entry(
+            EntryType::Regular,
+            &format!("{mid}/rel/climbed"),
+            None,
+            b"c",
+            MTIME,
+        ),
+        // An absolute symlink that then climbs: clamped at the target, never above it.
+        entry(
+            EntryType::Symlink,
+            &format!("{mid}/esc"),
+            Some(&format!("/{}", "../".repeat(1000))),
+            b"",
+            MTIME,
+        ),
+        entry(
+            EntryType::Regular,
+            &format!("{mid}/esc/escaped"),
+            None,
+            b"e",
+            MTIME,
+        ),
     ]
 }
 
@@ -190,7 +220,11 @@ fn deep_tree_applies_with_1024_fds() {
         &ApplyOptions::default(),
     )
     .unwrap();
-    assert_eq!(bytes, "bottom".len() as u64 + "top".len() as u64);
+    assert_eq!(bytes, "bottom".len() as u64 + "top".len() as u64 + 2);
+    assert_eq!(read_deep(t.path(), &deep(LEVELS / 2 - 3), "climbed"), b"c");
+    assert_eq!(std::fs::read(t.path().join("escaped")).unwrap(), b"e");
+    let above = t.path().parent().unwrap();
+    assert!(above.join("escaped").symlink_metadata().is_err());
     assert_eq!(read_deep(t.path(), &deep(LEVELS), "f"), b"bottom");
     assert_eq!(read_deep(t.path(), &deep(LEVELS / 2), "hl"), b"bottom");
     // `up` points at `/`: the target's top, where the file lands.
