@@ -9,18 +9,23 @@
 //! * **Confinement.** Every entry name is normalised (leading `/` stripped, `.` dropped, `..`
 //!   that would climb out of the target refused with [`Error::BadEntry`]). The entry's parent
 //!   directory is then opened with `openat2(RESOLVE_IN_ROOT | RESOLVE_NO_MAGICLINKS)` from an fd
-//!   of the target (a manual `O_NOFOLLOW` walk where `openat2` is missing), so symlinks planted
-//!   by the layer resolve *inside* the target. The last component is written with `*at()` calls
+//!   of the target (a manual `O_NOFOLLOW` walk, one fd whatever the depth, for names beyond
+//!   `PATH_MAX` or where `openat2` is missing; a cursor on the last parent for long names, see
+//!   `resolve.rs`), so symlinks planted by the layer resolve *inside* the target. The last component is written with `*at()` calls
 //!   relative to that parent fd and never followed. Hardlink targets are resolved the same way;
 //!   a hardlink to a symlink links the symlink itself.
 //! * **Metadata.** Owners are numeric (names are never looked up); `chown` comes before `chmod`
 //!   (it clears setuid/setgid) and before xattrs (it clears `security.capability`). xattrs come
 //!   from PAX `SCHILY.xattr.*` records on files, directories, symlinks and nodes, except
 //!   overlayfs' own `trusted.overlay.*` / `user.overlay.*`, which a layer must not forge.
-//!   mtimes are set as entries are written; directory mtimes are set at the very end, deepest
-//!   first, after everything below them has been written.
-//! * **Whiteouts** per [`WhiteoutFormat`]; `.wh..wh.plnk/…` entries are staged under that
-//!   (reserved) name in the target and removed at the end.
+//!   mtimes are set as entries are written; directory mtimes are set at the very end, after
+//!   everything below them has been written and every removal done (front-coded paths, one
+//!   moving cursor: no fd per level, no full-path calls).
+//! * **Whiteouts** per [`WhiteoutFormat`] (a char 0/0 entry is one, see [`apply_layer`]);
+//!   removals are iterative ([`remove_tree_at`]); `.wh..wh.plnk/…` entries are staged under
+//!   that (reserved) name in the target and removed at the end.
+//! * **Device nodes** that the process may not create (`EPERM`: a normal user, a user
+//!   namespace) are skipped and reported ([`apply_layer_report`]).
 //! * **Sparse files** are written as holes: the file is sized to its real size and only the
 //!   data segments are written (`pwrite`).
 //! * **Limits** ([`ApplyOptions::max_entries`], [`ApplyOptions::max_bytes`]) refuse archive
