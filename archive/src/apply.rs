@@ -64,7 +64,7 @@ use crate::{
 };
 use reader::{Entry, TarReader};
 pub use resolve::remove_tree_at;
-use resolve::{Cursor, list_dir, open_dir_beneath, open_root};
+use resolve::{Cursor, list_dir, open_root};
 
 /// Size of the buffer in front of the input stream.
 const INPUT_BUFFER: usize = 1 << 20;
@@ -288,6 +288,7 @@ fn run(
         opaque: BTreeSet::new(),
         dir_times: DirTimes::default(),
         cache: None,
+        link_cache: None,
         new_owner: None,
         staged: false,
         skipped: Skipped::default(),
@@ -355,6 +356,9 @@ struct Applier<'a> {
     dir_times: DirTimes,
     /// The parent directory used last.
     cache: Option<Cursor>,
+    /// The directory of the hardlink target used last (a second cursor: links and their
+    /// targets usually sit in two different directories).
+    link_cache: Option<Cursor>,
     /// What the kernel gave the first file this run created in the cached parent directory
     /// (observed with `fstat`), `None` until observed. Owner and masked permission bits depend
     /// only on our credentials and umask, the directory's owner, group, setgid bit and default
@@ -598,8 +602,8 @@ impl Applier<'_> {
                     self.opaque.insert(parent.to_path_buf());
                 }
                 WhiteoutFormat::Overlay(ns) => {
-                    let dir = open_dir_beneath(self.root.as_fd(), parent, true)
-                        .and_then(|fd| reopen_dir(fd.as_fd(), OsStr::new(".")))
+                    let pfd = self.parent_fd(name, parent)?;
+                    let dir = reopen_dir(pfd, OsStr::new("."))
                         .map_err(|e| Error::io("open opaque directory", parent, e))?;
                     rustix::fs::fsetxattr(&dir, ns.opaque_name(), b"y", XattrFlags::empty())
                         .map_err(|e| Error::io("setxattr opaque", parent, e.into()))?;
@@ -642,18 +646,24 @@ impl Applier<'_> {
 
     /// Deletes `victim` in `parent` (and everything below it) for the whiteout entry `name`.
     fn delete(&mut self, name: &str, parent: &Path, victim: &OsStr) -> Result<()> {
-        let Ok(pfd) = open_dir_beneath(self.root.as_fd(), parent, false) else {
+        let prev = self.cache.take();
+        self.new_owner = None;
+        // The removal may take the directories the link cursor stands in.
+        self.link_cache = None;
+        let Ok(cursor) = Cursor::open(self.root.as_fd(), prev, parent, false) else {
             // The parent does not exist (or is no directory): nothing to delete.
             return Ok(());
         };
-        self.cache = None;
-        remove_tree_at(pfd.as_fd(), victim).map_err(|e| {
+        remove_tree_at(cursor.fd(), victim).map_err(|e| {
             Error::io(
                 format!("remove whiteout target of {name:?}"),
                 parent.join(victim),
                 e,
             )
-        })
+        })?;
+        // `parent` itself is still there: keep standing in it.
+        self.cache = Some(cursor);
+        Ok(())
     }
 
     /// Removes whatever is at `base` in `pfd` unless `keep_dir` and it is a directory.
@@ -679,6 +689,7 @@ impl Applier<'_> {
         }
         if matches!(ft, FileType::Directory | FileType::Symlink) {
             self.cache = None;
+            self.link_cache = None;
         }
         Ok(false)
     }
@@ -913,20 +924,27 @@ impl Applier<'_> {
                 "expected a hardlink between two files, found the root",
             ));
         };
-        let tfd = open_dir_beneath(self.root.as_fd(), tparent, false).map_err(|e| {
-            Error::io(
-                format!("open hardlink target directory of {name:?}"),
-                tparent,
-                e,
-            )
-        })?;
-        let tst = rustix::fs::statat(&tfd, tbase, AtFlags::SYMLINK_NOFOLLOW).map_err(|e| {
+        let open_target = |root: BorrowedFd<'_>, prev: Option<Cursor>| {
+            Cursor::open(root, prev, tparent, false).map_err(|e| {
+                Error::io(
+                    format!("open hardlink target directory of {name:?}"),
+                    tparent,
+                    e,
+                )
+            })
+        };
+        let tc = match self.link_cache.take() {
+            Some(c) if c.is_at(tparent) => c,
+            prev => open_target(self.root.as_fd(), prev)?,
+        };
+        let tst = rustix::fs::statat(tc.fd(), tbase, AtFlags::SYMLINK_NOFOLLOW).map_err(|e| {
             Error::io(
                 format!("hardlink target of {name:?}"),
                 &target_rel,
                 e.into(),
             )
         })?;
+        self.link_cache = Some(tc);
         if FileType::from_raw_mode(tst.st_mode) == FileType::Directory {
             return Err(Error::bad_entry(
                 name,
@@ -941,9 +959,17 @@ impl Applier<'_> {
                 }
             }
         }
+        // `clear` drops the cursors when it removes a directory or symlink (which may have been
+        // on the way to the target): then the target directory is resolved again.
         self.clear(name, rel, base, false)?;
-        let pfd = self.parent_fd(name, rel.parent().unwrap_or(Path::new("")))?;
-        rustix::fs::linkat(&tfd, tbase, pfd, base, AtFlags::empty())
+        if self.link_cache.is_none() {
+            self.link_cache = Some(open_target(self.root.as_fd(), None)?);
+        }
+        self.parent_fd(name, rel.parent().unwrap_or(Path::new("")))?;
+        let (Some(pc), Some(tc)) = (&self.cache, &self.link_cache) else {
+            return Err(Error::bad_entry(name, "internal: directory cursors empty"));
+        };
+        rustix::fs::linkat(tc.fd(), tbase, pc.fd(), base, AtFlags::empty())
             .map_err(|e| Error::io("link", rel, e.into()))?;
         Ok(())
     }
@@ -1009,6 +1035,7 @@ impl Applier<'_> {
     /// cursor from directory to directory: no full-path calls and no fd per level.
     fn finish(&mut self) -> Result<()> {
         self.cache = None;
+        self.link_cache = None;
         let opaque: Vec<PathBuf> = self.opaque.iter().cloned().collect();
         for dir in opaque {
             self.prune(&dir)?;
