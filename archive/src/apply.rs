@@ -9,18 +9,23 @@
 //! * **Confinement.** Every entry name is normalised (leading `/` stripped, `.` dropped, `..`
 //!   that would climb out of the target refused with [`Error::BadEntry`]). The entry's parent
 //!   directory is then opened with `openat2(RESOLVE_IN_ROOT | RESOLVE_NO_MAGICLINKS)` from an fd
-//!   of the target (a manual `O_NOFOLLOW` walk where `openat2` is missing), so symlinks planted
-//!   by the layer resolve *inside* the target. The last component is written with `*at()` calls
+//!   of the target (a manual `O_NOFOLLOW` walk, one fd whatever the depth, for names beyond
+//!   `PATH_MAX` or where `openat2` is missing; a cursor on the last parent for long names, see
+//!   `resolve.rs`), so symlinks planted by the layer resolve *inside* the target. The last component is written with `*at()` calls
 //!   relative to that parent fd and never followed. Hardlink targets are resolved the same way;
 //!   a hardlink to a symlink links the symlink itself.
 //! * **Metadata.** Owners are numeric (names are never looked up); `chown` comes before `chmod`
 //!   (it clears setuid/setgid) and before xattrs (it clears `security.capability`). xattrs come
 //!   from PAX `SCHILY.xattr.*` records on files, directories, symlinks and nodes, except
 //!   overlayfs' own `trusted.overlay.*` / `user.overlay.*`, which a layer must not forge.
-//!   mtimes are set as entries are written; directory mtimes are set at the very end, deepest
-//!   first, after everything below them has been written.
-//! * **Whiteouts** per [`WhiteoutFormat`]; `.wh..wh.plnk/…` entries are staged under that
-//!   (reserved) name in the target and removed at the end.
+//!   mtimes are set as entries are written; directory mtimes are set at the very end, after
+//!   everything below them has been written and every removal done (front-coded paths, one
+//!   moving cursor: no fd per level, no full-path calls).
+//! * **Whiteouts** per [`WhiteoutFormat`] (a char 0/0 entry is one, see [`apply_layer`]);
+//!   removals are iterative ([`remove_tree_at`]); `.wh..wh.plnk/…` entries are staged under
+//!   that (reserved) name in the target and removed at the end.
+//! * **Device nodes** that the process may not create (`EPERM`: a normal user, a user
+//!   namespace) are skipped and reported ([`apply_layer_report`]).
 //! * **Sparse files** are written as holes: the file is sized to its real size and only the
 //!   data segments are written (`pwrite`).
 //! * **Limits** ([`ApplyOptions::max_entries`], [`ApplyOptions::max_bytes`]) refuse archive
@@ -31,9 +36,11 @@
 //!
 //! # Invariant: fork-safe
 //!
-//! This module never logs, prints, reads environment variables, allocates thread-local state or
-//! takes locks shared with other threads: `chrootarchive` runs it in a child forked from a
-//! multi-threaded process, where any of those could deadlock or leak.
+//! This module never logs, prints, reads environment variables or takes locks shared with other
+//! threads: `chrootarchive` runs it in a child forked from a multi-threaded process, where any
+//! of those could deadlock or leak. [`apply_layer_report`] and [`untar_report`] (what the child
+//! calls) touch no thread-local state with a destructor either; only [`apply_layer`] and
+//! [`untar`] add to this thread's skipped list ([`take_skipped`]) after the apply.
 
 mod header;
 mod reader;
@@ -42,8 +49,9 @@ pub(crate) use header::checksum_matches as header_checksum_matches;
 mod resolve;
 
 use std::collections::{BTreeSet, HashSet};
-use std::ffi::{CString, OsStr, OsString};
+use std::ffi::{CString, OsStr};
 use std::fs::File;
+use std::hash::{BuildHasher, RandomState};
 use std::io::{self, Read};
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
@@ -58,7 +66,8 @@ use crate::{
     WHITEOUT_OPAQUE, WHITEOUT_PREFIX, WhiteoutFormat,
 };
 use reader::{Entry, TarReader};
-use resolve::{list_dir, open_dir_beneath, open_root, remove_all_at};
+pub use resolve::remove_tree_at;
+use resolve::{Cursor, list_dir, open_root};
 
 /// Size of the buffer in front of the input stream.
 const INPUT_BUFFER: usize = 1 << 20;
@@ -100,10 +109,47 @@ impl Default for ApplyOptions {
 /// [`crate::changes_size`], so a diff→apply round trip reports equal sizes. Compressed input
 /// must be passed through [`crate::decompress`] first (in the trusted process).
 ///
+/// Entries it skipped (see [`apply_layer_report`]) are added to this thread's list, which
+/// [`take_skipped`] returns; call [`apply_layer_report`] to get them with the result instead.
+///
+/// **Whiteouts and char 0/0.** With [`WhiteoutFormat::Oci`] (the default), a `.wh.<name>`
+/// entry deletes `<name>` (everything below it included), `.wh..wh..opq` empties its directory
+/// of what lower layers had, and a **character device 0/0 entry is a whiteout too**: it
+/// deletes the path it names from the lower layers and is not created, exactly like
+/// `.wh.<name>`. An overlay driver uses layer trees as lower directories, where a char 0/0
+/// *is* a whiteout; applying it as a whiteout makes the layer's own tree, its children's views
+/// and every driver agree (the path is absent everywhere, as overlay stacking shows it), and
+/// no layer tree contains a device that means "deleted" in one view and "device" in another.
+/// With [`WhiteoutFormat::Overlay`] the tree *is* an overlay upper directory, so a char 0/0
+/// entry stays a char 0/0 (there it is the whiteout) and `.wh.` entries become char 0/0.
+///
+/// **Paths of any length.** Entry names far beyond `PATH_MAX` (a 10,000-level tree has
+/// 20,000-byte names) resolve component by component with a bounded number of fds, whatever
+/// the depth and the soft `RLIMIT_NOFILE`.
+///
 /// Errors: [`Error::BadEntry`] for entries that try to leave `dest` or use reserved whiteout
 /// names, [`Error::Malformed`] for broken tar streams, [`Error::LimitExceeded`] for limits,
 /// [`Error::Io`] for filesystem failures. On error the tree is left partially applied.
 pub fn apply_layer(dest: &Path, reader: impl Read, opts: &ApplyOptions) -> Result<u64> {
+    let report = apply_layer_report(dest, reader, opts)?;
+    note_skipped(report.skipped, report.skipped_count);
+    Ok(report.bytes)
+}
+
+/// [`apply_layer`], returning what it skipped along with the byte count (and leaving this
+/// thread's skipped list alone).
+///
+/// Entries are skipped, never silently: a character or block device whose `mknod` is refused
+/// with `EPERM` — the process lacks `CAP_MKNOD` over the target's filesystem, as a normal user
+/// or in a user namespace (rootless `chrootarchive`) — is not created and is listed in
+/// [`ApplyReport::skipped`] with the reason, as moby does in a user namespace; the rest of the
+/// layer is applied. Root in the initial user namespace creates devices as before. A path that
+/// held something else before the device entry no longer holds it.
+pub fn apply_layer_report(
+    dest: &Path,
+    reader: impl Read,
+    opts: &ApplyOptions,
+) -> Result<ApplyReport> {
     let mode = Mode_::Layer(opts.whiteout_format);
     run(
         dest,
@@ -115,6 +161,87 @@ pub fn apply_layer(dest: &Path, reader: impl Read, opts: &ApplyOptions) -> Resul
     )
 }
 
+/// What [`apply_layer_report`] did.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct ApplyReport {
+    /// Regular-file content bytes written (what [`apply_layer`] returns).
+    pub bytes: u64,
+    /// Entries not written, as (path relative to the target, why): device nodes the process
+    /// may not create. At most [`MAX_SKIPPED`] are listed.
+    pub skipped: Vec<(PathBuf, String)>,
+    /// How many entries were skipped in all (more than `skipped.len()` when the list was cut).
+    pub skipped_count: u64,
+}
+
+impl ApplyReport {
+    /// A report of `bytes` written and nothing skipped.
+    pub fn new(bytes: u64) -> Self {
+        ApplyReport {
+            bytes,
+            ..Default::default()
+        }
+    }
+}
+
+/// The most skipped entries an [`ApplyReport`] (and [`take_skipped`]) lists; a layer with more
+/// (a hostile one) is counted, not listed, so memory stays bounded.
+pub const MAX_SKIPPED: usize = 256;
+
+/// A bounded list of skipped entries.
+#[derive(Default)]
+struct Skipped {
+    /// The first [`MAX_SKIPPED`].
+    list: Vec<(PathBuf, String)>,
+    /// All of them.
+    count: u64,
+}
+
+impl Skipped {
+    fn push(&mut self, path: PathBuf, reason: String) {
+        self.count += 1;
+        if self.list.len() < MAX_SKIPPED {
+            self.list.push((path, reason));
+        }
+    }
+}
+
+std::thread_local! {
+    /// Entries skipped by applies on this thread that returned only a byte count.
+    static SKIPPED: std::cell::RefCell<Skipped> = std::cell::RefCell::new(Skipped::default());
+}
+
+/// Adds `skipped` (of `count` skipped in all) to this thread's skipped list (see
+/// [`take_skipped`]). For appliers that return only a byte count but got an [`ApplyReport`]
+/// from elsewhere: `chrootarchive::apply_layer` calls it with what its confined child reported.
+pub fn note_skipped(skipped: Vec<(PathBuf, String)>, count: u64) {
+    if count == 0 {
+        return;
+    }
+    let listed = skipped.len() as u64;
+    SKIPPED.with(|s| {
+        let mut s = s.borrow_mut();
+        for (p, why) in skipped {
+            s.push(p, why);
+        }
+        // Those counted but not listed by the report.
+        s.count += count.saturating_sub(listed);
+    });
+}
+
+/// Takes the entries skipped, since the last call, by the byte-count applies that ran on this
+/// thread ([`apply_layer`], [`untar`], `chrootarchive::apply_layer` and whatever calls them, a
+/// driver's `apply_diff` for example): (path relative to the apply target, why), at most
+/// [`MAX_SKIPPED`], and how many were skipped in all. A command-line tool prints them as
+/// warnings after an apply; a long-running caller should take them after every apply (the
+/// list is bounded, not forgotten).
+pub fn take_skipped() -> (Vec<(PathBuf, String)>, u64) {
+    SKIPPED.with(|s| {
+        let s = std::mem::take(&mut *s.borrow_mut());
+        (s.list, s.count)
+    })
+}
+
 /// Extracts the plain tar read from `reader` into `dest`, without whiteout semantics.
 ///
 /// `.wh.` names are written as ordinary files. Only entries at or below one of
@@ -122,7 +249,15 @@ pub fn apply_layer(dest: &Path, reader: impl Read, opts: &ApplyOptions) -> Resul
 /// directories that are ancestors of an include path are written too, keeping their metadata.
 /// Confinement, metadata and error rules are those of [`apply_layer`]; owners are set.
 pub fn untar(dest: &Path, reader: impl Read, opts: &TarOptions) -> Result<()> {
-    run(dest, reader, Mode_::Plain(opts), true, None, None).map(|_| ())
+    untar_report(dest, reader, opts).map(|r| {
+        note_skipped(r.skipped, r.skipped_count);
+    })
+}
+
+/// [`untar`], returning what it skipped (device nodes, as in [`apply_layer_report`]) with the
+/// bytes written, and leaving this thread's skipped list alone.
+pub fn untar_report(dest: &Path, reader: impl Read, opts: &TarOptions) -> Result<ApplyReport> {
+    run(dest, reader, Mode_::Plain(opts), true, None, None)
 }
 
 /// What kind of extraction runs.
@@ -142,7 +277,7 @@ fn run(
     same_owner: bool,
     max_entries: Option<u64>,
     max_bytes: Option<u64>,
-) -> Result<u64> {
+) -> Result<ApplyReport> {
     let root = open_root(dest).map_err(|e| Error::io("open", dest, e))?;
     let mut ap = Applier {
         root,
@@ -152,12 +287,14 @@ fn run(
         max_bytes,
         entries: 0,
         bytes: 0,
-        written: HashSet::new(),
+        written: PathSet::new(),
         opaque: BTreeSet::new(),
-        dir_times: Vec::new(),
+        dir_times: DirTimes::default(),
         cache: None,
+        link_cache: None,
         new_owner: None,
         staged: false,
+        skipped: Skipped::default(),
         buf: vec![0u8; 128 * 1024],
     };
     // One large buffer in front of the stream: headers, padding and small files come out of
@@ -169,7 +306,11 @@ fn run(
     ap.finish()?;
     // Drain zero padding and anything else after the end-of-archive marker.
     io::copy(&mut tar.into_inner(), &mut io::sink()).map_err(|e| malformed(None, &e))?;
-    Ok(ap.bytes)
+    Ok(ApplyReport {
+        bytes: ap.bytes,
+        skipped: std::mem::take(&mut ap.skipped.list),
+        skipped_count: ap.skipped.count,
+    })
 }
 
 /// An [`Error::Malformed`] from a tar-reading failure.
@@ -223,16 +364,17 @@ struct Applier<'a> {
     entries: u64,
     /// Regular-file bytes written so far.
     bytes: u64,
-    /// Paths this layer wrote, with all their ancestors (for opaque directories). Normalised
-    /// relative paths, so byte equality is path equality; kept as bytes because hashing a
-    /// `Path` parses its components.
-    written: HashSet<OsString>,
+    /// Paths this layer wrote, with all their ancestors (for opaque directories).
+    written: PathSet,
     /// Directories marked opaque (OCI form, processed at the end).
     opaque: BTreeSet<PathBuf>,
     /// Directory mtimes to set at the end.
-    dir_times: Vec<(PathBuf, Timespec)>,
-    /// The parent directory fd used last, with its path.
-    cache: Option<(PathBuf, OwnedFd)>,
+    dir_times: DirTimes,
+    /// The parent directory used last.
+    cache: Option<Cursor>,
+    /// The directory of the hardlink target used last (a second cursor: links and their
+    /// targets usually sit in two different directories).
+    link_cache: Option<Cursor>,
     /// What the kernel gave the first file this run created in the cached parent directory
     /// (observed with `fstat`), `None` until observed. Owner and masked permission bits depend
     /// only on our credentials and umask, the directory's owner, group, setgid bit and default
@@ -243,6 +385,8 @@ struct Applier<'a> {
     new_owner: Option<NewFile>,
     /// Whether `.wh..wh.plnk` entries were staged.
     staged: bool,
+    /// Entries not written (device nodes without the privilege to create them).
+    skipped: Skipped,
     /// Copy buffer.
     buf: Vec<u8>,
 }
@@ -313,8 +457,17 @@ impl Applier<'_> {
             }
             Mode_::Layer(format) => whiteouts = Some(format),
         }
+        // Device numbers were read (and checked) with the header; (0, 0) for other types.
+        let dev = entry.device;
         if let (Some(format), Some((parent, base))) = (whiteouts, split(&rel)) {
             let in_plnk = rel.starts_with(WHITEOUT_LINK_DIR);
+            if kind == EntryType::Char && dev == (0, 0) && format == WhiteoutFormat::Oci && !in_plnk
+            {
+                // The overlay form of a whiteout: one treatment whatever the view (see
+                // `apply_layer`), so it deletes `base` exactly like `.wh.<base>`.
+                self.delete(&name, parent, base)?;
+                return Ok(());
+            }
             let base_b = base.as_bytes();
             if in_plnk {
                 self.staged = true;
@@ -351,7 +504,7 @@ impl Applier<'_> {
                 self.hardlink(&name, &rel, target)?;
             }
             EntryType::Char | EntryType::Block => {
-                let dev = rustix::fs::makedev(entry.device.0, entry.device.1);
+                let dev = rustix::fs::makedev(dev.0, dev.1);
                 let ft = if kind == EntryType::Char {
                     FileType::CharacterDevice
                 } else {
@@ -408,10 +561,9 @@ impl Applier<'_> {
         let mut p = rel;
         loop {
             // Look up before inserting: most ancestors are present already.
-            if self.written.contains(p.as_os_str()) {
+            if !self.written.insert(p) {
                 break;
             }
-            self.written.insert(p.as_os_str().to_owned());
             match p.parent() {
                 Some(parent) => p = parent,
                 None => break,
@@ -421,20 +573,21 @@ impl Applier<'_> {
 
     /// Opens (creating if missing) the parent directory `parent`, reusing the cached fd.
     fn parent_fd(&mut self, name: &str, parent: &Path) -> Result<BorrowedFd<'_>> {
-        let hit = matches!(&self.cache, Some((p, _)) if p == parent);
+        let hit = matches!(&self.cache, Some(c) if c.is_at(parent));
         if !hit {
-            let fd = open_dir_beneath(self.root.as_fd(), parent, true).map_err(|e| {
+            let prev = self.cache.take();
+            let cursor = Cursor::open(self.root.as_fd(), prev, parent, true).map_err(|e| {
                 Error::io(
                     format!("open parent directory of entry {name:?}"),
                     parent,
                     e,
                 )
             })?;
-            self.cache = Some((parent.to_path_buf(), fd));
+            self.cache = Some(cursor);
             self.new_owner = None;
         }
         match &self.cache {
-            Some((_, fd)) => Ok(fd.as_fd()),
+            Some(c) => Ok(c.fd()),
             None => Err(Error::bad_entry(name, "internal: parent cache empty")),
         }
     }
@@ -454,8 +607,8 @@ impl Applier<'_> {
                     self.opaque.insert(parent.to_path_buf());
                 }
                 WhiteoutFormat::Overlay(ns) => {
-                    let dir = open_dir_beneath(self.root.as_fd(), parent, true)
-                        .and_then(|fd| reopen_dir(fd.as_fd(), OsStr::new(".")))
+                    let pfd = self.parent_fd(name, parent)?;
+                    let dir = reopen_dir(pfd, OsStr::new("."))
                         .map_err(|e| Error::io("open opaque directory", parent, e))?;
                     rustix::fs::fsetxattr(&dir, ns.opaque_name(), b"y", XattrFlags::empty())
                         .map_err(|e| Error::io("setxattr opaque", parent, e.into()))?;
@@ -477,16 +630,7 @@ impl Applier<'_> {
         let victim = OsStr::from_bytes(victim);
         let rel = parent.join(victim);
         match format {
-            WhiteoutFormat::Oci => {
-                let Ok(pfd) = open_dir_beneath(self.root.as_fd(), parent, false) else {
-                    // The parent does not exist (or is no directory): nothing to delete.
-                    return Ok(());
-                };
-                self.cache = None;
-                remove_all_at(pfd.as_fd(), victim).map_err(|e| {
-                    Error::io(format!("remove whiteout target of {name:?}"), &rel, e)
-                })?;
-            }
+            WhiteoutFormat::Oci => self.delete(name, parent, victim)?,
             WhiteoutFormat::Overlay(_) => {
                 self.mark_written(&rel);
                 let meta = Meta {
@@ -505,6 +649,28 @@ impl Applier<'_> {
         Ok(())
     }
 
+    /// Deletes `victim` in `parent` (and everything below it) for the whiteout entry `name`.
+    fn delete(&mut self, name: &str, parent: &Path, victim: &OsStr) -> Result<()> {
+        let prev = self.cache.take();
+        self.new_owner = None;
+        // The removal may take the directories the link cursor stands in.
+        self.link_cache = None;
+        let Ok(cursor) = Cursor::open(self.root.as_fd(), prev, parent, false) else {
+            // The parent does not exist (or is no directory): nothing to delete.
+            return Ok(());
+        };
+        remove_tree_at(cursor.fd(), victim).map_err(|e| {
+            Error::io(
+                format!("remove whiteout target of {name:?}"),
+                parent.join(victim),
+                e,
+            )
+        })?;
+        // `parent` itself is still there: keep standing in it.
+        self.cache = Some(cursor);
+        Ok(())
+    }
+
     /// Removes whatever is at `base` in `pfd` unless `keep_dir` and it is a directory.
     /// Returns whether a directory was kept.
     fn clear(&mut self, name: &str, rel: &Path, base: &OsStr, keep_dir: bool) -> Result<bool> {
@@ -519,7 +685,7 @@ impl Applier<'_> {
             return Ok(true);
         }
         if ft == FileType::Directory {
-            remove_all_at(pfd, base).map_err(|e| Error::io("remove", rel, e))?;
+            remove_tree_at(pfd, base).map_err(|e| Error::io("remove", rel, e))?;
         } else {
             match rustix::fs::unlinkat(pfd, base, AtFlags::empty()) {
                 Ok(()) | Err(rustix::io::Errno::NOENT) => {}
@@ -528,6 +694,7 @@ impl Applier<'_> {
         }
         if matches!(ft, FileType::Directory | FileType::Symlink) {
             self.cache = None;
+            self.link_cache = None;
         }
         Ok(false)
     }
@@ -669,7 +836,7 @@ impl Applier<'_> {
         self.set_owner_mode_fd(dir.as_fd(), rel, meta, self.same_owner, true)?;
         self.set_xattrs_fd(dir.as_fd(), rel, meta)?;
         if !rel.starts_with(WHITEOUT_LINK_DIR) {
-            self.dir_times.push((rel.to_path_buf(), meta.mtime));
+            self.dir_times.push(rel, meta.mtime);
         }
         Ok(())
     }
@@ -692,14 +859,33 @@ impl Applier<'_> {
             }
         };
         // Most names do not exist yet: create first, clear and retry only when taken.
-        match make(self.parent_fd(name, parent)?) {
+        let made = match make(self.parent_fd(name, parent)?) {
             Err(rustix::io::Errno::EXIST) => {
                 self.clear(name, rel, base, false)?;
                 make(self.parent_fd(name, parent)?)
             }
             other => other,
+        };
+        if let (Err(rustix::io::Errno::PERM), Node::Dev(ft, dev)) = (made, node) {
+            if matches!(ft, FileType::CharacterDevice | FileType::BlockDevice) {
+                // No privilege to create device nodes (a normal user, a user namespace): skip
+                // the node and report it, as moby does, instead of failing the layer.
+                let kind = if ft == FileType::CharacterDevice {
+                    "char"
+                } else {
+                    "block"
+                };
+                let reason = format!(
+                    "{kind} device {}/{} not created: mknod: {} (device nodes need CAP_MKNOD in the initial user namespace)",
+                    rustix::fs::major(dev),
+                    rustix::fs::minor(dev),
+                    io::Error::from(rustix::io::Errno::PERM),
+                );
+                self.skipped.push(rel.to_path_buf(), reason);
+                return Ok(());
+            }
         }
-        .map_err(|e| Error::io("create", rel, e.into()))?;
+        made.map_err(|e| Error::io("create", rel, e.into()))?;
         let pfd = self.parent_fd(name, parent)?;
         if matches!(node, Node::Whiteout) {
             return Ok(());
@@ -743,20 +929,27 @@ impl Applier<'_> {
                 "expected a hardlink between two files, found the root",
             ));
         };
-        let tfd = open_dir_beneath(self.root.as_fd(), tparent, false).map_err(|e| {
-            Error::io(
-                format!("open hardlink target directory of {name:?}"),
-                tparent,
-                e,
-            )
-        })?;
-        let tst = rustix::fs::statat(&tfd, tbase, AtFlags::SYMLINK_NOFOLLOW).map_err(|e| {
+        let open_target = |root: BorrowedFd<'_>, prev: Option<Cursor>| {
+            Cursor::open(root, prev, tparent, false).map_err(|e| {
+                Error::io(
+                    format!("open hardlink target directory of {name:?}"),
+                    tparent,
+                    e,
+                )
+            })
+        };
+        let tc = match self.link_cache.take() {
+            Some(c) if c.is_at(tparent) => c,
+            prev => open_target(self.root.as_fd(), prev)?,
+        };
+        let tst = rustix::fs::statat(tc.fd(), tbase, AtFlags::SYMLINK_NOFOLLOW).map_err(|e| {
             Error::io(
                 format!("hardlink target of {name:?}"),
                 &target_rel,
                 e.into(),
             )
         })?;
+        self.link_cache = Some(tc);
         if FileType::from_raw_mode(tst.st_mode) == FileType::Directory {
             return Err(Error::bad_entry(
                 name,
@@ -771,9 +964,17 @@ impl Applier<'_> {
                 }
             }
         }
+        // `clear` drops the cursors when it removes a directory or symlink (which may have been
+        // on the way to the target): then the target directory is resolved again.
         self.clear(name, rel, base, false)?;
-        let pfd = self.parent_fd(name, rel.parent().unwrap_or(Path::new("")))?;
-        rustix::fs::linkat(&tfd, tbase, pfd, base, AtFlags::empty())
+        if self.link_cache.is_none() {
+            self.link_cache = Some(open_target(self.root.as_fd(), None)?);
+        }
+        self.parent_fd(name, rel.parent().unwrap_or(Path::new("")))?;
+        let (Some(pc), Some(tc)) = (&self.cache, &self.link_cache) else {
+            return Err(Error::bad_entry(name, "internal: directory cursors empty"));
+        };
+        rustix::fs::linkat(tc.fd(), tbase, pc.fd(), base, AtFlags::empty())
             .map_err(|e| Error::io("link", rel, e.into()))?;
         Ok(())
     }
@@ -828,59 +1029,157 @@ impl Applier<'_> {
         Ok(())
     }
 
-    /// End of stream: opaque directories, staging removal, then directory mtimes deepest first.
+    /// End of stream: opaque directories, staging removal, then directory mtimes.
+    ///
+    /// Setting a directory's times does not change its parent's, so the times are set in the
+    /// order the directories were written (a repeated entry's last metadata wins), moving one
+    /// cursor from directory to directory: no full-path calls and no fd per level.
     fn finish(&mut self) -> Result<()> {
         self.cache = None;
+        self.link_cache = None;
         let opaque: Vec<PathBuf> = self.opaque.iter().cloned().collect();
         for dir in opaque {
-            let Ok(fd) = open_dir_beneath(self.root.as_fd(), &dir, false) else {
-                continue;
-            };
-            self.prune(fd.as_fd(), &dir)?;
+            self.prune(&dir)?;
         }
         if self.staged {
-            remove_all_at(self.root.as_fd(), OsStr::new(WHITEOUT_LINK_DIR))
+            remove_tree_at(self.root.as_fd(), OsStr::new(WHITEOUT_LINK_DIR))
                 .map_err(|e| Error::io("remove", WHITEOUT_LINK_DIR, e))?;
         }
-        let mut times = std::mem::take(&mut self.dir_times);
-        times.sort_by_key(|(p, _)| std::cmp::Reverse(p.components().count()));
-        for (rel, mtime) in times {
+        let times = std::mem::take(&mut self.dir_times);
+        let mut cursor: Option<Cursor> = None;
+        let mut result = Ok(());
+        times.for_each(|rel, mtime| {
+            if result.is_err() {
+                return;
+            }
             let ts = Timestamps {
                 last_access: mtime,
                 last_modification: mtime,
             };
-            let (parent, base) = split(&rel).unwrap_or((Path::new(""), OsStr::new(".")));
-            let Ok(pfd) = open_dir_beneath(self.root.as_fd(), parent, false) else {
+            let (parent, base) = split(rel).unwrap_or((Path::new(""), OsStr::new(".")));
+            let pfd = match cursor.take() {
+                Some(c) if c.is_at(parent) => c,
+                // Stale or missing parents (removed by a later entry) are skipped.
+                prev => match Cursor::open(self.root.as_fd(), prev, parent, false) {
+                    Ok(c) => c,
+                    Err(_) => return,
+                },
+            };
+            match rustix::fs::utimensat(pfd.fd(), base, &ts, AtFlags::SYMLINK_NOFOLLOW) {
+                Ok(()) | Err(rustix::io::Errno::NOENT) => {}
+                Err(e) => result = Err(Error::io("set directory mtime", rel, e.into())),
+            }
+            cursor = Some(pfd);
+        });
+        result
+    }
+
+    /// Removes from the opaque directory `rel`, and from the directories this layer wrote below
+    /// it, everything this layer did not write. Iterative: one pending list of directories, one
+    /// cursor, whatever the depth.
+    fn prune(&self, rel: &Path) -> Result<()> {
+        let mut pending = vec![rel.to_path_buf()];
+        let mut cursor: Option<Cursor> = None;
+        while let Some(dir) = pending.pop() {
+            let Ok(c) = Cursor::open(self.root.as_fd(), cursor.take(), &dir, false) else {
                 continue;
             };
-            match rustix::fs::utimensat(&pfd, base, &ts, AtFlags::SYMLINK_NOFOLLOW) {
-                Ok(()) | Err(rustix::io::Errno::NOENT) => {}
-                Err(e) => return Err(Error::io("set directory mtime", &rel, e.into())),
+            let rd = reopen_dir(c.fd(), OsStr::new(".")).map_err(|e| Error::io("open", &dir, e))?;
+            let names = list_dir(rd.as_fd()).map_err(|e| Error::io("readdir", &dir, e))?;
+            for name in names {
+                let child = dir.join(&name);
+                if self.written.contains(&child) {
+                    let is_dir = rustix::fs::statat(rd.as_fd(), &name, AtFlags::SYMLINK_NOFOLLOW)
+                        .map(|st| FileType::from_raw_mode(st.st_mode) == FileType::Directory)
+                        .unwrap_or(false);
+                    if is_dir {
+                        pending.push(child);
+                    }
+                } else {
+                    remove_tree_at(rd.as_fd(), &name)
+                        .map_err(|e| Error::io("remove", &child, e))?;
+                }
             }
+            cursor = Some(c);
         }
         Ok(())
     }
+}
 
-    /// Removes from the opaque directory `dir` (at `rel`) everything this layer did not write.
-    fn prune(&self, dir: BorrowedFd<'_>, rel: &Path) -> Result<()> {
-        let rd = reopen_dir(dir, OsStr::new(".")).map_err(|e| Error::io("open", rel, e))?;
-        let names = list_dir(rd.as_fd()).map_err(|e| Error::io("readdir", rel, e))?;
-        for name in names {
-            let child = rel.join(&name);
-            if self.written.contains(child.as_os_str()) {
-                let is_dir = rustix::fs::statat(rd.as_fd(), &name, AtFlags::SYMLINK_NOFOLLOW)
-                    .map(|st| FileType::from_raw_mode(st.st_mode) == FileType::Directory)
-                    .unwrap_or(false);
-                if is_dir {
-                    let sub =
-                        reopen_dir(rd.as_fd(), &name).map_err(|e| Error::io("open", &child, e))?;
-                    self.prune(sub.as_fd(), &child)?;
-                }
-            } else {
-                remove_all_at(rd.as_fd(), &name).map_err(|e| Error::io("remove", &child, e))?;
-            }
+/// A set of normalised relative paths, stored as 128-bit keyed hashes (two independently,
+/// randomly keyed SipHash values) so that its memory does not grow with the length of the
+/// names: a 10,000-level tree has 20,000-byte names. The keys are random per run, so a layer
+/// cannot be built to make two of its paths collide.
+struct PathSet {
+    /// First hash key.
+    a: RandomState,
+    /// Second hash key.
+    b: RandomState,
+    /// The hashes.
+    set: HashSet<u128>,
+}
+
+impl PathSet {
+    fn new() -> Self {
+        PathSet {
+            a: RandomState::new(),
+            b: RandomState::new(),
+            set: HashSet::new(),
         }
-        Ok(())
+    }
+
+    fn key(&self, p: &Path) -> u128 {
+        let bytes = p.as_os_str().as_bytes();
+        (u128::from(self.a.hash_one(bytes)) << 64) | u128::from(self.b.hash_one(bytes))
+    }
+
+    /// Adds `p`; `false` when it was present.
+    fn insert(&mut self, p: &Path) -> bool {
+        let k = self.key(p);
+        self.set.insert(k)
+    }
+
+    fn contains(&self, p: &Path) -> bool {
+        self.set.contains(&self.key(p))
+    }
+}
+
+/// Directory mtimes recorded during the apply, front-coded (each path stored as the length it
+/// shares with the previous one plus the rest), so a deep tree costs a few bytes per directory.
+#[derive(Default)]
+struct DirTimes {
+    /// The last path pushed.
+    last: Vec<u8>,
+    /// (bytes shared with the previous path, the rest, mtime).
+    items: Vec<(usize, Box<[u8]>, Timespec)>,
+}
+
+impl DirTimes {
+    fn push(&mut self, rel: &Path, mtime: Timespec) {
+        let bytes = rel.as_os_str().as_bytes();
+        // Most directories extend the previous one (a memcmp); others share a short prefix.
+        let shared = if bytes.starts_with(&self.last) {
+            self.last.len()
+        } else {
+            self.last
+                .iter()
+                .zip(bytes)
+                .take_while(|(a, b)| a == b)
+                .count()
+        };
+        self.items.push((shared, bytes[shared..].into(), mtime));
+        self.last.truncate(shared);
+        self.last.extend_from_slice(&bytes[shared..]);
+    }
+
+    /// Calls `f` with every path and mtime, in the order they were pushed.
+    fn for_each(self, mut f: impl FnMut(&Path, Timespec)) {
+        let mut buf: Vec<u8> = Vec::new();
+        for (shared, rest, mtime) in self.items {
+            buf.truncate(shared);
+            buf.extend_from_slice(&rest);
+            f(Path::new(OsStr::from_bytes(&buf)), mtime);
+        }
     }
 }
 

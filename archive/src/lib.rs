@@ -11,9 +11,14 @@
 //!   [`changes_from_overlay_upper`] reads the same list straight from an overlayfs upper dir.
 //! * [`tar_tree`] and [`export_changes`] write a whole tree, or only a change list, as a
 //!   streaming PAX tar ([`TarOptions`]).
-//! * [`apply_layer`] applies a layer tar onto a directory, honouring whiteouts and refusing any
-//!   entry that would reach outside the target ([`ApplyOptions`]); [`untar`] extracts a plain
-//!   tar without whiteout semantics.
+//! * [`apply_layer`] applies a layer tar onto a directory, honouring whiteouts (a char device
+//!   0/0 is one too) and refusing any entry that would reach outside the target
+//!   ([`ApplyOptions`]), at any depth with bounded fds; [`apply_layer_report`] also returns the
+//!   entries it had to skip (device nodes without the privilege to create them,
+//!   [`ApplyReport`]), which [`apply_layer`] leaves for [`take_skipped`]; [`untar`] extracts a
+//!   plain tar without whiteout semantics.
+//! * [`remove_tree_at`] removes a tree of any depth relative to a directory fd, never following
+//!   a symlink, with a bounded number of fds (mode-000 directories included).
 //! * [`decompress`] detects gzip, zstd, xz and bzip2 by their magic bytes.
 //! * [`compare`] snapshots trees and reports every difference, the oracle of the test suites.
 //! * [`quote`] prints names found in a layer so that they cannot forge output (Go `%q` style).
@@ -68,7 +73,10 @@ pub mod fs;
 pub mod quote;
 mod whiteout;
 
-pub use apply::{ApplyOptions, apply_layer, untar};
+pub use apply::{
+    ApplyOptions, ApplyReport, MAX_SKIPPED, apply_layer, apply_layer_report, note_skipped,
+    remove_tree_at, take_skipped, untar, untar_report,
+};
 pub use change::{Change, ChangeKind, changes, changes_from_overlay_upper, changes_size};
 pub use compression::{Compression, decompress, detect_compression};
 pub use error::{Error, Result};

@@ -100,7 +100,12 @@ pub(crate) fn run(input: RawFd, result: RawFd, dest: &CStr, job: &Job<'_>, fault
         exit(EXIT_NO_RESULT_PIPE);
     }
     let msg = match catch_unwind(AssertUnwindSafe(|| confine_and_run(dest, job, fault))) {
-        Ok(Ok((bytes, by))) => Message::Ok { bytes, by },
+        Ok(Ok((report, by))) => Message::Ok {
+            bytes: report.bytes,
+            skipped: report.skipped,
+            skipped_count: report.skipped_count,
+            by,
+        },
         Ok(Err(e)) => Message::Err(e),
         Err(payload) => Message::Panicked(payload_message(payload.as_ref())),
     };
@@ -184,7 +189,7 @@ fn confine_and_run(
     dest: &CStr,
     job: &Job<'_>,
     fault: &TestFault,
-) -> Result<(u64, ConfinedBy), Error> {
+) -> Result<(archive::ApplyReport, ConfinedBy), Error> {
     let ran_as_root = nix::unistd::geteuid().is_root();
     let by = confine(dest)?;
     match fault {
@@ -204,21 +209,24 @@ fn confine_and_run(
     }
     let reader = PipeReader(INPUT_FD);
     let root = Path::new("/");
-    let bytes = match job {
+    // The `_report` variants: they return what was skipped (device nodes in a user namespace)
+    // instead of keeping it in thread-local state, which the child must not touch.
+    let report = match job {
         Job::Apply(opts) if !ran_as_root => {
             // In a user namespace only the caller's own ids are mapped: keep the caller as the
             // owner of everything, as rootless engines do.
             let mut opts = (*opts).clone();
             opts.same_owner = false;
-            archive::apply_layer(root, reader, &opts)?
+            archive::apply_layer_report(root, reader, &opts)?
         }
-        Job::Apply(opts) => archive::apply_layer(root, reader, opts)?,
+        Job::Apply(opts) => archive::apply_layer_report(root, reader, opts)?,
         Job::Untar(opts) => {
-            archive::untar(root, reader, opts)?;
-            0
+            let mut report = archive::untar_report(root, reader, opts)?;
+            report.bytes = 0;
+            report
         }
     };
-    Ok((bytes, by))
+    Ok((report, by))
 }
 
 /// moby's sequence (2016): own mount namespace, `/` rslave, bind the target on itself,

@@ -15,13 +15,14 @@
 //!    numeric and nothing is loaded from the layer (no NSS, no decompressor, no exec).
 //! 3. The parent streams the decompressed input into the pipe (enlarged to 256 KiB) in 128 KiB
 //!    chunks while the child writes, so memory stays bounded for any layer size. The child
-//!    writes one result message (bytes applied, or the [`archive::Error`] with its entry name,
-//!    path and errno, see `protocol`) to the second pipe and leaves with `_exit`. The parent reads it, reaps the
+//!    writes one result message (bytes applied and entries skipped, or the [`archive::Error`]
+//!    with its entry name, path and errno, see `protocol`) to the second pipe and leaves with `_exit`. The parent reads it, reaps the
 //!    child and rebuilds an equal error.
 //!
 //! Without root the child first enters a user namespace that maps the caller's uid and gid to
 //! 0 (as rootless container engines do): the mount steps then work inside it, and every entry is
-//! owned by the caller (`same_owner` is forced off; device nodes cannot be created there). If the
+//! owned by the caller (`same_owner` is forced off; char and block devices cannot be created
+//! there and are skipped and reported, see [`apply_layer_report`]). If the
 //! confinement cannot be set up (unprivileged user namespaces disabled, no mount namespaces), the
 //! result is [`archive::Error::Confinement`] naming the step; the layer is never applied
 //! unconfined.
@@ -81,7 +82,7 @@ use std::os::unix::ffi::OsStrExt;
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 
-use archive::{ApplyOptions, Error, Result, TarOptions};
+use archive::{ApplyOptions, ApplyReport, Error, Result, TarOptions};
 use nix::errno::Errno;
 use nix::fcntl::OFlag;
 use nix::sys::signal::{SigSet, SigmaskHow, Signal, kill};
@@ -101,8 +102,26 @@ use protocol::{MAX_MESSAGE, Message};
 /// [`Error::Confinement`] when the child cannot be confined (never applied unconfined), and
 /// [`Error::ChildDied`] when the child ends without a result. On error `dest` is left partially
 /// applied for the caller to discard.
+///
+/// Entries the child skipped (device nodes it may not create, see
+/// [`archive::apply_layer_report`]) are added to this thread's skipped list, which
+/// [`archive::take_skipped`] returns; [`apply_layer_report`] returns them instead. Without root
+/// the child applies in a user namespace, where char and block devices are always skipped
+/// (char 0/0 entries are whiteouts, see [`archive::apply_layer`]).
 pub fn apply_layer(dest: &Path, reader: impl Read, opts: &ApplyOptions) -> Result<u64> {
-    run(dest, reader, &Job::Apply(opts), &TestFault::None).map(|(bytes, _)| bytes)
+    let (report, _) = run(dest, reader, &Job::Apply(opts), &TestFault::None)?;
+    archive::note_skipped(report.skipped, report.skipped_count);
+    Ok(report.bytes)
+}
+
+/// [`apply_layer`], returning what the confined child skipped along with the byte count, as
+/// [`archive::apply_layer_report`] does in process (this thread's skipped list is left alone).
+pub fn apply_layer_report(
+    dest: &Path,
+    reader: impl Read,
+    opts: &ApplyOptions,
+) -> Result<ApplyReport> {
+    run(dest, reader, &Job::Apply(opts), &TestFault::None).map(|(report, _)| report)
 }
 
 /// Extracts the tar read from `reader` (compressed or not) into `dest` without whiteout
@@ -111,7 +130,9 @@ pub fn apply_layer(dest: &Path, reader: impl Read, opts: &ApplyOptions) -> Resul
 /// Same contract and results as [`archive::untar`], with the additional errors of
 /// [`apply_layer`].
 pub fn untar(dest: &Path, reader: impl Read, opts: &TarOptions) -> Result<()> {
-    run(dest, reader, &Job::Untar(opts), &TestFault::None).map(|_| ())
+    let (report, _) = run(dest, reader, &Job::Untar(opts), &TestFault::None)?;
+    archive::note_skipped(report.skipped, report.skipped_count);
+    Ok(())
 }
 
 /// Test hook: makes the confined child misbehave after it confined itself. Not for normal use.
@@ -141,7 +162,7 @@ pub fn apply_layer_with_fault(
     opts: &ApplyOptions,
     fault: TestFault,
 ) -> Result<(u64, ConfinedBy)> {
-    run(dest, reader, &Job::Apply(opts), &fault)
+    run(dest, reader, &Job::Apply(opts), &fault).map(|(report, by)| (report.bytes, by))
 }
 
 /// What the child runs.
@@ -172,7 +193,7 @@ fn run(
     reader: impl Read,
     job: &Job<'_>,
     fault: &TestFault,
-) -> Result<(u64, ConfinedBy)> {
+) -> Result<(ApplyReport, ConfinedBy)> {
     // Everything the child needs is prepared here, before the fork.
     let abs = fs::canonicalize(dest).map_err(|e| Error::io("canonicalize", dest, e))?;
     let meta = fs::metadata(&abs).map_err(|e| Error::io("stat", dest, e))?;
@@ -285,7 +306,10 @@ fn read_result(pipe: OwnedFd) -> io::Result<Vec<u8>> {
 }
 
 /// Turns the child's message and exit status (`None`: not available) into the job's result.
-fn interpret(raw: io::Result<Vec<u8>>, status: Option<WaitStatus>) -> Result<(u64, ConfinedBy)> {
+fn interpret(
+    raw: io::Result<Vec<u8>>,
+    status: Option<WaitStatus>,
+) -> Result<(ApplyReport, ConfinedBy)> {
     let msg = match raw {
         Ok(raw) if raw.is_empty() => None,
         Ok(raw) if raw.len() > MAX_MESSAGE => Some(Err(format!(
@@ -302,8 +326,19 @@ fn interpret(raw: io::Result<Vec<u8>>, status: Option<WaitStatus>) -> Result<(u6
             sig.as_str(),
             if core { " (core dumped)" } else { "" }
         )),
-        (Some(WaitStatus::Exited(_, 0)) | None, Some(Ok(Message::Ok { bytes, by }))) => {
-            Ok((bytes, by))
+        (
+            Some(WaitStatus::Exited(_, 0)) | None,
+            Some(Ok(Message::Ok {
+                bytes,
+                skipped,
+                skipped_count,
+                by,
+            })),
+        ) => {
+            let mut report = ApplyReport::new(bytes);
+            report.skipped = skipped;
+            report.skipped_count = skipped_count;
+            Ok((report, by))
         }
         (Some(WaitStatus::Exited(_, 0)) | None, Some(Ok(Message::Err(e)))) => Err(e),
         (_, Some(Err(reason))) => died(format!("sent a malformed result: {reason}")),

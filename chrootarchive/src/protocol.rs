@@ -21,7 +21,7 @@ use std::path::PathBuf;
 use archive::Error;
 
 /// First bytes of every message; a version bump changes the last byte.
-const MAGIC: &[u8; 4] = b"CRA1";
+const MAGIC: &[u8; 4] = b"CRA2";
 
 /// Upper bound on the size of a message the parent accepts.
 pub(crate) const MAX_MESSAGE: usize = 1 << 20;
@@ -43,8 +43,14 @@ pub enum ConfinedBy {
 /// What the child reports.
 #[derive(Debug)]
 pub(crate) enum Message {
-    /// The job succeeded: the bytes applied and how the child was confined.
-    Ok { bytes: u64, by: ConfinedBy },
+    /// The job succeeded: the bytes applied, the entries skipped (at most
+    /// [`archive::MAX_SKIPPED`] listed, `skipped_count` in all) and how the child was confined.
+    Ok {
+        bytes: u64,
+        skipped: Vec<(PathBuf, String)>,
+        skipped_count: u64,
+        by: ConfinedBy,
+    },
     /// The job (or the confinement) failed.
     Err(Error),
     /// The child panicked; the payload's message.
@@ -87,13 +93,33 @@ pub(crate) fn encode(msg: &Message) -> Vec<u8> {
     let mut out = Vec::with_capacity(256);
     out.extend_from_slice(MAGIC);
     match msg {
-        Message::Ok { bytes, by } => {
+        Message::Ok {
+            bytes,
+            skipped,
+            skipped_count,
+            by,
+        } => {
             out.push(TAG_OK);
             out.extend_from_slice(&bytes.to_le_bytes());
             out.push(match by {
                 ConfinedBy::PivotRoot => 0,
                 ConfinedBy::Chroot => 1,
             });
+            out.extend_from_slice(&skipped_count.to_le_bytes());
+            // Listed entries stop where the message would grow past half its limit (each
+            // field is cut at MAX_FIELD); the count still says how many there were.
+            let mut list = Vec::new();
+            let mut listed: u32 = 0;
+            for (path, why) in skipped.iter().take(archive::MAX_SKIPPED) {
+                if out.len() + list.len() + 2 * MAX_FIELD + 16 > MAX_MESSAGE / 2 {
+                    break;
+                }
+                put_bytes(&mut list, path.as_os_str().as_bytes());
+                put_str(&mut list, why);
+                listed += 1;
+            }
+            out.extend_from_slice(&listed.to_le_bytes());
+            out.extend_from_slice(&list);
         }
         Message::Err(e) => {
             out.push(TAG_ERR);
@@ -203,7 +229,25 @@ pub(crate) fn decode(buf: &[u8]) -> Result<Message, String> {
                 1 => ConfinedBy::Chroot,
                 t => return Err(format!("expected confinement 0 or 1, found {t}")),
             };
-            Message::Ok { bytes, by }
+            let skipped_count = r.u64()?;
+            let listed = u32::from_le_bytes(r.array()?) as usize;
+            if listed > archive::MAX_SKIPPED || listed as u64 > skipped_count {
+                return Err(format!(
+                    "expected at most {} listed skipped entries and no more than their count {skipped_count}, found {listed}",
+                    archive::MAX_SKIPPED
+                ));
+            }
+            let mut skipped = Vec::with_capacity(listed);
+            for _ in 0..listed {
+                let path = PathBuf::from(OsStr::from_bytes(r.bytes()?));
+                skipped.push((path, r.string()?));
+            }
+            Message::Ok {
+                bytes,
+                skipped,
+                skipped_count,
+                by,
+            }
         }
         TAG_ERR => Message::Err(decode_error(&mut r)?),
         TAG_PANICKED => Message::Panicked(r.string()?),
@@ -398,12 +442,28 @@ mod tests {
 
     #[test]
     fn ok_and_panicked_round_trip() {
+        let skipped = vec![
+            (
+                PathBuf::from("dev/null"),
+                "char device 1/3 not created".to_owned(),
+            ),
+            (PathBuf::from("a\u{e9}/b"), "why".to_owned()),
+        ];
         match decode(&encode(&Message::Ok {
             bytes: 42,
+            skipped: skipped.clone(),
+            skipped_count: 3,
             by: ConfinedBy::Chroot,
         })) {
-            Ok(Message::Ok { bytes, by }) => {
+            Ok(Message::Ok {
+                bytes,
+                skipped: got,
+                skipped_count,
+                by,
+            }) => {
                 assert_eq!(bytes, 42);
+                assert_eq!(got, skipped);
+                assert_eq!(skipped_count, 3);
                 assert_eq!(by, ConfinedBy::Chroot);
             }
             other => panic!("expected ok, found {other:?}"),

@@ -273,6 +273,7 @@ fn apply(s: &Selected, id: &LayerId, parent: Option<LayerId>, file: Option<&Path
     let parent = parent_or_recorded(s, id, parent)?;
     let result = s.driver.apply_diff(id, parent.as_ref(), &mut plain);
     bar.finish_and_clear();
+    warn_skipped();
     match result {
         Ok(size) => println_out(format_args!("{size}")),
         Err(e) => {
@@ -282,6 +283,24 @@ fn apply(s: &Selected, id: &LayerId, parent: Option<LayerId>, file: Option<&Path
             }
             Err(anyhow::Error::new(e).context(format!("apply {name} to layer {id}")))
         }
+    }
+}
+
+/// Prints a `warning:` line for each entry the applies of this thread skipped (device nodes
+/// that a normal user cannot create), names and reasons escaped.
+pub(crate) fn warn_skipped() {
+    let (skipped, count) = archive::take_skipped();
+    for (path, why) in &skipped {
+        eprintln!(
+            "warning: skipped device node {path:?}: {}",
+            why.escape_debug()
+        );
+    }
+    if count > skipped.len() as u64 {
+        eprintln!(
+            "warning: skipped {} more device nodes",
+            count - skipped.len() as u64
+        );
     }
 }
 

@@ -210,6 +210,7 @@ fn apply_one(
     io::copy(&mut plain, &mut io::sink()).with_context(|| format!("read blob {blob}"))?;
     drop(plain);
     bar.finish_and_clear();
+    crate::commands::warn_skipped();
     if let Some((want, want_size)) = &layer.digest {
         let (got, size) = finish(&blob_state)?;
         if &got != want {

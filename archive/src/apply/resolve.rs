@@ -1,14 +1,30 @@
-//! fd-relative path resolution confined to the apply target.
+//! fd-relative path resolution confined to the apply target, for paths of any length.
 //!
 //! Every name in a layer is resolved *beneath* an fd of the target directory: symlinks (planted by
 //! the layer or already present), `..` and absolute link targets all stay inside it, as if the
-//! target were `/`. The kernel does this with `openat2(RESOLVE_IN_ROOT | RESOLVE_NO_MAGICLINKS)`;
-//! on kernels without `openat2` (`ENOSYS`) [`open_dir_beneath_manual`] walks the components one
-//! by one with `O_NOFOLLOW`, expanding symlinks itself and clamping `..` at the root.
+//! target were `/`.
+//!
+//! * **Short paths** (below [`SHORT_PATH`] bytes, the common case) resolve in one
+//!   `openat2(RESOLVE_IN_ROOT | RESOLVE_NO_MAGICLINKS)` call.
+//! * **Long paths** (a 10,000-level tree has 20,000-byte names, far beyond `PATH_MAX`, which
+//!   `openat2` refuses with `ENAMETOOLONG`) and kernels without `openat2` (`ENOSYS`) use
+//!   [`walk_beneath`]: the components are opened one by one with `O_NOFOLLOW`, symlinks are
+//!   read and expanded by hand (absolute targets restart at the root), and `..` never climbs
+//!   above the root. It holds **one** directory fd whatever the depth: a `..` reopens the parent
+//!   through the kernel's `..` and checks its device and inode against the ones recorded on the
+//!   way down.
+//! * [`Cursor`] keeps the directory used last (tars list a directory's entries together) and
+//!   moves from it to the next one: down by opening the extra components one at a time without
+//!   following symlinks, up by `../..` checked against the recorded device and inode. Anything
+//!   it cannot do exactly (a symlink on the way, an unknown or changed ancestor) starts again
+//!   from the root.
+//!
+//! [`remove_tree_at`] removes a tree of any depth the same way: iteratively, with a bounded
+//! number of fds.
 
 use std::ffi::{OsStr, OsString};
 use std::io;
-use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Component, Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -18,12 +34,36 @@ use rustix::fs::{AtFlags, FileType, Mode, OFlags, ResolveFlags};
 /// Symlinks followed while resolving one path before giving up with `ELOOP` (as Linux does).
 const MAX_SYMLINKS: usize = 40;
 
+/// Paths at least this long (bytes) are resolved component by component; shorter ones in one
+/// `openat2` call. Well below `PATH_MAX` (4096) so that symlink targets met on the way cannot
+/// push the kernel's walk over it.
+pub(crate) const SHORT_PATH: usize = 3072;
+
+/// How many `..` one `openat` climbs at most (`"../"` × this stays below `PATH_MAX`).
+const UP_CHUNK: usize = 1000;
+
 /// Set once `openat2` returned `ENOSYS`; lock-free, so it is safe after `fork`.
 static NO_OPENAT2: AtomicBool = AtomicBool::new(false);
+
+/// A directory's identity: device and inode.
+pub(crate) type Id = (u64, u64);
 
 /// Flags for directory fds used as the base of `*at()` calls.
 fn dir_path_flags() -> OFlags {
     OFlags::PATH | OFlags::DIRECTORY | OFlags::CLOEXEC
+}
+
+/// The device and inode of the open file `fd`.
+fn id_of(fd: BorrowedFd<'_>) -> io::Result<Id> {
+    let st = rustix::fs::fstat(fd)?;
+    Ok((st.st_dev, st.st_ino))
+}
+
+/// The error for a directory that is no longer where it was recorded.
+fn moved() -> io::Error {
+    io::Error::other(
+        "a directory was moved while it was being resolved (its `..` is not the recorded parent)",
+    )
 }
 
 /// Opens the target directory itself (trusted path given by the caller) as an `O_PATH` fd.
@@ -31,15 +71,39 @@ pub(crate) fn open_root(dest: &Path) -> io::Result<OwnedFd> {
     Ok(rustix::fs::open(dest, dir_path_flags(), Mode::empty())?)
 }
 
+/// Whether `rel` can be resolved by one `openat2` call.
+fn short(rel: &Path) -> bool {
+    rel.as_os_str().len() < SHORT_PATH && !NO_OPENAT2.load(Ordering::Relaxed)
+}
+
+/// Creates the directory `name` in `parent` with mode exactly 0755; an existing name is fine.
+fn mkdir_exact(parent: BorrowedFd<'_>, name: &OsStr) -> io::Result<()> {
+    match rustix::fs::mkdirat(parent, name, Mode::from_raw_mode(0o755)) {
+        // mkdirat is subject to the umask; make the mode exact.
+        Ok(()) => Ok(rustix::fs::chmodat(
+            parent,
+            name,
+            Mode::from_raw_mode(0o755),
+            AtFlags::empty(),
+        )?),
+        Err(rustix::io::Errno::EXIST) => Ok(()),
+        Err(e) => Err(e.into()),
+    }
+}
+
 /// Opens the directory `rel` (relative, already normalised) beneath `root` as an `O_PATH` fd.
 ///
 /// Symlinks met on the way resolve as if `root` were `/`. With `create`, missing directories are
-/// made (mode 0755) one component at a time, each again resolved beneath `root`.
+/// made (mode 0755) one component at a time, each again resolved beneath `root`. Paths of any
+/// length work; at most two fds are open at any time.
 pub(crate) fn open_dir_beneath(
     root: BorrowedFd<'_>,
     rel: &Path,
     create: bool,
 ) -> io::Result<OwnedFd> {
+    if !short(rel) {
+        return walk_beneath(root, rel, create).map(|(fd, _)| fd);
+    }
     match open_beneath_once(root, rel) {
         Err(e) if create && e.kind() == io::ErrorKind::NotFound => {}
         other => return other,
@@ -55,19 +119,7 @@ pub(crate) fn open_dir_beneath(
         fd = match open_beneath_once(root, &prefix) {
             Ok(fd) => fd,
             Err(e) if e.kind() == io::ErrorKind::NotFound => {
-                match rustix::fs::mkdirat(&fd, name, Mode::from_raw_mode(0o755)) {
-                    Ok(()) => {
-                        // mkdirat is subject to the umask; make the mode exact.
-                        rustix::fs::chmodat(
-                            &fd,
-                            name,
-                            Mode::from_raw_mode(0o755),
-                            AtFlags::empty(),
-                        )?;
-                    }
-                    Err(rustix::io::Errno::EXIST) => {}
-                    Err(e) => return Err(e.into()),
-                }
+                mkdir_exact(fd.as_fd(), name)?;
                 open_beneath_once(root, &prefix)?
             }
             Err(e) => return Err(e),
@@ -76,7 +128,7 @@ pub(crate) fn open_dir_beneath(
     Ok(fd)
 }
 
-/// One resolution of `rel` beneath `root`, by `openat2` or the manual walk.
+/// One resolution of the short path `rel` beneath `root`, by `openat2` or the manual walk.
 fn open_beneath_once(root: BorrowedFd<'_>, rel: &Path) -> io::Result<OwnedFd> {
     if !NO_OPENAT2.load(Ordering::Relaxed) {
         let path: &OsStr = if rel.as_os_str().is_empty() {
@@ -101,31 +153,82 @@ fn open_beneath_once(root: BorrowedFd<'_>, rel: &Path) -> io::Result<OwnedFd> {
     open_dir_beneath_manual(root, rel)
 }
 
-/// Resolves the directory `rel` beneath `root` without `openat2`: every component is opened
-/// with `O_NOFOLLOW`; symlinks are read and expanded by hand (absolute targets restart at
-/// `root`), and `..` never climbs above `root`.
+/// Resolves the directory `rel` beneath `root` without `openat2` (see [`walk_beneath`]).
 pub(crate) fn open_dir_beneath_manual(root: BorrowedFd<'_>, rel: &Path) -> io::Result<OwnedFd> {
-    let mut stack: Vec<OwnedFd> = Vec::new();
-    let mut queue: Vec<OsString> = components_rev(rel.as_os_str().as_bytes());
+    walk_beneath(root, rel, false).map(|(fd, _)| fd)
+}
+
+/// Resolves the directory `rel` beneath `root` one component at a time, for paths of any
+/// length: every component is opened with `O_NOFOLLOW`; symlinks are read and expanded by hand
+/// (absolute targets restart at `root`, at most [`MAX_SYMLINKS`]), and `..` never climbs above
+/// `root`. One directory fd is held at a time: `..` reopens the parent through the kernel and
+/// checks it against the device and inode recorded on the way down.
+///
+/// With `create`, a missing component of `rel` itself (not of a symlink's target) is created as
+/// a directory (mode 0755). Returns the fd and, when no symlink was followed, the identity of
+/// the directory at each level of `rel` (for [`Cursor`]).
+pub(crate) fn walk_beneath(
+    root: BorrowedFd<'_>,
+    rel: &Path,
+    create: bool,
+) -> io::Result<(OwnedFd, Option<Vec<Id>>)> {
+    let mut cur: Option<OwnedFd> = None;
+    // Identities of the directories between root (excluded) and `cur` (included).
+    let mut stack: Vec<Id> = Vec::new();
+    // Components still to resolve, last first; `true` for components of `rel` itself.
+    let mut queue: Vec<(OsString, bool)> = components_rev(rel.as_os_str().as_bytes())
+        .into_iter()
+        .map(|c| (c, true))
+        .collect();
     let mut links = 0usize;
-    while let Some(name) = queue.pop() {
+    while let Some((name, own)) = queue.pop() {
         if name.is_empty() || name == "." {
             continue;
         }
         if name == ".." {
-            stack.pop();
+            if stack.pop().is_none() {
+                continue; // `..` of the root is the root.
+            }
+            cur = match stack.last() {
+                None => None,
+                Some(&want) => {
+                    let base = cur.as_ref().map_or(root, |fd| fd.as_fd());
+                    let up = rustix::fs::openat(
+                        base,
+                        "..",
+                        dir_path_flags() | OFlags::NOFOLLOW,
+                        Mode::empty(),
+                    )?;
+                    if id_of(up.as_fd())? != want {
+                        return Err(moved());
+                    }
+                    Some(up)
+                }
+            };
             continue;
         }
-        let cur = stack.last().map_or(root, |fd| fd.as_fd());
-        let fd = rustix::fs::openat(
-            cur,
-            &name,
-            OFlags::PATH | OFlags::NOFOLLOW | OFlags::CLOEXEC,
-            Mode::empty(),
-        )?;
+        let base = cur.as_ref().map_or(root, |fd| fd.as_fd());
+        let open = || {
+            rustix::fs::openat(
+                base,
+                &name,
+                OFlags::PATH | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+                Mode::empty(),
+            )
+        };
+        let fd = match open() {
+            Err(rustix::io::Errno::NOENT) if create && own => {
+                mkdir_exact(base, &name)?;
+                open()?
+            }
+            other => other?,
+        };
         let st = rustix::fs::fstat(&fd)?;
         match FileType::from_raw_mode(st.st_mode) {
-            FileType::Directory => stack.push(fd),
+            FileType::Directory => {
+                stack.push((st.st_dev, st.st_ino));
+                cur = Some(fd);
+            }
             FileType::Symlink => {
                 links += 1;
                 if links > MAX_SYMLINKS {
@@ -135,21 +238,18 @@ pub(crate) fn open_dir_beneath_manual(root: BorrowedFd<'_>, rel: &Path) -> io::R
                 let bytes = target.as_bytes();
                 if bytes.starts_with(b"/") {
                     stack.clear();
+                    cur = None;
                 }
-                queue.extend(components_rev(bytes));
+                queue.extend(components_rev(bytes).into_iter().map(|c| (c, false)));
             }
             _ => return Err(io::Error::from_raw_os_error(libc::ENOTDIR)),
         }
     }
-    match stack.pop() {
-        Some(fd) => Ok(fd),
-        None => Ok(rustix::fs::openat(
-            root,
-            ".",
-            dir_path_flags(),
-            Mode::empty(),
-        )?),
-    }
+    let fd = match cur {
+        Some(fd) => fd,
+        None => rustix::fs::openat(root, ".", dir_path_flags(), Mode::empty())?,
+    };
+    Ok((fd, (links == 0).then_some(stack)))
 }
 
 /// The `/`-separated components of `bytes`, last first (so `pop` yields them in order).
@@ -161,39 +261,190 @@ fn components_rev(bytes: &[u8]) -> Vec<OsString> {
         .collect()
 }
 
-/// Removes `name` in `parent` whatever it is; directories with everything below them. Nothing
-/// is followed: a symlink is removed, not its target. A missing `name` is not an error.
-pub(crate) fn remove_all_at(parent: BorrowedFd<'_>, name: &OsStr) -> io::Result<()> {
-    let st = match rustix::fs::statat(parent, name, AtFlags::SYMLINK_NOFOLLOW) {
-        Ok(st) => st,
-        Err(rustix::io::Errno::NOENT) => return Ok(()),
-        Err(e) => return Err(e.into()),
-    };
-    if FileType::from_raw_mode(st.st_mode) != FileType::Directory {
-        return match rustix::fs::unlinkat(parent, name, AtFlags::empty()) {
-            Ok(()) | Err(rustix::io::Errno::NOENT) => Ok(()),
-            Err(e) => Err(e.into()),
-        };
-    }
-    let dir = rustix::fs::openat(
-        parent,
-        name,
-        OFlags::RDONLY | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
-        Mode::empty(),
-    )?;
-    empty_dir(dir.as_fd())?;
-    match rustix::fs::unlinkat(parent, name, AtFlags::REMOVEDIR) {
-        Ok(()) | Err(rustix::io::Errno::NOENT) => Ok(()),
-        Err(e) => Err(e.into()),
+/// The number of components of a normalised relative path (`""` has none).
+fn depth_of(p: &[u8]) -> usize {
+    if p.is_empty() {
+        0
+    } else {
+        1 + p.iter().filter(|&&b| b == b'/').count()
     }
 }
 
-/// Removes every entry of the open directory `dir`.
-pub(crate) fn empty_dir(dir: BorrowedFd<'_>) -> io::Result<()> {
-    for name in list_dir(dir)? {
-        remove_all_at(dir, &name)?;
+/// An `O_PATH` fd of the directory at a (lexical, normalised) path beneath the root, reused to
+/// reach the next directory cheaply (see the module documentation).
+///
+/// Paths are handled as bytes: a normalised relative path has no `.`, `..`, empty component
+/// or leading or trailing `/`, so `/` separates components exactly, and comparisons stay
+/// `memcmp`s even for 20,000-byte names.
+pub(crate) struct Cursor {
+    /// The lexical path the fd was resolved from.
+    path: PathBuf,
+    /// Its number of components.
+    depth: usize,
+    /// The directory.
+    fd: OwnedFd,
+    /// `ids[i]`: identity of the directory at the first `i + 1` components of `path`, when it
+    /// was reached by opening that component without following a symlink; `None` or missing
+    /// when unknown (reached through `openat2` or a symlink).
+    ids: Vec<Option<Id>>,
+}
+
+impl Cursor {
+    /// Whether this cursor stands at `p`.
+    pub(crate) fn is_at(&self, p: &Path) -> bool {
+        self.path.as_os_str().as_bytes() == p.as_os_str().as_bytes()
     }
-    Ok(())
+
+    /// The directory's `O_PATH` fd.
+    pub(crate) fn fd(&self) -> BorrowedFd<'_> {
+        self.fd.as_fd()
+    }
+
+    /// Opens the directory `target` (normalised) beneath `root`, creating missing components
+    /// with `create` like [`open_dir_beneath`], starting from `prev` when that saves work.
+    pub(crate) fn open(
+        root: BorrowedFd<'_>,
+        prev: Option<Cursor>,
+        target: &Path,
+        create: bool,
+    ) -> io::Result<Cursor> {
+        if short(target) {
+            // One openat2 from the root: as fast as anything the cursor could do.
+            return Ok(Cursor {
+                path: target.to_path_buf(),
+                depth: depth_of(target.as_os_str().as_bytes()),
+                fd: open_dir_beneath(root, target, create)?,
+                ids: Vec::new(),
+            });
+        }
+        let Some(prev) = prev else {
+            return Self::from_root(root, target, create);
+        };
+        let t = target.as_os_str().as_bytes();
+        let p = prev.path.as_os_str().as_bytes();
+        // Length of the longest common prefix that ends at a component boundary.
+        let under = |len: usize| t.len() == len || t.get(len) == Some(&b'/');
+        let (common_len, common) = if t.starts_with(p) && (p.is_empty() || under(p.len())) {
+            (p.len(), prev.depth)
+        } else {
+            let mut n = t.iter().zip(p).take_while(|(a, b)| a == b).count();
+            let boundary = |n: usize| under(n) && (p.len() == n || p.get(n) == Some(&b'/'));
+            while n > 0 && !boundary(n) {
+                n -= 1;
+            }
+            (n, depth_of(&t[..n]))
+        };
+        let start = if common == prev.depth {
+            Some(prev)
+        } else if common_len < SHORT_PATH {
+            let prefix = Path::new(OsStr::from_bytes(&t[..common_len]));
+            open_dir_beneath(root, prefix, false).ok().map(|fd| Cursor {
+                fd,
+                path: prefix.to_path_buf(),
+                depth: common,
+                ids: Vec::new(),
+            })
+        } else {
+            let want = prev.ids.get(common - 1).copied().flatten();
+            match want.map(|want| climb(prev.fd.as_fd(), prev.depth - common, want)) {
+                Some(Ok(Some(fd))) => {
+                    let mut ids = prev.ids;
+                    ids.truncate(common);
+                    Some(Cursor {
+                        path: PathBuf::from(OsStr::from_bytes(&t[..common_len])),
+                        depth: common,
+                        fd,
+                        ids,
+                    })
+                }
+                _ => None,
+            }
+        };
+        let Some(mut cur) = start else {
+            return Self::from_root(root, target, create);
+        };
+        cur.ids.resize(common, None);
+        let rest = t[common_len..]
+            .strip_prefix(b"/")
+            .unwrap_or(&t[common_len..]);
+        for name in rest
+            .split(|&b| b == b'/')
+            .filter(|n| !n.is_empty())
+            .map(OsStr::from_bytes)
+        {
+            let open = |base: BorrowedFd<'_>| {
+                rustix::fs::openat(
+                    base,
+                    name,
+                    OFlags::PATH | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+                    Mode::empty(),
+                )
+            };
+            let fd = match open(cur.fd.as_fd()) {
+                Err(rustix::io::Errno::NOENT) if create => {
+                    mkdir_exact(cur.fd.as_fd(), name)?;
+                    open(cur.fd.as_fd())?
+                }
+                other => other?,
+            };
+            let st = rustix::fs::fstat(&fd)?;
+            match FileType::from_raw_mode(st.st_mode) {
+                FileType::Directory => {
+                    cur.fd = fd;
+                    cur.depth += 1;
+                    cur.ids.push(Some((st.st_dev, st.st_ino)));
+                }
+                // Symlinks are expanded by the walk from the root.
+                FileType::Symlink => return Self::from_root(root, target, create),
+                _ => return Err(io::Error::from_raw_os_error(libc::ENOTDIR)),
+            }
+        }
+        cur.path = target.to_path_buf();
+        Ok(cur)
+    }
+
+    /// Resolves `target` from the root, recording what can be recorded.
+    fn from_root(root: BorrowedFd<'_>, target: &Path, create: bool) -> io::Result<Cursor> {
+        if short(target) {
+            return Ok(Cursor {
+                path: target.to_path_buf(),
+                depth: depth_of(target.as_os_str().as_bytes()),
+                fd: open_dir_beneath(root, target, create)?,
+                ids: Vec::new(),
+            });
+        }
+        let (fd, ids) = walk_beneath(root, target, create)?;
+        Ok(Cursor {
+            path: target.to_path_buf(),
+            depth: depth_of(target.as_os_str().as_bytes()),
+            fd,
+            ids: ids
+                .map(|ids| ids.into_iter().map(Some).collect())
+                .unwrap_or_default(),
+        })
+    }
+}
+
+/// Climbs `levels` `..` from `fd` (in chunks below `PATH_MAX`); `Some` fd when the directory
+/// reached is `want`, `None` when it is not (something was moved).
+fn climb(fd: BorrowedFd<'_>, mut levels: usize, want: Id) -> io::Result<Option<OwnedFd>> {
+    let mut cur: Option<OwnedFd> = None;
+    while levels > 0 {
+        let n = levels.min(UP_CHUNK);
+        let path = "../".repeat(n);
+        let base = cur.as_ref().map_or(fd, |f| f.as_fd());
+        cur = Some(rustix::fs::openat(
+            base,
+            path.as_str(),
+            dir_path_flags() | OFlags::NOFOLLOW,
+            Mode::empty(),
+        )?);
+        levels -= n;
+    }
+    match cur {
+        Some(up) if id_of(up.as_fd())? == want => Ok(Some(up)),
+        _ => Ok(None),
+    }
 }
 
 /// The names in the open directory `dir`, without `.` and `..`.
@@ -208,4 +459,208 @@ pub(crate) fn list_dir(dir: BorrowedFd<'_>) -> io::Result<Vec<OsString>> {
         }
     }
     Ok(names)
+}
+
+/// Subdirectory names a level of [`remove_tree_at`] collects per read of its directory.
+const REMOVE_BATCH: usize = 256;
+
+/// Removes `name` in the directory `parent` whatever it is, a directory with everything below
+/// it, and never follows a symlink (a symlink is removed, not its target). A missing `name` is
+/// not an error.
+///
+/// Works at any depth with a bounded number of open fds (at most three, whatever the depth):
+/// the tree is removed iteratively with an explicit stack of names; climbing back up reopens
+/// the parent through `..` and checks that it is still the directory (device and inode) that
+/// was descended from, failing with an error otherwise. Directories the caller cannot read,
+/// search or write (mode 000, 0500, …) but owns are made `u+rwx` before they are entered, so a
+/// normal user can remove trees with such directories. Files are unlinked whatever their mode.
+///
+/// `parent` may be an `O_PATH` fd. Errors carry the OS error of the failing call; the tree is
+/// then partly removed.
+pub fn remove_tree_at(parent: BorrowedFd<'_>, name: &OsStr) -> io::Result<()> {
+    let st = match rustix::fs::statat(parent, name, AtFlags::SYMLINK_NOFOLLOW) {
+        Ok(st) => st,
+        Err(rustix::io::Errno::NOENT) => return Ok(()),
+        Err(e) => return Err(e.into()),
+    };
+    if FileType::from_raw_mode(st.st_mode) != FileType::Directory {
+        return match rustix::fs::unlinkat(parent, name, AtFlags::empty()) {
+            Ok(()) | Err(rustix::io::Errno::NOENT) => Ok(()),
+            Err(e) => Err(e.into()),
+        };
+    }
+    /// One directory being emptied: its name in its parent, identity, and subdirectories
+    /// still to remove.
+    struct Level {
+        name: OsString,
+        id: Id,
+        pending: Vec<OsString>,
+    }
+    let top_fd = open_for_removal(parent, name, (st.st_dev, st.st_ino))?;
+    let mut stack = vec![Level {
+        name: name.to_os_string(),
+        id: (st.st_dev, st.st_ino),
+        pending: Vec::new(),
+    }];
+    let mut cur = top_fd;
+    loop {
+        let Some(level) = stack.last_mut() else {
+            return Ok(());
+        };
+        if level.pending.is_empty() {
+            level.pending = unlink_files(cur.as_fd())?;
+        }
+        if let Some(child) = level.pending.pop() {
+            // Descend into the next subdirectory (a swap for a non-directory is just unlinked).
+            let st = match rustix::fs::statat(&cur, &child, AtFlags::SYMLINK_NOFOLLOW) {
+                Ok(st) => st,
+                Err(rustix::io::Errno::NOENT) => continue,
+                Err(e) => return Err(e.into()),
+            };
+            if FileType::from_raw_mode(st.st_mode) != FileType::Directory {
+                match rustix::fs::unlinkat(&cur, &child, AtFlags::empty()) {
+                    Ok(()) | Err(rustix::io::Errno::NOENT) => continue,
+                    Err(e) => return Err(e.into()),
+                }
+            }
+            let id = (st.st_dev, st.st_ino);
+            cur = open_for_removal(cur.as_fd(), &child, id)?;
+            stack.push(Level {
+                name: child,
+                id,
+                pending: Vec::new(),
+            });
+            continue;
+        }
+        // `cur` is empty: climb to its parent and remove it there.
+        let done = stack.pop().map(|l| l.name).unwrap_or_default();
+        match stack.last() {
+            Some(up) => {
+                let want = up.id;
+                let fd = rustix::fs::openat(
+                    &cur,
+                    "..",
+                    OFlags::RDONLY | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+                    Mode::empty(),
+                )?;
+                if id_of(fd.as_fd())? != want {
+                    return Err(moved());
+                }
+                cur = fd;
+                match rustix::fs::unlinkat(&cur, &done, AtFlags::REMOVEDIR) {
+                    Ok(()) | Err(rustix::io::Errno::NOENT) => {}
+                    Err(e) => return Err(e.into()),
+                }
+            }
+            None => {
+                drop(cur);
+                return match rustix::fs::unlinkat(parent, &done, AtFlags::REMOVEDIR) {
+                    Ok(()) | Err(rustix::io::Errno::NOENT) => Ok(()),
+                    Err(e) => Err(e.into()),
+                };
+            }
+        }
+    }
+}
+
+/// Opens the directory `name` in `parent` (expected to be `id`) for reading and removing its
+/// entries; a directory the caller owns but may not read, search or write is made `u+rwx`
+/// first. Never follows a symlink.
+fn open_for_removal(parent: BorrowedFd<'_>, name: &OsStr, id: Id) -> io::Result<OwnedFd> {
+    let flags = OFlags::RDONLY | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC;
+    let fd = match rustix::fs::openat(parent, name, flags, Mode::empty()) {
+        Ok(fd) => fd,
+        Err(rustix::io::Errno::ACCESS) => {
+            chmod_nofollow(parent, name, 0o700)?;
+            rustix::fs::openat(parent, name, flags, Mode::empty())?
+        }
+        Err(e) => return Err(e.into()),
+    };
+    let st = rustix::fs::fstat(&fd)?;
+    if (st.st_dev, st.st_ino) != id {
+        return Err(moved());
+    }
+    // Entries are unlinked through this fd: we need write and search permission on it.
+    if st.st_mode & 0o300 != 0o300 && !rustix::process::geteuid().is_root() {
+        rustix::fs::fchmod(&fd, Mode::from_raw_mode((st.st_mode & 0o7777) | 0o700))?;
+    }
+    Ok(fd)
+}
+
+/// `chmod` of `name` in `dir` without following a symlink (`fchmodat2`, Linux 6.6+; older
+/// kernels fall back to `fchmodat` after checking that `name` is a directory).
+fn chmod_nofollow(dir: BorrowedFd<'_>, name: &OsStr, mode: u32) -> io::Result<()> {
+    /// The syscall number of `fchmodat2`, the same on every architecture (new-style table).
+    const SYS_FCHMODAT2: libc::c_long = 452;
+    let cname = std::ffi::CString::new(name.as_bytes())
+        .map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))?;
+    // SAFETY: `cname` is a NUL-terminated string we own, valid for the call; the fd is borrowed
+    // and open; the kernel only reads the string.
+    let rc = unsafe {
+        libc::syscall(
+            SYS_FCHMODAT2,
+            dir.as_raw_fd(),
+            cname.as_ptr(),
+            mode as libc::c_uint,
+            libc::AT_SYMLINK_NOFOLLOW,
+        )
+    };
+    if rc == 0 {
+        return Ok(());
+    }
+    let err = io::Error::last_os_error();
+    if err.raw_os_error() != Some(libc::ENOSYS) {
+        return Err(err);
+    }
+    let st = rustix::fs::statat(dir, name, AtFlags::SYMLINK_NOFOLLOW)?;
+    if FileType::from_raw_mode(st.st_mode) != FileType::Directory {
+        return Err(io::Error::from_raw_os_error(libc::ENOTDIR));
+    }
+    Ok(rustix::fs::chmodat(
+        dir,
+        name,
+        Mode::from_raw_mode(mode),
+        AtFlags::empty(),
+    )?)
+}
+
+/// Unlinks every non-directory in the open directory `dir`; returns up to [`REMOVE_BATCH`]
+/// names of subdirectories (call again after removing them, until it returns none).
+fn unlink_files(dir: BorrowedFd<'_>) -> io::Result<Vec<OsString>> {
+    let mut reader = rustix::fs::Dir::read_from(dir)?;
+    let mut subdirs = Vec::new();
+    while let Some(entry) = reader.read() {
+        let entry = entry?;
+        let name = entry.file_name();
+        let bytes = name.to_bytes();
+        if bytes == b"." || bytes == b".." {
+            continue;
+        }
+        let is_dir = match entry.file_type() {
+            FileType::Directory => true,
+            FileType::Unknown => match rustix::fs::statat(dir, name, AtFlags::SYMLINK_NOFOLLOW) {
+                Ok(st) => FileType::from_raw_mode(st.st_mode) == FileType::Directory,
+                Err(rustix::io::Errno::NOENT) => continue,
+                Err(e) => return Err(e.into()),
+            },
+            _ => false,
+        };
+        if is_dir {
+            if subdirs.len() < REMOVE_BATCH {
+                subdirs.push(OsStr::from_bytes(bytes).to_os_string());
+            }
+            continue;
+        }
+        match rustix::fs::unlinkat(dir, name, AtFlags::empty()) {
+            Ok(()) | Err(rustix::io::Errno::NOENT) => {}
+            // A directory after all (the type was stale): the next pass sees it as one.
+            Err(rustix::io::Errno::ISDIR) => {
+                if subdirs.len() < REMOVE_BATCH {
+                    subdirs.push(OsStr::from_bytes(bytes).to_os_string());
+                }
+            }
+            Err(e) => return Err(e.into()),
+        }
+    }
+    Ok(subdirs)
 }
