@@ -66,7 +66,6 @@ use crate::{
     WHITEOUT_OPAQUE, WHITEOUT_PREFIX, WhiteoutFormat,
 };
 use reader::{Entry, TarReader};
-pub use resolve::remove_tree_at;
 use resolve::{Cursor, list_dir, open_root};
 
 /// Size of the buffer in front of the input stream.
@@ -1274,6 +1273,18 @@ fn lsetxattr_at(
         XattrFlags::empty(),
     )
     .map_err(io::Error::from)
+}
+
+/// Removes `name` in `parent` with everything below it ([`crate::fs::remove_tree_at`]: never
+/// following a link, any depth, bounded descriptors); a missing `name` is fine here (a
+/// whiteout of something the lower layers never had).
+fn remove_tree_at(parent: BorrowedFd<'_>, name: &OsStr) -> io::Result<()> {
+    let name = std::ffi::CString::new(name.as_bytes())
+        .map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))?;
+    match crate::fs::remove_tree_at(parent, &name) {
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+        other => other,
+    }
 }
 
 #[cfg(test)]

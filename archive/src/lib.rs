@@ -17,8 +17,10 @@
 //!   entries it had to skip (device nodes without the privilege to create them,
 //!   [`ApplyReport`]), which [`apply_layer`] leaves for [`take_skipped`]; [`untar`] extracts a
 //!   plain tar without whiteout semantics.
-//! * [`remove_tree_at`] removes a tree of any depth relative to a directory fd, never following
-//!   a symlink, with a bounded number of fds (mode-000 directories included).
+//! * [`fs`] is the one fd-relative layer every read (and removal) of a tree goes through:
+//!   nothing below a root is resolved as a path from `/`, no symlink is followed, entries are
+//!   checked against their listing, and any depth works with bounded descriptors
+//!   ([`fs::walk`], [`fs::remove_tree_at`]).
 //! * [`decompress`] detects gzip, zstd, xz and bzip2 by their magic bytes.
 //! * [`compare`] snapshots trees and reports every difference, the oracle of the test suites.
 //! * [`quote`] prints names found in a layer so that they cannot forge output (Go `%q` style).
@@ -75,7 +77,7 @@ mod whiteout;
 
 pub use apply::{
     ApplyOptions, ApplyReport, MAX_SKIPPED, apply_layer, apply_layer_report, note_skipped,
-    remove_tree_at, take_skipped, untar, untar_report,
+    take_skipped, untar, untar_report,
 };
 pub use change::{Change, ChangeKind, changes, changes_from_overlay_upper, changes_size};
 pub use compression::{Compression, decompress, detect_compression};

@@ -316,15 +316,17 @@ fn remove_tree_at_removes_a_deep_tree_with_bounded_fds() {
         rustix::fs::chmodat(&parent, "d", Mode::from_raw_mode(mode), AtFlags::empty()).unwrap();
     }
     let root = rustix::fs::open(t.path(), OFlags::PATH | OFlags::DIRECTORY, Mode::empty()).unwrap();
-    archive::remove_tree_at(root.as_fd(), std::ffi::OsStr::new("d")).unwrap();
+    archive::fs::remove_tree_at(root.as_fd(), c"d").unwrap();
     assert!(!t.path().join("d").exists());
     assert!(t.path().join("through-link").exists());
-    // Removing what is not there is not an error; a symlink is removed, not followed.
-    archive::remove_tree_at(root.as_fd(), std::ffi::OsStr::new("d")).unwrap();
+    // Removing what is not there says so (as std::fs::remove_dir_all); a symlink is removed,
+    // not followed.
+    let gone = archive::fs::remove_tree_at(root.as_fd(), c"d").unwrap_err();
+    assert_eq!(gone.kind(), std::io::ErrorKind::NotFound);
     let outside = tempfile::tempdir().unwrap();
     std::fs::write(outside.path().join("canary"), b"c").unwrap();
     std::os::unix::fs::symlink(outside.path(), t.path().join("link")).unwrap();
-    archive::remove_tree_at(root.as_fd(), std::ffi::OsStr::new("link")).unwrap();
+    archive::fs::remove_tree_at(root.as_fd(), c"link").unwrap();
     assert!(t.path().join("link").symlink_metadata().is_err());
     assert_eq!(std::fs::read(outside.path().join("canary")).unwrap(), b"c");
     let _ = std::fs::metadata(t.path()).unwrap().mode();

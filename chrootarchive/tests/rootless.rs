@@ -173,7 +173,7 @@ fn mode_000_directories_are_removed(target: &std::path::Path) {
     std::fs::set_permissions(&top, std::fs::Permissions::from_mode(0o000)).unwrap();
     let dir = std::fs::File::open(target).unwrap();
     use std::os::fd::AsFd;
-    archive::remove_tree_at(dir.as_fd(), std::ffi::OsStr::new("locked"))
+    archive::fs::remove_tree_at(dir.as_fd(), c"locked")
         .unwrap_or_else(|e| panic!("remove_tree_at of mode-000 directories as nobody: {e}"));
     assert!(top.symlink_metadata().is_err());
 }
