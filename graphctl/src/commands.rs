@@ -262,8 +262,9 @@ fn apply(s: &Selected, id: &LayerId, parent: Option<LayerId>, file: Option<&Path
     let counted = Counting { inner: input, bar };
     let bar = counted.bar.clone();
     // Unknown formats fail here, before a layer is created.
-    let mut plain =
-        archive::decompress(counted).with_context(|| format!("read layer tar {name}"))?;
+    let plain = archive::decompress(counted).with_context(|| format!("read layer tar {name}"))?;
+    // The DiffID (sha256 of the uncompressed tar), recorded for a layer this apply creates.
+    let (mut plain, diff_id) = image::Hashing::new(plain, None);
     let created = if s.driver.exists(id) {
         false
     } else {
@@ -274,7 +275,12 @@ fn apply(s: &Selected, id: &LayerId, parent: Option<LayerId>, file: Option<&Path
     let result = s.driver.apply_diff(id, parent.as_ref(), &mut plain);
     bar.finish_and_clear();
     match result {
-        Ok(size) => println_out(format_args!("{size}")),
+        Ok(size) => {
+            if created {
+                record_diff_id(s, id, &mut plain, &diff_id);
+            }
+            println_out(format_args!("{size}"))
+        }
         Err(e) => {
             if created && s.driver.exists(id) {
                 // The drivers promise this; make sure no half-applied layer stays.
@@ -282,6 +288,23 @@ fn apply(s: &Selected, id: &LayerId, parent: Option<LayerId>, file: Option<&Path
             }
             Err(anyhow::Error::new(e).context(format!("apply {name} to layer {id}")))
         }
+    }
+}
+
+/// Records the DiffID of the layer `apply` just made from `plain` (read to its end first: the
+/// tar may end before the stream does). A failure only loses the record (import then refuses
+/// to reuse the layer), so it is logged, not fatal.
+fn record_diff_id(s: &Selected, id: &LayerId, plain: &mut impl Read, state: &image::HashState) {
+    let result = io::copy(plain, &mut io::sink())
+        .map_err(anyhow::Error::from)
+        .and_then(|_| image::finish(state))
+        .and_then(|(d, _)| {
+            Ok(graphdriver::LayerStore::open(&s.home, false)?
+                .0
+                .set_diff_id(id, &d)?)
+        });
+    if let Err(e) = result {
+        tracing::warn!(layer = %id, error = %e, "could not record the layer's DiffID");
     }
 }
 
@@ -557,7 +580,9 @@ fn tree(s: &Selected) -> Result<()> {
 
 /// `import`: applies an image's layers and prints the top layer's id.
 fn import(s: &Selected, path: &Path, json: bool) -> Result<()> {
-    let report = image::import(s.driver.as_ref() as &dyn Driver, path)
+    // The driver's bookkeeping, for the DiffID records (a second handle on the same home).
+    let (store, _) = graphdriver::LayerStore::open(&s.home, false)?;
+    let report = image::import(s.driver.as_ref() as &dyn Driver, &store, path)
         .with_context(|| format!("import {}", path.display()))?;
     if json {
         let layers: Vec<_> = report

@@ -1,31 +1,38 @@
 //! Importing images: OCI image layouts and `docker save` archives, from a directory or a tar.
 //!
-//! Every layer is read once, as a stream: the compressed blob goes through a SHA-256 hasher
-//! (checked against the manifest's digest), is decompressed, goes through a second hasher (the
-//! DiffID, checked against the config's `rootfs.diff_ids`) and into the driver's `apply_diff`.
-//! Digests are only known at the end of the stream, so a mismatch removes the layer that was
-//! just applied; any failure removes every layer this import created, leaving the store as it
-//! was. Layer ids are chain ids (OCI image spec): ChainID(L0) = DiffID(L0),
-//! ChainID(Ln) = sha256(ChainID(Ln-1) + " " + DiffID(Ln)), written as bare hex.
+//! Every layer is read once, as a stream: the compressed blob goes through a limit of its
+//! declared size and a SHA-256 hasher (checked against the manifest's digest), is decompressed,
+//! goes through a second hasher (the DiffID, checked against the config's `rootfs.diff_ids`)
+//! and into the driver's `apply_diff`. Digests are only known at the end of the stream, so a
+//! mismatch removes the layer that was just applied; any failure removes every layer this
+//! import created, leaving the store as it was. Layer ids are chain ids (OCI image spec):
+//! ChainID(L0) = DiffID(L0), ChainID(Ln) = sha256(ChainID(Ln-1) + " " + DiffID(Ln)), written
+//! as bare hex.
 //!
-//! A tar input is indexed once (entry name to offset and size) and blobs are read by seeking
-//! into it, so memory stays bounded and nothing is extracted to disk.
+//! The image is read only inside itself (see [`source`]): no symlink leads out of an image
+//! directory or tar, only regular files are read, and a blob is never read past its declared
+//! size. Each layer applied records its DiffID in the store
+//! ([`LayerStore::set_diff_id`]); a layer that already exists under a chain id is reused only
+//! if its recorded DiffID and parent are the ones the image needs.
+//!
+//! An image spec is `PATH[:TAG]`: see [`split_spec`].
 
-use std::collections::HashMap;
-use std::fs::File;
-use std::io::{self, Read, Seek, SeekFrom};
+mod source;
+mod tar_index;
+
+use std::io::{self, Read};
 use std::path::{Component, Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
 use anyhow::{Context, Result, anyhow, bail};
-use graphdriver::{Driver, LayerId};
+use graphdriver::{Driver, LayerId, LayerStore};
 use serde::Deserialize;
 use sha2::{Digest, Sha256};
 
+use source::{Limited, Source};
+
 /// The largest JSON document (index, manifest, config) read into memory.
 const MAX_JSON: u64 = 4 << 20;
-/// The most entries indexed in an image tar.
-const MAX_TAR_ENTRIES: usize = 1_000_000;
 
 /// One layer of an import.
 #[derive(Debug)]
@@ -36,9 +43,9 @@ pub struct ImportedLayer {
     pub diff_id: String,
     /// Where the layer came from in the image.
     pub blob: String,
-    /// False when the layer was already present and skipped.
+    /// False when the layer was already present (with this DiffID) and reused.
     pub applied: bool,
-    /// Bytes applied (0 when skipped).
+    /// Bytes applied (0 when reused).
     pub size: u64,
 }
 
@@ -55,26 +62,42 @@ pub struct Report {
 struct LayerRef {
     /// The path of the blob inside the image.
     path: String,
-    /// The blob's digest (`sha256:…`) and size, when the manifest gives them (OCI).
+    /// The blob's digest (`sha256:…`) and declared size, when the image gives them.
     digest: Option<(String, Option<u64>)>,
     /// The expected DiffID.
     diff_id: String,
 }
 
-/// Imports the image at `path` into `driver`.
-pub fn import(driver: &dyn Driver, path: &Path) -> Result<Report> {
-    let source = Source::new(path)?;
-    let layers = if source.has("index.json") {
-        oci_layers(&source)?
-    } else if source.has("manifest.json") {
-        docker_layers(&source)?
-    } else {
-        bail!(
-            "expected an OCI image layout (index.json) or a `docker save` archive (manifest.json), found neither"
-        );
-    };
+/// Splits an image spec `PATH[:TAG]` into the path and the tag.
+///
+/// If the whole spec names an existing file or directory, it is the path (no tag). Otherwise
+/// it is split at the first `:` whose left part exists, and everything after that `:` is the
+/// tag (which may itself contain `:`, as `busybox:latest` does). If no prefix exists the whole
+/// spec is returned as the path, so the error names it.
+pub fn split_spec(spec: &Path) -> (PathBuf, Option<String>) {
+    use std::os::unix::ffi::OsStrExt;
+    if spec.symlink_metadata().is_ok() {
+        return (spec.to_path_buf(), None);
+    }
+    let bytes = spec.as_os_str().as_bytes();
+    for (i, _) in bytes.iter().enumerate().filter(|(_, b)| **b == b':') {
+        let path = Path::new(std::ffi::OsStr::from_bytes(&bytes[..i]));
+        if i > 0 && path.symlink_metadata().is_ok() {
+            let tag = String::from_utf8_lossy(&bytes[i + 1..]).into_owned();
+            return (path.to_path_buf(), Some(tag));
+        }
+    }
+    (spec.to_path_buf(), None)
+}
+
+/// Imports the image `spec` (`PATH[:TAG]`, see [`split_spec`]) into `driver`, whose
+/// bookkeeping is `store` (the DiffID records).
+pub fn import(driver: &dyn Driver, store: &LayerStore, spec: &Path) -> Result<Report> {
+    let (path, tag) = split_spec(spec);
+    let source = Source::new(&path)?;
+    let layers = layers_of(&source, tag.as_deref())?;
     let mut created: Vec<LayerId> = Vec::new();
-    let result = apply_all(driver, &source, &layers, &mut created);
+    let result = apply_all(driver, store, &source, &layers, &mut created);
     if result.is_err() {
         for id in created.iter().rev().filter(|id| driver.exists(id)) {
             if let Err(e) = driver.remove(id) {
@@ -85,8 +108,28 @@ pub fn import(driver: &dyn Driver, path: &Path) -> Result<Report> {
     result
 }
 
+/// The layers of the image `tag` selects (or the only image) in `source`.
+fn layers_of(source: &Source, tag: Option<&str>) -> Result<Vec<LayerRef>> {
+    if source.has("index.json") {
+        let index: Index = serde_json::from_slice(&read_small(source, "index.json", None)?)
+            .context("parse index.json")?;
+        match index.manifests {
+            Some(m) if !m.is_empty() => return oci_layers(source, m, tag),
+            // `docker load` falls back to manifest.json when the index lists nothing.
+            _ if source.has("manifest.json") => {}
+            _ => bail!("index.json lists no manifests"),
+        }
+    } else if !source.has("manifest.json") {
+        bail!(
+            "expected an OCI image layout (index.json) or a `docker save` archive (manifest.json), found neither"
+        );
+    }
+    docker_layers(source, tag)
+}
+
 fn apply_all(
     driver: &dyn Driver,
+    store: &LayerStore,
     source: &Source,
     layers: &[LayerRef],
     created: &mut Vec<LayerId>,
@@ -107,7 +150,8 @@ fn apply_all(
         let id = LayerId::new(next.trim_start_matches("sha256:"))?;
         let parent = report.top.clone();
         if driver.exists(&id) {
-            tracing::info!(layer = %id, "already present, skipped");
+            check_reuse(driver, store, &id, parent.as_ref(), &layer.diff_id)?;
+            tracing::info!(layer = %id, "already present with the same DiffID, reused");
             report.layers.push(ImportedLayer {
                 id: id.clone(),
                 diff_id: layer.diff_id.clone(),
@@ -126,6 +170,9 @@ fn apply_all(
                 created,
                 message,
             )?;
+            store
+                .set_diff_id(&id, &layer.diff_id)
+                .with_context(|| format!("record the DiffID of layer {id}"))?;
             report.layers.push(ImportedLayer {
                 id: id.clone(),
                 diff_id: layer.diff_id.clone(),
@@ -140,16 +187,51 @@ fn apply_all(
     Ok(report)
 }
 
+/// Fails unless existing layer `id` was made from `diff_id` on `parent`.
+fn check_reuse(
+    driver: &dyn Driver,
+    store: &LayerStore,
+    id: &LayerId,
+    parent: Option<&LayerId>,
+    diff_id: &str,
+) -> Result<()> {
+    let advice = "remove it (graphctl rm) or import into another root";
+    let recorded = store
+        .diff_id(id)
+        .with_context(|| format!("layer {id} exists"))?;
+    if recorded.as_deref() != Some(diff_id) {
+        let found = match &recorded {
+            Some(d) => format!("with DiffID {d}"),
+            None => "with no recorded DiffID".to_string(),
+        };
+        bail!("layer {id} exists {found}, the image needs {diff_id}: {advice}");
+    }
+    let got = driver.parent(id)?;
+    if got.as_ref() != parent {
+        let name = |p: Option<&LayerId>| p.map_or("none".to_string(), |p| p.to_string());
+        bail!(
+            "layer {id} exists with parent {}, the image needs parent {}: {advice}",
+            name(got.as_ref()),
+            name(parent)
+        );
+    }
+    Ok(())
+}
+
 /// Hashes and counts what passes through; the state is shared so it can be read after the
 /// reader has been handed to a decompressor.
-struct Hashing<R> {
+pub(crate) struct Hashing<R> {
     inner: R,
     state: Arc<Mutex<(Sha256, u64)>>,
     bar: Option<indicatif::ProgressBar>,
 }
 
+/// The digest state a [`Hashing`] reader feeds.
+pub(crate) type HashState = Arc<Mutex<(Sha256, u64)>>;
+
 impl<R> Hashing<R> {
-    fn new(inner: R, bar: Option<indicatif::ProgressBar>) -> (Self, Arc<Mutex<(Sha256, u64)>>) {
+    /// Wraps `inner`; the returned state yields the digest with [`finish`].
+    pub(crate) fn new(inner: R, bar: Option<indicatif::ProgressBar>) -> (Self, HashState) {
         let state = Arc::new(Mutex::new((Sha256::new(), 0)));
         (
             Hashing {
@@ -180,7 +262,7 @@ impl<R: Read> Read for Hashing<R> {
 }
 
 /// Takes the digest (`sha256:…`) and byte count out of a shared hasher.
-fn finish(state: &Arc<Mutex<(Sha256, u64)>>) -> Result<(String, u64)> {
+pub(crate) fn finish(state: &HashState) -> Result<(String, u64)> {
     let st = state.lock().map_err(|_| anyhow!("hasher lock poisoned"))?;
     Ok((format!("sha256:{}", hex(&st.0.clone().finalize())), st.1))
 }
@@ -196,7 +278,24 @@ fn apply_one(
     message: String,
 ) -> Result<u64> {
     let blob = &layer.path;
-    let (reader, len) = source.open(blob)?;
+    let declared = layer.digest.as_ref().and_then(|(d, s)| s.map(|s| (d, s)));
+    let opened = source.open(blob)?;
+    let len = opened.len;
+    let reader: Box<dyn Read + Send> = match declared {
+        Some((digest, size)) => {
+            if len > size {
+                bail!(
+                    "blob {digest} ({blob}): longer than its declared size of {size} bytes (the file has {len} bytes)"
+                );
+            }
+            Box::new(Limited::new(
+                opened.reader,
+                size,
+                format!("{digest} ({blob})"),
+            ))
+        }
+        None => opened.reader,
+    };
     let bar = crate::commands::progress_bar(Some(len), message);
     let (compressed, blob_state) = Hashing::new(reader, Some(bar.clone()));
     let plain = archive::decompress(compressed).with_context(|| format!("read blob {blob}"))?;
@@ -212,15 +311,15 @@ fn apply_one(
     bar.finish_and_clear();
     if let Some((want, want_size)) = &layer.digest {
         let (got, size) = finish(&blob_state)?;
+        if let Some(want_size) = want_size
+            && *want_size != size
+        {
+            bail!("blob {want} ({blob}): size mismatch: declared {want_size} bytes, found {size}");
+        }
         if &got != want {
             bail!(
                 "blob {blob}: digest mismatch: expected {want}, found {got}; the image is corrupt"
             );
-        }
-        if let Some(want_size) = want_size
-            && *want_size != size
-        {
-            bail!("blob {blob}: size mismatch: expected {want_size} bytes, found {size}");
         }
     }
     let (got, _) = finish(&diff_state)?;
@@ -247,6 +346,41 @@ fn sha256_hex(digest: &str) -> Result<&str> {
     }
 }
 
+/// Reads the small file (JSON) `name` of the image whole, refusing anything over
+/// [`MAX_JSON`] or over its declared size (`declared`: digest and size).
+fn read_small(source: &Source, name: &str, declared: Option<(&str, u64)>) -> Result<Vec<u8>> {
+    let opened = source.open(name)?;
+    let limit = match declared {
+        Some((digest, size)) => {
+            if size > MAX_JSON {
+                bail!(
+                    "blob {digest}: declared size {size} bytes, expected at most {MAX_JSON} for a JSON document"
+                );
+            }
+            if opened.len > size {
+                bail!(
+                    "blob {digest} ({name}): longer than its declared size of {size} bytes (the file has {} bytes)",
+                    opened.len
+                );
+            }
+            size
+        }
+        None => MAX_JSON,
+    };
+    if opened.len > limit {
+        bail!(
+            "{name}: {} bytes, expected at most {MAX_JSON} for a JSON document",
+            opened.len
+        );
+    }
+    let what = declared.map_or_else(|| name.to_string(), |(d, _)| format!("{d} ({name})"));
+    let mut buf = Vec::new();
+    Limited::new(opened.reader, limit, what)
+        .read_to_end(&mut buf)
+        .with_context(|| format!("read {name}"))?;
+    Ok(buf)
+}
+
 // === OCI image layout ===
 
 #[derive(Deserialize)]
@@ -256,6 +390,26 @@ struct Descriptor {
     digest: String,
     size: Option<u64>,
     platform: Option<Platform>,
+    #[serde(default)]
+    annotations: Option<std::collections::BTreeMap<String, String>>,
+}
+
+/// The OCI annotation naming an image in a layout (`oci:DIR:NAME`).
+const REF_NAME: &str = "org.opencontainers.image.ref.name";
+/// The annotation containerd and docker 25+ write with the full image name.
+const CONTAINERD_NAME: &str = "io.containerd.image.name";
+
+impl Descriptor {
+    /// The names this entry answers to.
+    fn names(&self) -> Vec<&str> {
+        let Some(a) = &self.annotations else {
+            return Vec::new();
+        };
+        [REF_NAME, CONTAINERD_NAME]
+            .iter()
+            .filter_map(|k| a.get(*k).map(String::as_str))
+            .collect()
+    }
 }
 
 #[derive(Deserialize)]
@@ -266,7 +420,7 @@ struct Platform {
 
 #[derive(Deserialize)]
 struct Index {
-    manifests: Vec<Descriptor>,
+    manifests: Option<Vec<Descriptor>>,
 }
 
 #[derive(Deserialize)]
@@ -302,6 +456,53 @@ const LAYER_TYPES: &[&str] = &[
     "application/vnd.docker.image.rootfs.diff.tar.zstd",
 ];
 
+/// Whether `tag` selects an image named `name`: equal, or equal once `:latest` is added to a
+/// tag without one.
+fn tag_matches(name: &str, tag: &str) -> bool {
+    name == tag || (!tag.contains(':') && name == format!("{tag}:latest"))
+}
+
+/// Picks the entries of the top-level index that make up the one image to import: those
+/// `tag` names, or, without a tag, all of them if they are one image (no names, or one name);
+/// several named images without a tag is an error listing them.
+fn select_oci(manifests: Vec<Descriptor>, tag: Option<&str>) -> Result<Vec<Descriptor>> {
+    let label = |d: &Descriptor| -> String {
+        d.annotations
+            .as_ref()
+            .and_then(|a| a.get(REF_NAME).or_else(|| a.get(CONTAINERD_NAME)))
+            .cloned()
+            .unwrap_or_else(|| format!("(unnamed) {}", d.digest))
+    };
+    let mut labels: Vec<String> = manifests.iter().map(label).collect();
+    labels.sort();
+    labels.dedup();
+    match tag {
+        Some(tag) => {
+            let (hit, _): (Vec<_>, Vec<_>) = manifests
+                .into_iter()
+                .partition(|d| d.names().iter().any(|n| tag_matches(n, tag)));
+            if hit.is_empty() {
+                bail!(
+                    "the image layout has no image named {tag:?}; it has: {}",
+                    labels.join(", ")
+                );
+            }
+            Ok(hit)
+        }
+        None => {
+            let named = manifests.iter().any(|d| !d.names().is_empty());
+            if named && labels.len() > 1 {
+                bail!(
+                    "the image layout holds {} images; choose one with PATH:NAME: {}",
+                    labels.len(),
+                    labels.join(", ")
+                );
+            }
+            Ok(manifests)
+        }
+    }
+}
+
 /// Picks the manifest for this host from an index's entries.
 fn pick(manifests: &[Descriptor]) -> Result<&Descriptor> {
     let arch = match std::env::consts::ARCH {
@@ -318,14 +519,14 @@ fn pick(manifests: &[Descriptor]) -> Result<&Descriptor> {
             })
         })
         .or(manifests.first())
-        .ok_or_else(|| anyhow!("index.json lists no manifests"))
+        .ok_or_else(|| anyhow!("the image index lists no manifests"))
 }
 
 /// Reads and verifies the blob `desc` names, as JSON.
 fn read_blob_json<T: serde::de::DeserializeOwned>(source: &Source, desc: &Descriptor) -> Result<T> {
     let hex = sha256_hex(&desc.digest)?;
     let path = format!("blobs/sha256/{hex}");
-    let bytes = source.read_small(&path)?;
+    let bytes = read_small(source, &path, desc.size.map(|s| (desc.digest.as_str(), s)))?;
     let got = format!("sha256:{}", self::hex(&Sha256::digest(&bytes)));
     if got != desc.digest {
         bail!(
@@ -336,11 +537,15 @@ fn read_blob_json<T: serde::de::DeserializeOwned>(source: &Source, desc: &Descri
     serde_json::from_slice(&bytes).with_context(|| format!("parse {path}"))
 }
 
-fn oci_layers(source: &Source) -> Result<Vec<LayerRef>> {
-    let index: Index =
-        serde_json::from_slice(&source.read_small("index.json")?).context("parse index.json")?;
-    let mut desc = pick(&index.manifests)?;
+fn oci_layers(
+    source: &Source,
+    manifests: Vec<Descriptor>,
+    tag: Option<&str>,
+) -> Result<Vec<LayerRef>> {
+    let top = select_oci(manifests, tag)?;
+    let mut desc = pick(&top)?;
     let mut nested: Index;
+    let mut nested_list: Vec<Descriptor>;
     let mut depth = 0;
     while INDEX_TYPES.contains(&desc.media_type.as_str()) {
         depth += 1;
@@ -348,7 +553,8 @@ fn oci_layers(source: &Source) -> Result<Vec<LayerRef>> {
             bail!("index.json: image indexes nest too deeply");
         }
         nested = read_blob_json(source, desc)?;
-        desc = pick(&nested.manifests)?;
+        nested_list = nested.manifests.take().unwrap_or_default();
+        desc = pick(&nested_list)?;
     }
     let manifest: Manifest = read_blob_json(source, desc)?;
     let config: ImageConfig = read_blob_json(source, &manifest.config)?;
@@ -371,9 +577,12 @@ fn oci_layers(source: &Source) -> Result<Vec<LayerRef>> {
         }
         sha256_hex(&diff_id).context("config rootfs.diff_ids")?;
         let hex = sha256_hex(&layer.digest)?;
+        let Some(size) = layer.size else {
+            bail!("layer {}: the manifest gives no size", layer.digest);
+        };
         out.push(LayerRef {
             path: format!("blobs/sha256/{hex}"),
-            digest: Some((layer.digest.clone(), layer.size)),
+            digest: Some((layer.digest.clone(), Some(size))),
             diff_id,
         });
     }
@@ -386,28 +595,56 @@ fn oci_layers(source: &Source) -> Result<Vec<LayerRef>> {
 #[serde(rename_all = "PascalCase")]
 struct DockerManifest {
     config: String,
+    #[serde(default)]
+    repo_tags: Option<Vec<String>>,
     layers: Vec<String>,
 }
 
-/// The digest a `docker save` path encodes: `blobs/sha256/<hex>` (docker 25+) or `<hex>.json`
-/// (older configs).
+/// The digest a content-addressed `docker save` path encodes: `blobs/sha256/<hex>` (docker
+/// 25+). Other names (`<id>.json`, `<id>/layer.tar`) are only names: moby reads them by name.
 fn digest_in_path(path: &str) -> Option<String> {
-    let hex = path
-        .strip_prefix("blobs/sha256/")
-        .or_else(|| path.strip_suffix(".json"))?;
+    let hex = path.strip_prefix("blobs/sha256/")?;
     let digest = format!("sha256:{hex}");
     sha256_hex(&digest).ok()?;
     Some(digest)
 }
 
-fn docker_layers(source: &Source) -> Result<Vec<LayerRef>> {
+fn docker_layers(source: &Source, tag: Option<&str>) -> Result<Vec<LayerRef>> {
     let manifests: Vec<DockerManifest> =
-        serde_json::from_slice(&source.read_small("manifest.json")?)
+        serde_json::from_slice(&read_small(source, "manifest.json", None)?)
             .context("parse manifest.json")?;
-    let Some(manifest) = manifests.into_iter().next() else {
-        bail!("manifest.json lists no images");
+    let label = |m: &DockerManifest| -> String {
+        match m.repo_tags.as_deref() {
+            Some(t) if !t.is_empty() => t.join(" "),
+            _ => format!("(untagged) {}", m.config),
+        }
     };
-    let bytes = source.read_small(&manifest.config)?;
+    let labels: Vec<String> = manifests.iter().map(label).collect();
+    let manifest = match tag {
+        Some(tag) => manifests
+            .into_iter()
+            .find(|m| m.repo_tags.iter().flatten().any(|t| tag_matches(t, tag)))
+            .ok_or_else(|| {
+                anyhow!(
+                    "manifest.json has no image tagged {tag:?}; it has: {}",
+                    labels.join(", ")
+                )
+            })?,
+        None => {
+            if manifests.len() > 1 {
+                bail!(
+                    "manifest.json lists {} images; choose one with PATH:TAG: {}",
+                    manifests.len(),
+                    labels.join(", ")
+                );
+            }
+            manifests
+                .into_iter()
+                .next()
+                .ok_or_else(|| anyhow!("manifest.json lists no images"))?
+        }
+    };
+    let bytes = read_small(source, &manifest.config, None)?;
     if let Some(want) = digest_in_path(&manifest.config) {
         let got = format!("sha256:{}", hex(&Sha256::digest(&bytes)));
         if got != want {
@@ -439,20 +676,6 @@ fn docker_layers(source: &Source) -> Result<Vec<LayerRef>> {
     Ok(out)
 }
 
-// === image sources ===
-
-/// Where the image's files are: a directory, or a tar file indexed by entry name.
-enum Source {
-    Dir(PathBuf),
-    Tar {
-        file: PathBuf,
-        /// Regular entries: name to (data offset, size).
-        files: HashMap<String, (u64, u64)>,
-        /// Link entries: name to the (normalized) name they point at.
-        links: HashMap<String, String>,
-    },
-}
-
 /// Normalizes a path inside the image: no absolute paths, no `..`, `.` dropped.
 fn normalize(path: &str) -> Result<String> {
     let mut parts = Vec::new();
@@ -470,121 +693,6 @@ fn normalize(path: &str) -> Result<String> {
         bail!("empty path in the image");
     }
     Ok(parts.join("/"))
-}
-
-impl Source {
-    fn new(path: &Path) -> Result<Source> {
-        let meta = std::fs::metadata(path).with_context(|| format!("open {}", path.display()))?;
-        if meta.is_dir() {
-            return Ok(Source::Dir(path.to_path_buf()));
-        }
-        let f = File::open(path).with_context(|| format!("open {}", path.display()))?;
-        let mut files = HashMap::new();
-        let mut links = HashMap::new();
-        let mut ar = tar::Archive::new(io::BufReader::new(f));
-        // Seeking past member data: indexing a large image reads only its headers.
-        let entries = ar
-            .entries_with_seek()
-            .with_context(|| format!("read {} as a tar archive", path.display()))?;
-        for (n, entry) in entries.enumerate() {
-            if n >= MAX_TAR_ENTRIES {
-                bail!("{}: more than {MAX_TAR_ENTRIES} entries", path.display());
-            }
-            let entry = entry.with_context(|| {
-                format!(
-                    "read {} as a tar archive (expected an OCI layout or `docker save` tar)",
-                    path.display()
-                )
-            })?;
-            let raw = entry.path()?.to_string_lossy().into_owned();
-            let Ok(name) = normalize(&raw) else {
-                continue;
-            };
-            let kind = entry.header().entry_type();
-            if kind.is_file() {
-                files.insert(name, (entry.raw_file_position(), entry.size()));
-            } else if kind.is_hard_link() || kind.is_symlink() {
-                let Some(target) = entry.link_name()? else {
-                    continue;
-                };
-                let target = target.to_string_lossy().into_owned();
-                let joined = if kind.is_symlink() {
-                    match name.rsplit_once('/') {
-                        Some((dir, _)) => format!("{dir}/{target}"),
-                        None => target,
-                    }
-                } else {
-                    target
-                };
-                if let Ok(t) = normalize_dots(&joined) {
-                    links.insert(name, t);
-                }
-            }
-        }
-        Ok(Source::Tar {
-            file: path.to_path_buf(),
-            files,
-            links,
-        })
-    }
-
-    /// True if the image has a file `name`.
-    fn has(&self, name: &str) -> bool {
-        match self {
-            Source::Dir(d) => d.join(name).is_file(),
-            Source::Tar { .. } => self.resolve(name).is_ok(),
-        }
-    }
-
-    /// The (offset, size) of tar member `name`, following links.
-    fn resolve(&self, name: &str) -> Result<(u64, u64)> {
-        let Source::Tar { files, links, file } = self else {
-            bail!("not a tar source");
-        };
-        let mut name = normalize(name)?;
-        for _ in 0..16 {
-            if let Some(found) = files.get(&name) {
-                return Ok(*found);
-            }
-            match links.get(&name) {
-                Some(next) => name = next.clone(),
-                None => break,
-            }
-        }
-        bail!("{}: the archive has no file {name}", file.display())
-    }
-
-    /// A reader for the file `name` and its size.
-    fn open(&self, name: &str) -> Result<(Box<dyn Read + Send>, u64)> {
-        match self {
-            Source::Dir(dir) => {
-                let path = dir.join(normalize(name)?);
-                let f = File::open(&path).with_context(|| format!("open {}", path.display()))?;
-                let len = f.metadata()?.len();
-                Ok((Box::new(io::BufReader::new(f)), len))
-            }
-            Source::Tar { file, .. } => {
-                let (offset, size) = self.resolve(name)?;
-                let mut f = File::open(file).with_context(|| format!("open {}", file.display()))?;
-                f.seek(SeekFrom::Start(offset))?;
-                Ok((Box::new(io::BufReader::new(f).take(size)), size))
-            }
-        }
-    }
-
-    /// Reads a small file (JSON) whole, refusing anything over [`MAX_JSON`].
-    fn read_small(&self, name: &str) -> Result<Vec<u8>> {
-        let (reader, len) = self.open(name)?;
-        if len > MAX_JSON {
-            bail!("{name}: {len} bytes, expected at most {MAX_JSON} for a JSON document");
-        }
-        let mut buf = Vec::new();
-        reader
-            .take(MAX_JSON)
-            .read_to_end(&mut buf)
-            .with_context(|| format!("read {name}"))?;
-        Ok(buf)
-    }
 }
 
 /// Resolves `..` inside a link target relative to the archive root.
@@ -628,5 +736,6 @@ mod tests {
             Some(format!("sha256:{h}"))
         );
         assert_eq!(digest_in_path("abc/layer.tar"), None);
+        assert_eq!(digest_in_path(&format!("{h}.json")), None);
     }
 }
