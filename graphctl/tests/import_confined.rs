@@ -532,3 +532,119 @@ fn image_tar_links_out_and_huge_long_names_are_refused() {
     assert!(msg.contains("huge.tar") && msg.contains("limit"), "{msg}");
     assert_eq!(s.ok(&["ls"]), "");
 }
+
+/// `skopeo`, if installed; required under `CI=true` (`.ci/run` installs it).
+fn skopeo() -> Option<&'static str> {
+    let found = std::process::Command::new("skopeo")
+        .arg("--version")
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if !found && std::env::var("CI").as_deref() == Ok("true") {
+        panic!("skopeo is required under CI=true (.ci/run installs the Debian package)");
+    }
+    found.then_some("skopeo")
+}
+
+/// Files of the tree at `dir`: relative path to content (`None` for a directory).
+fn tree(dir: &Path) -> std::collections::BTreeMap<String, Option<Vec<u8>>> {
+    let mut out = std::collections::BTreeMap::new();
+    let mut todo = vec![dir.to_path_buf()];
+    while let Some(d) = todo.pop() {
+        for e in fs::read_dir(&d).unwrap() {
+            let p = e.unwrap().path();
+            let rel = p.strip_prefix(dir).unwrap().to_str().unwrap().to_string();
+            if p.symlink_metadata().unwrap().is_dir() {
+                out.insert(rel, None);
+                todo.push(p);
+            } else {
+                out.insert(rel, Some(fs::read(&p).unwrap()));
+            }
+        }
+    }
+    out
+}
+
+#[test]
+fn images_made_by_skopeo_import_and_equal_gnu_tar() {
+    let Some(skopeo) = skopeo() else {
+        eprintln!("skipping: skopeo is not installed");
+        return;
+    };
+    let work = Store::new("vfs");
+    let layers = vec![
+        layer_tar(&[
+            ("etc/", b""),
+            ("etc/one", b"1"),
+            ("bin/", b""),
+            ("bin/x", b"x"),
+        ]),
+        layer_tar(&[("etc/", b""), ("etc/one", b"changed"), ("etc/two", b"2")]),
+    ];
+    let (dir, _, ids) = docker_dir(work.dir.path(), &layers, "config.json");
+    let docker_tar = work.scratch("docker.tar");
+    {
+        let mut b = tar::Builder::new(fs::File::create(&docker_tar).unwrap());
+        b.append_dir_all(".", &dir).unwrap();
+        b.finish().unwrap();
+    }
+    // What GNU tar makes of the layers, one after the other.
+    let reference = work.scratch("reference");
+    fs::create_dir(&reference).unwrap();
+    for (i, l) in layers.iter().enumerate() {
+        let f = work.scratch(&format!("layer{i}.tar"));
+        fs::write(&f, l).unwrap();
+        let st = std::process::Command::new("tar")
+            .arg("-xf")
+            .arg(&f)
+            .arg("-C")
+            .arg(&reference)
+            .status()
+            .unwrap();
+        assert!(st.success());
+    }
+    let want = tree(&reference);
+    let d = work.dir.path().display().to_string();
+    let copies: [(&[&str], String, String); 4] = [
+        (&[], format!("oci:{d}/oci:one"), format!("{d}/oci:one")),
+        (
+            &[],
+            format!("oci-archive:{d}/oci.tar:one"),
+            format!("{d}/oci.tar:one"),
+        ),
+        (
+            &["--dest-compress-format", "zstd", "--dest-compress"],
+            format!("oci:{d}/ociz:one"),
+            format!("{d}/ociz"),
+        ),
+        (
+            &[],
+            format!("docker-archive:{d}/back.tar:small:latest"),
+            format!("{d}/back.tar:small"),
+        ),
+    ];
+    for (flags, dest, spec) in copies {
+        let st = std::process::Command::new(skopeo)
+            .args(["--insecure-policy", "copy", "-q"])
+            .args(flags)
+            .arg(format!("docker-archive:{}", docker_tar.display()))
+            .arg(&dest)
+            .status()
+            .unwrap();
+        assert!(st.success(), "skopeo copy to {dest}");
+        let s = Store::new("vfs");
+        assert_eq!(s.ok(&["import", &spec]).trim(), ids[1], "{dest}");
+        let mounted = s.ok(&["mount", &ids[1]]);
+        assert_eq!(tree(Path::new(mounted.trim())), want, "{dest}");
+        s.ok(&["unmount", &ids[1]]);
+    }
+    // A second image in the same layout: a name is needed.
+    let st = std::process::Command::new(skopeo)
+        .args(["--insecure-policy", "copy", "-q"])
+        .arg(format!("docker-archive:{}", docker_tar.display()))
+        .arg(format!("oci:{d}/oci:two"))
+        .status()
+        .unwrap();
+    assert!(st.success());
+    let msg = work.err(&["import", &format!("{d}/oci")]);
+    assert!(msg.contains("one") && msg.contains("two"), "{msg}");
+}

@@ -456,10 +456,28 @@ const LAYER_TYPES: &[&str] = &[
     "application/vnd.docker.image.rootfs.diff.tar.zstd",
 ];
 
-/// Whether `tag` selects an image named `name`: equal, or equal once `:latest` is added to a
-/// tag without one.
+/// Whether `tag` selects an image named `name`: equal, or equal as docker references
+/// (`busybox` = `busybox:latest` = `docker.io/library/busybox:latest`).
 fn tag_matches(name: &str, tag: &str) -> bool {
-    name == tag || (!tag.contains(':') && name == format!("{tag}:latest"))
+    name == tag || docker_ref(name) == docker_ref(tag)
+}
+
+/// The fully qualified form of a docker image reference: registry `docker.io` and namespace
+/// `library` added where docker adds them, tag `latest` where there is neither tag nor digest.
+fn docker_ref(r: &str) -> String {
+    let last = r.rsplit('/').next().unwrap_or(r);
+    let full = if last.contains(':') || last.contains('@') {
+        r.to_string()
+    } else {
+        format!("{r}:latest")
+    };
+    match full.split_once('/') {
+        None => format!("docker.io/library/{full}"),
+        Some((first, _)) if first.contains('.') || first.contains(':') || first == "localhost" => {
+            full
+        }
+        Some(_) => format!("docker.io/{full}"),
+    }
 }
 
 /// Picks the entries of the top-level index that make up the one image to import: those
@@ -485,6 +503,16 @@ fn select_oci(manifests: Vec<Descriptor>, tag: Option<&str>) -> Result<Vec<Descr
                 bail!(
                     "the image layout has no image named {tag:?}; it has: {}",
                     labels.join(", ")
+                );
+            }
+            let mut names: Vec<String> = hit.iter().map(label).collect();
+            names.sort();
+            names.dedup();
+            if names.len() > 1 {
+                bail!(
+                    "{tag:?} names {} images of the layout: {}; give the exact name",
+                    names.len(),
+                    names.join(", ")
                 );
             }
             Ok(hit)
@@ -736,6 +764,16 @@ mod tests {
             Some(format!("sha256:{h}"))
         );
         assert_eq!(digest_in_path("abc/layer.tar"), None);
+        for (name, tag) in [
+            ("docker.io/library/busybox:latest", "busybox"),
+            ("busybox:latest", "docker.io/library/busybox"),
+            ("quay.io/x/y:1", "quay.io/x/y:1"),
+            ("docker.io/x/y:latest", "x/y"),
+        ] {
+            assert!(tag_matches(name, tag), "{name} {tag}");
+        }
+        assert!(!tag_matches("busybox:1", "busybox"));
+        assert!(!tag_matches("localhost:5000/a", "a"));
         assert_eq!(digest_in_path(&format!("{h}.json")), None);
     }
 }
