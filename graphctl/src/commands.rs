@@ -277,7 +277,7 @@ fn apply(s: &Selected, id: &LayerId, parent: Option<LayerId>, file: Option<&Path
     match result {
         Ok(size) => {
             if created {
-                record_diff_id(s, id, &mut plain, &diff_id);
+                image::record_diff_id(&s.home, id, &mut plain, &diff_id);
             }
             println_out(format_args!("{size}"))
         }
@@ -288,23 +288,6 @@ fn apply(s: &Selected, id: &LayerId, parent: Option<LayerId>, file: Option<&Path
             }
             Err(anyhow::Error::new(e).context(format!("apply {name} to layer {id}")))
         }
-    }
-}
-
-/// Records the DiffID of the layer `apply` just made from `plain` (read to its end first: the
-/// tar may end before the stream does). A failure only loses the record (import then refuses
-/// to reuse the layer), so it is logged, not fatal.
-fn record_diff_id(s: &Selected, id: &LayerId, plain: &mut impl Read, state: &image::HashState) {
-    let result = io::copy(plain, &mut io::sink())
-        .map_err(anyhow::Error::from)
-        .and_then(|_| image::finish(state))
-        .and_then(|(d, _)| {
-            Ok(graphdriver::LayerStore::open(&s.home, false)?
-                .0
-                .set_diff_id(id, &d)?)
-        });
-    if let Err(e) = result {
-        tracing::warn!(layer = %id, error = %e, "could not record the layer's DiffID");
     }
 }
 

@@ -267,6 +267,20 @@ pub(crate) fn finish(state: &HashState) -> Result<(String, u64)> {
     Ok((format!("sha256:{}", hex(&st.0.clone().finalize())), st.1))
 }
 
+/// Records the DiffID of layer `id` that `graphctl apply` just made from `plain` in the store
+/// at driver home `home` (`plain` is read to its end first: the tar may end before the stream
+/// does, and the DiffID covers all of it). A failure only loses the record (import then refuses
+/// to reuse the layer), so it is logged, not returned.
+pub(crate) fn record_diff_id(home: &Path, id: &LayerId, plain: &mut impl Read, state: &HashState) {
+    let result = io::copy(plain, &mut io::sink())
+        .map_err(anyhow::Error::from)
+        .and_then(|_| finish(state))
+        .and_then(|(d, _)| Ok(LayerStore::open(home, false)?.0.set_diff_id(id, &d)?));
+    if let Err(e) = result {
+        tracing::warn!(layer = %id, error = %e, "could not record the layer's DiffID");
+    }
+}
+
 /// Creates layer `id` on `parent` and applies `layer`'s blob, verifying both digests.
 fn apply_one(
     driver: &dyn Driver,
