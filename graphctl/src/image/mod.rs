@@ -33,6 +33,8 @@ use source::{Limited, Source};
 
 /// The largest JSON document (index, manifest, config) read into memory.
 const MAX_JSON: u64 = 4 << 20;
+/// The most bytes `graphctl apply` reads after the end of a tar to hash the whole stream.
+const MAX_TRAILING: u64 = 1 << 20;
 
 /// One layer of an import.
 #[derive(Debug)]
@@ -269,12 +271,18 @@ pub(crate) fn finish(state: &HashState) -> Result<(String, u64)> {
 
 /// Records the DiffID of layer `id` that `graphctl apply` just made from `plain` in the store
 /// at driver home `home` (`plain` is read to its end first: the tar may end before the stream
-/// does, and the DiffID covers all of it). A failure only loses the record (import then refuses
-/// to reuse the layer), so it is logged, not returned.
+/// does, and the DiffID covers all of it; more than [`MAX_TRAILING`] bytes after the tar's end,
+/// as from a stream that never ends, and nothing is recorded). A failure only loses the record
+/// (import then refuses to reuse the layer), so it is logged, not returned.
 pub(crate) fn record_diff_id(home: &Path, id: &LayerId, plain: &mut impl Read, state: &HashState) {
-    let result = io::copy(plain, &mut io::sink())
+    let result = io::copy(&mut plain.take(MAX_TRAILING + 1), &mut io::sink())
         .map_err(anyhow::Error::from)
-        .and_then(|_| finish(state))
+        .and_then(|n| {
+            if n > MAX_TRAILING {
+                bail!("more than {MAX_TRAILING} bytes follow the end of the tar");
+            }
+            finish(state)
+        })
         .and_then(|(d, _)| Ok(LayerStore::open(home, false)?.0.set_diff_id(id, &d)?));
     if let Err(e) = result {
         tracing::warn!(layer = %id, error = %e, "could not record the layer's DiffID");
