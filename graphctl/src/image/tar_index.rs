@@ -291,7 +291,7 @@ pub fn index(file: &File, shown: &Path) -> Result<TarIndex> {
                 continue;
             }
             b'g' => {
-                r.seek_past(size + padding(size), end, shown)?;
+                r.seek_past(size.saturating_add(padding(size)), end, shown)?;
                 continue;
             }
             _ => {}
@@ -338,7 +338,7 @@ pub fn index(file: &File, shown: &Path) -> Result<TarIndex> {
             let is_dir_name = name.ends_with(b"/");
             match kind {
                 b'0' | b'\0' | b'7' if !is_dir_name => {
-                    if data_at + size > end {
+                    if data_at.saturating_add(size) > end {
                         bail!(
                             "{}: member {norm} extends past the end of the file",
                             shown.display()
@@ -371,7 +371,7 @@ pub fn index(file: &File, shown: &Path) -> Result<TarIndex> {
                 }
             }
         }
-        r.seek_past(data_len + padding(data_len), end, shown)?;
+        r.seek_past(data_len.saturating_add(padding(data_len)), end, shown)?;
     }
     Ok(out)
 }
@@ -441,5 +441,20 @@ mod index_tests {
         f.write_all(&data).unwrap();
         let e = index(&f, Path::new("t.tar")).unwrap_err().to_string();
         assert!(e.contains("limit") && e.contains("t.tar"), "{e}");
+    }
+
+    #[test]
+    fn a_size_past_the_end_of_the_file_is_refused() {
+        let mut h = header("big", b'0', 0, b"ustar\x0000", "");
+        // Base-256 size 2^62, then the checksum again.
+        h[124..136].copy_from_slice(&[0x80, 0, 0, 0, 0x40, 0, 0, 0, 0, 0, 0, 0]);
+        h[148..156].copy_from_slice(b"        ");
+        let sum: u64 = h.iter().map(|&b| u64::from(b)).sum();
+        h[148..155].copy_from_slice(format!("{sum:06o}\0").as_bytes());
+        let mut f = tempfile::tempfile().unwrap();
+        f.write_all(&h).unwrap();
+        f.write_all(&[0u8; 1024]).unwrap();
+        let e = index(&f, Path::new("t.tar")).unwrap_err().to_string();
+        assert!(e.contains("big") && e.contains("past the end"), "{e}");
     }
 }
