@@ -268,6 +268,18 @@ fn docker_dir_layer_symlinked_out_of_the_image_is_refused() {
         msg.contains("config.json") && msg.contains("leaves the image"),
         "{msg}"
     );
+    // And manifest.json, and an index.json next to it.
+    for name in ["manifest.json", "index.json"] {
+        let _ = fs::remove_file(dir.join(name));
+        symlink(&host, dir.join(name)).unwrap();
+        let msg = s2.err(&["import", dir.to_str().unwrap()]);
+        assert!(
+            msg.contains(name) && msg.contains("leaves the image"),
+            "{msg}"
+        );
+        no_leak(&msg, &host_digest);
+    }
+    assert_eq!(s2.ok(&["ls"]), "");
 }
 
 #[test]
