@@ -262,8 +262,9 @@ fn apply(s: &Selected, id: &LayerId, parent: Option<LayerId>, file: Option<&Path
     let counted = Counting { inner: input, bar };
     let bar = counted.bar.clone();
     // Unknown formats fail here, before a layer is created.
-    let mut plain =
-        archive::decompress(counted).with_context(|| format!("read layer tar {name}"))?;
+    let plain = archive::decompress(counted).with_context(|| format!("read layer tar {name}"))?;
+    // The DiffID (sha256 of the uncompressed tar), recorded for a layer this apply creates.
+    let (mut plain, diff_id) = image::Hashing::new(plain, None);
     let created = if s.driver.exists(id) {
         false
     } else {
@@ -275,7 +276,12 @@ fn apply(s: &Selected, id: &LayerId, parent: Option<LayerId>, file: Option<&Path
     bar.finish_and_clear();
     warn_skipped();
     match result {
-        Ok(size) => println_out(format_args!("{size}")),
+        Ok(size) => {
+            if created {
+                image::record_diff_id(&s.home, id, &mut plain, &diff_id);
+            }
+            println_out(format_args!("{size}"))
+        }
         Err(e) => {
             if created && s.driver.exists(id) {
                 // The drivers promise this; make sure no half-applied layer stays.
@@ -576,7 +582,9 @@ fn tree(s: &Selected) -> Result<()> {
 
 /// `import`: applies an image's layers and prints the top layer's id.
 fn import(s: &Selected, path: &Path, json: bool) -> Result<()> {
-    let report = image::import(s.driver.as_ref() as &dyn Driver, path)
+    // The driver's bookkeeping, for the DiffID records (a second handle on the same home).
+    let (store, _) = graphdriver::LayerStore::open(&s.home, false)?;
+    let report = image::import(s.driver.as_ref() as &dyn Driver, &store, path)
         .with_context(|| format!("import {}", path.display()))?;
     if json {
         let layers: Vec<_> = report

@@ -126,7 +126,9 @@ pub enum Command {
     /// Import an OCI image layout (directory or tar) or a `docker save` archive; prints the
     /// top layer's id.
     Import {
-        /// The image: a directory or a tar file.
+        /// The image: a directory or a tar file, optionally `:NAME` to pick one image by its
+        /// `org.opencontainers.image.ref.name` or docker `RepoTags` (split at the first `:` whose
+        /// left part exists, unless the whole argument exists).
         path: PathBuf,
     },
     /// Unmount everything this store has mounted.

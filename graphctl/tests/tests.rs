@@ -14,5 +14,6 @@ mod bad_input;
 mod cli;
 mod e2e;
 mod import;
+mod import_confined;
 mod safety;
 mod store_trust;

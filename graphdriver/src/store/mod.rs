@@ -14,6 +14,8 @@
 //!     parent              the parent's id (absent for a base layer)
 //!     rw                  present for read-write (container) layers
 //!     incomplete          present while a diff is applied; such a layer counts as absent
+//!     diff-id             the DiffID the layer was made from, if recorded (see
+//!                         [`LayerStore::set_diff_id`]); deleted by every apply
 //!     …                   the driver's own content (root/, upper/, …)
 //! ```
 //!
@@ -96,6 +98,7 @@
 //! or others can write is refused, see above), and layer directories are created 0700, so other
 //! users cannot reach into layers (and the setuid binaries they may hold).
 
+mod diff_id;
 mod mounts;
 mod nofollow;
 #[cfg(test)]
@@ -549,6 +552,9 @@ impl LayerStore {
                 reason,
             });
         }
+        // The content is about to change: the recorded DiffID no longer vouches for it. Done
+        // before the marker, so a failure here changes nothing but the (now absent) record.
+        diff_id::forget(dir.as_fd(), &self.layer_dir(id))?;
         let marker = self.layer_dir(id).join(INCOMPLETE_FILE);
         let in_progress = || Error::InUse {
             id: id.clone(),
