@@ -303,8 +303,22 @@ fn run(
         ap.entry(&mut tar, entry)?;
     }
     ap.finish()?;
-    // Drain zero padding and anything else after the end-of-archive marker.
-    io::copy(&mut tar.into_inner(), &mut io::sink()).map_err(|e| malformed(None, &e))?;
+    // Drain zero padding and anything else after the end-of-archive marker, so that a reader
+    // digesting the stream sees all of it; but only so much: an endless stream (`/dev/zero`)
+    // after the marker must not keep the apply, and the layer's lock, forever.
+    let trailing = io::copy(
+        &mut tar.into_inner().take(MAX_TRAILING + 1),
+        &mut io::sink(),
+    )
+    .map_err(|e| malformed(None, &e))?;
+    if trailing > MAX_TRAILING {
+        return Err(Error::Malformed {
+            entry: None,
+            reason: format!(
+                "expected the stream to end within {MAX_TRAILING} bytes after the end-of-archive marker, found more"
+            ),
+        });
+    }
     Ok(ApplyReport {
         bytes: ap.bytes,
         skipped: std::mem::take(&mut ap.skipped.list),
@@ -1274,6 +1288,10 @@ fn lsetxattr_at(
     )
     .map_err(io::Error::from)
 }
+
+/// The most bytes read after a tar's end-of-archive marker (padding to a record size, which
+/// GNU tar makes at most 10 KiB); a stream with more is refused rather than read forever.
+pub const MAX_TRAILING: u64 = 1 << 20;
 
 /// Removes `name` in `parent` with everything below it ([`crate::fs::remove_tree_at`]: never
 /// following a link, any depth, bounded descriptors); a missing `name` is fine here (a

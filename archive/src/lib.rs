@@ -76,8 +76,8 @@ pub mod quote;
 mod whiteout;
 
 pub use apply::{
-    ApplyOptions, ApplyReport, MAX_SKIPPED, apply_layer, apply_layer_report, note_skipped,
-    take_skipped, untar, untar_report,
+    ApplyOptions, ApplyReport, MAX_SKIPPED, MAX_TRAILING, apply_layer, apply_layer_report,
+    note_skipped, take_skipped, untar, untar_report,
 };
 pub use change::{Change, ChangeKind, changes, changes_from_overlay_upper, changes_size};
 pub use compression::{Compression, decompress, detect_compression};

@@ -301,3 +301,27 @@ fn an_xz_dictionary_bomb_is_refused_before_it_allocates() {
     let e = res.unwrap_err().to_string();
     assert!(e.contains("memory"), "{e}");
 }
+
+/// An endless stream of zeros (`graphctl apply ID /dev/zero`) ends at the end-of-archive
+/// marker; what follows is drained only up to a bound, then refused instead of read forever.
+#[test]
+fn an_endless_stream_after_the_end_marker_is_refused_not_read_forever() {
+    struct Zeros;
+    impl std::io::Read for Zeros {
+        fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+            buf.fill(0);
+            Ok(buf.len())
+        }
+    }
+    let t = tempfile::tempdir().unwrap();
+    let e = apply_layer(t.path(), Zeros, &ApplyOptions::default())
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("end-of-archive marker"), "{e}");
+    // GNU tar's record padding (up to 10 KiB of zeros) is fine.
+    let mut tar = archive(&[&seal(block("f", b'0', 1)), &data(b"x")]);
+    tar.resize(tar.len() + 10240, 0);
+    let (t, res) = apply(&tar);
+    res.unwrap();
+    assert_eq!(read(t.path(), "f"), b"x");
+}

@@ -256,8 +256,11 @@ fn run(
     if matches!(fed, Feed::ChildStopped) {
         // The child finished without reading everything (it drains padding itself, so this is
         // only a safety net): consume the rest so a digesting reader sees the whole stream.
-        io::copy(&mut input, &mut io::sink())
-            .map_err(|e| Error::io("read", "<layer stream>", e))?;
+        io::copy(
+            &mut (&mut input).take(archive::MAX_TRAILING),
+            &mut io::sink(),
+        )
+        .map_err(|e| Error::io("read", "<layer stream>", e))?;
     }
     Ok(outcome)
 }
