@@ -520,6 +520,26 @@ fn read_full(r: &mut impl Read, buf: &mut [u8]) -> io::Result<usize> {
 
 /// Turns a change path (`/a/b`, or `a/b`) into a path relative to the layer root.
 pub(crate) fn rel_of(path: &Path) -> PathBuf {
+    // Fast path for the usual, already clean `/a/b` (checked with std's optimized string
+    // search: deep change lists hold paths of thousands of components).
+    let b = path.as_os_str().as_bytes();
+    let b = &b[b.iter().take_while(|&&c| c == b'/').count()..];
+    if let Ok(s) = std::str::from_utf8(b) {
+        let clean = !s.is_empty()
+            && s != "."
+            && s != ".."
+            && !s.ends_with('/')
+            && !s.ends_with("/.")
+            && !s.ends_with("/..")
+            && !s.starts_with("./")
+            && !s.starts_with("../")
+            && !s.contains("//")
+            && !s.contains("/./")
+            && !s.contains("/../");
+        if clean {
+            return PathBuf::from(s);
+        }
+    }
     path.components()
         .filter(|c| matches!(c, std::path::Component::Normal(_)))
         .collect()

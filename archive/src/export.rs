@@ -983,8 +983,6 @@ impl LinkCounts {
 /// entered, whatever its depth, and no path is ever resolved from the root as a whole.
 pub(crate) struct ListCursor {
     stack: DirStack,
-    /// The names of the directories on the stack below the root.
-    names: Vec<CString>,
     /// The root as the caller named it, for error messages only.
     root: PathBuf,
 }
@@ -999,7 +997,6 @@ impl ListCursor {
     fn new(fd: OwnedFd, root: &Path) -> Result<ListCursor> {
         Ok(ListCursor {
             stack: DirStack::new(fd).map_err(|e| Error::io("open directory", root, e))?,
-            names: Vec::new(),
             root: root.to_path_buf(),
         })
     }
@@ -1007,37 +1004,34 @@ impl ListCursor {
     /// Opens the parent directories of `rel` (a non-empty path of normal components relative
     /// to the root) one at a time, never following a symlink, and returns the parent's
     /// descriptor with the last component's name.
+    ///
+    /// The stack first returns to the deepest directory it holds that is an ancestor of `rel`
+    /// (compared as bytes with the stack's own path), then descends: the work is proportional to
+    /// the distance between consecutive paths, not to their depth.
     pub(crate) fn reach(&mut self, rel: &Path) -> Result<(BorrowedFd<'_>, CString)> {
+        let root = &self.root;
         let bad = |what: &str| {
             Error::io(
                 format!("read listed path ({what})"),
-                self.root.join(rel),
+                root.join(rel),
                 io::Error::from_raw_os_error(libc::EINVAL),
             )
         };
-        // Split as bytes: `Path::components` costs too much per component on deep lists.
-        let mut comps: Vec<&OsStr> = Vec::new();
-        for c in rel.as_os_str().as_bytes().split(|&b| b == b'/') {
-            match c {
-                b"" | b"." => {}
-                b".." => return Err(bad("expected a path below the root")),
-                n => comps.push(OsStr::from_bytes(n)),
-            }
-        }
         if rel.is_absolute() {
             return Err(bad("expected a path below the root"));
         }
-        let Some((last, parent)) = comps.split_last() else {
-            return Err(bad("expected a path below the root, found the root"));
+        let (Some(last), Some(parent)) = (rel.file_name(), rel.parent()) else {
+            return Err(bad("expected a path below the root"));
         };
         let last = CString::new(last.as_bytes()).map_err(|_| bad("NUL byte in a name"))?;
-        let common = self
-            .names
-            .iter()
-            .zip(parent)
-            .take_while(|(a, b)| a.as_bytes() == b.as_bytes())
-            .count();
-        while self.names.len() > common {
+        let parent = parent.as_os_str().as_bytes();
+        loop {
+            let s = self.stack.rel();
+            if s.is_empty()
+                || (parent.starts_with(s) && parent.get(s.len()).is_none_or(|&b| b == b'/'))
+            {
+                break;
+            }
             self.stack.pop().map_err(|e| {
                 Error::io(
                     "return to the parent of",
@@ -1045,27 +1039,35 @@ impl ListCursor {
                     e,
                 )
             })?;
-            self.names.pop();
         }
-        for c in &parent[common..] {
-            let name = CString::new(c.as_bytes()).map_err(|_| bad("NUL byte in a name"))?;
+        let rest = &parent[self.stack.rel().len()..];
+        for c in rest.split(|&b| b == b'/') {
+            match c {
+                b"" | b"." => continue,
+                b".." => return Err(bad("expected a path below the root")),
+                _ => {}
+            }
+            let name = CString::new(c).map_err(|_| bad("NUL byte in a name"))?;
             self.stack.push(&name, None).map_err(|e| {
                 Error::io(
                     "open directory",
-                    self.root.join(self.stack.rel_path()).join(c),
+                    self.root
+                        .join(self.stack.rel_path())
+                        .join(OsStr::from_bytes(c)),
                     e,
                 )
             })?;
-            self.names.push(name);
         }
         Ok((self.stack.top(), last))
     }
 
     /// `lstat` of the listed path `rel`.
     pub(crate) fn stat(&mut self, rel: &Path) -> Result<Stat> {
-        let full = self.root.join(rel);
         let (dir, name) = self.reach(rel)?;
-        fs::stat_at(dir, &name).map_err(|e| Error::io("lstat", full, e))
+        match fs::stat_at(dir, &name) {
+            Ok(st) => Ok(st),
+            Err(e) => Err(Error::io("lstat", self.root.join(rel), e)),
+        }
     }
 }
 
