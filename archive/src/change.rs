@@ -6,13 +6,13 @@ use std::collections::{BTreeMap, HashSet};
 use std::ffi::{CStr, CString, OsStr};
 use std::fmt;
 use std::io::{self, Read};
-use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
-use std::os::unix::ffi::OsStrExt;
-use std::os::unix::fs::{FileTypeExt, MetadataExt};
+use std::os::fd::{AsFd, OwnedFd};
+use std::os::unix::ffi::{OsStrExt, OsStringExt};
 use std::path::{Path, PathBuf};
 
-use rustix::fs::{AtFlags, Dir, FileType, Mode, OFlags, Stat};
+use rustix::fs::{FileType, Stat};
 
+use crate::fs::{self, DirEntry, DirStack, XattrTarget};
 use crate::{Error, OverlayXattr, Result};
 
 /// What happened to a path between the parent tree and the layer's tree.
@@ -58,84 +58,46 @@ impl fmt::Display for Change {
 }
 
 /// The xattr compared by [`changes`] besides the inode metadata.
-const CAPABILITY: &str = "security.capability";
+const CAPABILITY: &CStr = c"security.capability";
 
 /// Size of each of the two buffers used to compare file contents.
 const CMP_BUF: usize = 64 * 1024;
 
-/// One directory entry as `getdents64` reports it.
-struct Ent {
-    name: CString,
-    ino: u64,
-    ft: FileType,
-}
-
-fn os_name(name: &CStr) -> &OsStr {
-    OsStr::from_bytes(name.to_bytes())
-}
-
-fn rerr(op: &str, path: &Path, e: rustix::io::Errno) -> Error {
-    Error::io(op, path, io::Error::from(e))
-}
-
-/// Opens `name` below `dir` as a directory without following symlinks.
-pub(crate) fn open_dir_at(dir: BorrowedFd<'_>, name: &CStr, path: &Path) -> Result<OwnedFd> {
-    rustix::fs::openat(
-        dir,
-        name,
-        OFlags::RDONLY | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
-        Mode::empty(),
-    )
-    .map_err(|e| rerr("open directory", path, e))
+fn ioerr(op: &str, root: &Path, rel: &[u8], e: io::Error) -> Error {
+    Error::io(op, root.join(OsStr::from_bytes(rel)), e)
 }
 
 fn open_root(path: &Path) -> Result<OwnedFd> {
-    rustix::fs::open(
-        path,
-        OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC,
-        Mode::empty(),
-    )
-    .map_err(|e| rerr("open directory", path, e))
+    fs::open_root_dir(path).map_err(|e| Error::io("open directory", path, e))
 }
 
-/// Reads every entry of `dir` except `.` and `..`, sorted bytewise by name.
-fn read_entries(dir: BorrowedFd<'_>, path: &Path) -> Result<Vec<Ent>> {
-    let mut d = Dir::read_from(dir).map_err(|e| rerr("read directory", path, e))?;
-    let mut out = Vec::new();
-    while let Some(ent) = d.read() {
-        let ent = ent.map_err(|e| rerr("read directory", path, e))?;
-        let name = ent.file_name();
-        if name.to_bytes() == b"." || name.to_bytes() == b".." {
-            continue;
-        }
-        out.push(Ent {
-            name: name.to_owned(),
-            ino: ent.ino(),
-            ft: ent.file_type(),
-        });
+fn ftype(st: &Stat) -> FileType {
+    FileType::from_raw_mode(st.st_mode)
+}
+
+/// `dir_rel/name` (or `name` at the root) as bytes.
+fn join_rel(dir_rel: &[u8], name: &CStr) -> Vec<u8> {
+    let mut r = Vec::with_capacity(dir_rel.len() + 1 + name.to_bytes().len());
+    r.extend_from_slice(dir_rel);
+    if !r.is_empty() {
+        r.push(b'/');
     }
-    out.sort_unstable_by(|a, b| a.name.as_bytes().cmp(b.name.as_bytes()));
-    Ok(out)
+    r.extend_from_slice(name.to_bytes());
+    r
 }
 
-fn lstat_at(dir: BorrowedFd<'_>, name: &CStr, path: &Path) -> Result<Stat> {
-    rustix::fs::statat(dir, name, AtFlags::SYMLINK_NOFOLLOW).map_err(|e| rerr("lstat", path, e))
+/// The change path (`/a/b`) of a root-relative path given as bytes.
+fn abs_bytes(rel: &[u8]) -> PathBuf {
+    let mut p = Vec::with_capacity(rel.len() + 1);
+    p.push(b'/');
+    p.extend_from_slice(rel);
+    PathBuf::from(std::ffi::OsString::from_vec(p))
 }
 
-/// Reads xattr `name` of `path` without following symlinks; `None` when absent or unsupported.
-pub(crate) fn get_xattr(path: &Path, name: &str) -> Result<Option<Vec<u8>>> {
-    match xattr::get(path, name) {
-        Ok(v) => Ok(v),
-        Err(e)
-            if matches!(
-                e.raw_os_error(),
-                Some(libc::ENOTSUP) | Some(libc::ENODATA) | Some(libc::EPERM)
-            ) =>
-        {
-            Ok(None)
-        }
-        Err(e) => Err(Error::io(format!("read xattr {name} of"), path, e)),
-    }
+/// The capability xattr of a target; `None` when absent or unsupported.
+fn capability(t: XattrTarget<'_>, root: &Path, rel: &[u8]) -> Result<Option<Vec<u8>>> {
+    fs::get_xattr(t, CAPABILITY)
+        .map_err(|e| ioerr("read xattr security.capability of", root, rel, e))
 }
 
 fn ns_of(sec: i64, nsec: i64) -> i128 {
@@ -165,10 +127,6 @@ fn base_meta_differs(a: &Stat, b: &Stat) -> bool {
         || a.st_rdev as u64 != b.st_rdev as u64
 }
 
-fn child(rel: &Path, name: &CStr) -> PathBuf {
-    rel.join(os_name(name))
-}
-
 fn abs(rel: &Path) -> PathBuf {
     Path::new("/").join(rel)
 }
@@ -181,9 +139,12 @@ fn abs(rel: &Path) -> PathBuf {
 /// # Rules
 ///
 /// Both trees are walked together, directory by directory, through directory file descriptors
-/// (`openat` + `getdents64`, every name resolved relative to its parent's descriptor and never
-/// following symlinks). Names are compared bytewise; the output is in [`Path`] order (component by
-/// component), so a directory always comes before the entries below it.
+/// ([`crate::fs`]: two [`DirStack`]s moved in lockstep, every name resolved relative to its
+/// parent's descriptor, never following symlinks, a directory entered only if it is still the
+/// inode its `lstat` saw). The walk is iterative (an explicit stack) and holds a bounded number
+/// of descriptors, so trees of any depth work. Names are compared bytewise; the output is in
+/// [`Path`] order (component by component), so a directory always comes before the entries
+/// below it.
 ///
 /// * A name only in the new tree is an [`ChangeKind::Add`]; an added directory is reported
 ///   together with *everything* below it (each as `Add`).
@@ -210,185 +171,288 @@ fn abs(rel: &Path) -> PathBuf {
 ///   claims to have been written, so a rewrite within that tick that restored the mtime is
 ///   indistinguishable by metadata — or
 ///   (b) both nanosecond fields are zero (a tar-extracted tree; containerd's rule).
-///   No sleeping is needed to make changes visible.
+///   No sleeping is needed to make changes visible. Both files are opened with
+///   [`fs::open_file_checked`]: an entry swapped for a FIFO, device or symlink in the meantime is
+///   an error, never read (and a FIFO cannot block the walk).
 pub fn changes(new: &Path, old: Option<&Path>) -> Result<Vec<Change>> {
-    let mut w = Walker {
+    let new_fd = open_root(new)?;
+    let new_root_st = rustix::fs::fstat(&new_fd).map_err(|e| Error::io("stat", new, e.into()))?;
+    let mut d = Differ {
         out: Vec::new(),
         buf_a: vec![0; CMP_BUF],
         buf_b: vec![0; CMP_BUF],
+        new_root: new,
+        old_root: old.unwrap_or(Path::new("")),
+        new: DirStack::new(new_fd).map_err(|e| Error::io("open directory", new, e))?,
+        old: None,
+        frames: Vec::new(),
     };
-    let new_fd = open_root(new)?;
+    let ents = fs::read_dir_sorted(d.new.top()).map_err(|e| Error::io("read directory", new, e))?;
     match old {
-        None => w.add_all(new_fd.as_fd(), new, Path::new(""))?,
+        None => d.frames.push(Frame {
+            ents,
+            i: 0,
+            kind: FrameKind::Add,
+        }),
         Some(old) => {
             let old_fd = open_root(old)?;
-            w.diff_dir(new_fd.as_fd(), old_fd.as_fd(), new, old, Path::new(""))?;
+            let old_st =
+                rustix::fs::fstat(&old_fd).map_err(|e| Error::io("stat", old, e.into()))?;
+            let old_stack =
+                DirStack::new(old_fd).map_err(|e| Error::io("open directory", old, e))?;
+            let old_ents = fs::read_dir_sorted(old_stack.top())
+                .map_err(|e| Error::io("read directory", old, e))?;
+            d.old = Some(old_stack);
+            d.frames.push(Frame {
+                ents,
+                i: 0,
+                kind: FrameKind::Diff {
+                    old_ents,
+                    j: 0,
+                    same_dev: new_root_st.st_dev == old_st.st_dev,
+                    mark: None,
+                },
+            });
         }
     }
-    Ok(w.out)
+    d.run()?;
+    Ok(d.out)
 }
 
-struct Walker {
+/// One directory being walked by [`changes`].
+struct Frame {
+    /// The new tree's entries of this directory.
+    ents: Vec<DirEntry>,
+    /// The next of `ents` to look at.
+    i: usize,
+    kind: FrameKind,
+}
+
+enum FrameKind {
+    /// A directory only in the new tree: everything below is added (the old stack stays put).
+    Add,
+    /// A directory in both trees (the old stack is at its old side).
+    Diff {
+        old_ents: Vec<DirEntry>,
+        j: usize,
+        /// Whether both sides are on one device (inode numbers are then comparable).
+        same_dev: bool,
+        /// Where this directory's own `Modify` goes in the output (`None` for the roots):
+        /// pushed on entry with an empty path, given its path when the directory is modified
+        /// or something below it is, dropped otherwise.
+        mark: Option<usize>,
+    },
+}
+
+/// The state of one [`changes`] run.
+struct Differ<'a> {
     out: Vec<Change>,
     buf_a: Vec<u8>,
     buf_b: Vec<u8>,
+    new_root: &'a Path,
+    old_root: &'a Path,
+    new: DirStack,
+    /// `None` without an old tree.
+    old: Option<DirStack>,
+    frames: Vec<Frame>,
 }
 
-impl Walker {
-    fn push(&mut self, rel: &Path, kind: ChangeKind) {
+impl Differ<'_> {
+    fn run(&mut self) -> Result<()> {
+        loop {
+            let Some(f) = self.frames.last_mut() else {
+                return Ok(());
+            };
+            match &mut f.kind {
+                FrameKind::Add => {
+                    let Some(e) = f.ents.get_mut(f.i) else {
+                        self.leave()?;
+                        continue;
+                    };
+                    f.i += 1;
+                    let (name, ft) = (std::mem::take(&mut e.name), e.file_type);
+                    self.added(&name, ft)?;
+                }
+                FrameKind::Diff {
+                    old_ents,
+                    j,
+                    same_dev,
+                    ..
+                } => {
+                    let ord = match (f.ents.get(f.i), old_ents.get(*j)) {
+                        (Some(n), Some(o)) => n.name.as_bytes().cmp(o.name.as_bytes()),
+                        (Some(_), None) => std::cmp::Ordering::Less,
+                        (None, Some(_)) => std::cmp::Ordering::Greater,
+                        (None, None) => {
+                            self.leave()?;
+                            continue;
+                        }
+                    };
+                    match ord {
+                        std::cmp::Ordering::Less => {
+                            let e = &mut f.ents[f.i];
+                            f.i += 1;
+                            let (name, ft) = (std::mem::take(&mut e.name), e.file_type);
+                            self.added(&name, ft)?;
+                        }
+                        std::cmp::Ordering::Greater => {
+                            let name = std::mem::take(&mut old_ents[*j].name);
+                            *j += 1;
+                            let rel = join_rel(self.new.rel(), &name);
+                            self.push(&rel, ChangeKind::Delete);
+                        }
+                        std::cmp::Ordering::Equal => {
+                            let same = *same_dev && f.ents[f.i].ino == old_ents[*j].ino;
+                            let name = std::mem::take(&mut f.ents[f.i].name);
+                            f.i += 1;
+                            *j += 1;
+                            if !same {
+                                self.both(&name)?;
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    fn push(&mut self, rel: &[u8], kind: ChangeKind) {
         self.out.push(Change {
-            path: abs(rel),
+            path: abs_bytes(rel),
             kind,
         });
     }
 
-    /// Reports everything below the directory `dir` as added.
-    fn add_all(&mut self, dir: BorrowedFd<'_>, full: &Path, rel: &Path) -> Result<()> {
-        for e in read_entries(dir, full)? {
-            let rel_c = child(rel, &e.name);
-            self.push(&rel_c, ChangeKind::Add);
-            let full_c = full.join(os_name(&e.name));
-            let is_dir = match e.ft {
-                FileType::Directory => true,
-                FileType::Unknown => {
-                    let st = lstat_at(dir, &e.name, &full_c)?;
-                    FileType::from_raw_mode(st.st_mode) == FileType::Directory
-                }
-                _ => false,
-            };
-            if is_dir {
-                let fd = open_dir_at(dir, &e.name, &full_c)?;
-                self.add_all(fd.as_fd(), &full_c, &rel_c)?;
+    fn old(&mut self) -> &mut DirStack {
+        match self.old.as_mut() {
+            Some(o) => o,
+            None => unreachable!("a Diff frame exists only with an old tree"),
+        }
+    }
+
+    /// The top directory is done: settle its `Modify` and return to the parent(s).
+    fn leave(&mut self) -> Result<()> {
+        let Some(f) = self.frames.pop() else {
+            return Ok(());
+        };
+        let is_root = self.frames.is_empty();
+        if let FrameKind::Diff { mark: Some(m), .. } = f.kind {
+            if self.out.len() == m + 1 && self.out[m].path.as_os_str().is_empty() {
+                // Unmodified, nothing below: no entry.
+                self.out.pop();
+            } else if self.out[m].path.as_os_str().is_empty() {
+                self.out[m].path = abs_bytes(self.new.rel());
             }
+            let old_root = self.old_root;
+            self.old()
+                .pop()
+                .map_err(|e| Error::io("return to a parent directory in", old_root, e))?;
+        }
+        if !is_root {
+            self.new
+                .pop()
+                .map_err(|e| Error::io("return to a parent directory in", self.new_root, e))?;
         }
         Ok(())
     }
 
-    fn diff_dir(
-        &mut self,
-        new: BorrowedFd<'_>,
-        old: BorrowedFd<'_>,
-        new_full: &Path,
-        old_full: &Path,
-        rel: &Path,
-    ) -> Result<()> {
-        let new_dev = rustix::fs::fstat(new)
-            .map_err(|e| rerr("stat", new_full, e))?
-            .st_dev;
-        let old_dev = rustix::fs::fstat(old)
-            .map_err(|e| rerr("stat", old_full, e))?
-            .st_dev;
-        let same_dev = new_dev == old_dev;
-        let new_ents = read_entries(new, new_full)?;
-        let old_ents = read_entries(old, old_full)?;
-        let (mut i, mut j) = (0, 0);
-        while i < new_ents.len() || j < old_ents.len() {
-            let ord = match (new_ents.get(i), old_ents.get(j)) {
-                (Some(n), Some(o)) => n.name.as_bytes().cmp(o.name.as_bytes()),
-                (Some(_), None) => std::cmp::Ordering::Less,
-                _ => std::cmp::Ordering::Greater,
-            };
-            match ord {
-                std::cmp::Ordering::Less => {
-                    let e = &new_ents[i];
-                    i += 1;
-                    let rel_c = child(rel, &e.name);
-                    let full_c = new_full.join(os_name(&e.name));
-                    self.push(&rel_c, ChangeKind::Add);
-                    let st_is_dir = match e.ft {
-                        FileType::Directory => true,
-                        FileType::Unknown => {
-                            FileType::from_raw_mode(lstat_at(new, &e.name, &full_c)?.st_mode)
-                                == FileType::Directory
-                        }
-                        _ => false,
-                    };
-                    if st_is_dir {
-                        let fd = open_dir_at(new, &e.name, &full_c)?;
-                        self.add_all(fd.as_fd(), &full_c, &rel_c)?;
-                    }
-                }
-                std::cmp::Ordering::Greater => {
-                    let e = &old_ents[j];
-                    j += 1;
-                    self.push(&child(rel, &e.name), ChangeKind::Delete);
-                }
-                std::cmp::Ordering::Equal => {
-                    let (n, o) = (&new_ents[i], &old_ents[j]);
-                    i += 1;
-                    j += 1;
-                    if same_dev && n.ino == o.ino {
-                        continue;
-                    }
-                    self.diff_entry(new, old, new_full, old_full, rel, &n.name)?;
-                }
-            }
-        }
+    /// Enters the new tree's directory `name` (checked against `st` when given) and reports
+    /// everything below it as added.
+    fn enter_added(&mut self, name: &CStr, st: Option<&Stat>) -> Result<()> {
+        let rel = join_rel(self.new.rel(), name);
+        self.new
+            .push(name, st)
+            .map_err(|e| ioerr("open directory", self.new_root, &rel, e))?;
+        let ents = fs::read_dir_sorted(self.new.top())
+            .map_err(|e| ioerr("read directory", self.new_root, &rel, e))?;
+        self.frames.push(Frame {
+            ents,
+            i: 0,
+            kind: FrameKind::Add,
+        });
         Ok(())
     }
 
-    fn diff_entry(
-        &mut self,
-        new: BorrowedFd<'_>,
-        old: BorrowedFd<'_>,
-        new_full: &Path,
-        old_full: &Path,
-        rel: &Path,
-        name: &CStr,
-    ) -> Result<()> {
-        let rel_c = child(rel, name);
-        let new_c = new_full.join(os_name(name));
-        let old_c = old_full.join(os_name(name));
-        let ns = lstat_at(new, name, &new_c)?;
-        let os = lstat_at(old, name, &old_c)?;
-        let nt = FileType::from_raw_mode(ns.st_mode);
-        let ot = FileType::from_raw_mode(os.st_mode);
+    /// `name` of the current directory exists only in the new tree.
+    fn added(&mut self, name: &CStr, ft: FileType) -> Result<()> {
+        let rel = join_rel(self.new.rel(), name);
+        self.push(&rel, ChangeKind::Add);
+        let st = match ft {
+            FileType::Directory => None,
+            FileType::Unknown => {
+                let st = fs::stat_at(self.new.top(), name)
+                    .map_err(|e| ioerr("lstat", self.new_root, &rel, e))?;
+                if ftype(&st) != FileType::Directory {
+                    return Ok(());
+                }
+                Some(st)
+            }
+            _ => return Ok(()),
+        };
+        self.enter_added(name, st.as_ref())
+    }
+
+    /// `name` exists in both current directories as different inodes.
+    fn both(&mut self, name: &CStr) -> Result<()> {
+        let rel = join_rel(self.new.rel(), name);
+        let (new_root, old_root) = (self.new_root, self.old_root);
+        let ns =
+            fs::stat_at(self.new.top(), name).map_err(|e| ioerr("lstat", new_root, &rel, e))?;
+        let os =
+            fs::stat_at(self.old().top(), name).map_err(|e| ioerr("lstat", old_root, &rel, e))?;
+        let (nt, ot) = (ftype(&ns), ftype(&os));
         if nt != ot {
-            self.push(&rel_c, ChangeKind::Modify);
+            self.push(&rel, ChangeKind::Modify);
             if nt == FileType::Directory {
-                let fd = open_dir_at(new, name, &new_c)?;
-                self.add_all(fd.as_fd(), &new_c, &rel_c)?;
+                self.enter_added(name, Some(&ns))?;
             }
             return Ok(());
         }
-        if nt == FileType::Directory {
-            let modified = base_meta_differs(&ns, &os)
-                || get_xattr(&new_c, CAPABILITY)? != get_xattr(&old_c, CAPABILITY)?;
-            let mark = self.out.len();
-            if modified {
-                self.push(&rel_c, ChangeKind::Modify);
-            }
-            let nfd = open_dir_at(new, name, &new_c)?;
-            let ofd = open_dir_at(old, name, &old_c)?;
-            self.diff_dir(nfd.as_fd(), ofd.as_fd(), &new_c, &old_c, &rel_c)?;
-            if !modified && self.out.len() > mark {
-                self.out.insert(
-                    mark,
-                    Change {
-                        path: abs(&rel_c),
-                        kind: ChangeKind::Modify,
-                    },
-                );
+        if nt != FileType::Directory {
+            if self.file_differs(name, &rel, &ns, &os)? {
+                self.push(&rel, ChangeKind::Modify);
             }
             return Ok(());
         }
-        if self.file_differs(new, old, name, &new_c, &old_c, &ns, &os)? {
-            self.push(&rel_c, ChangeKind::Modify);
+        self.new
+            .push(name, Some(&ns))
+            .map_err(|e| ioerr("open directory", new_root, &rel, e))?;
+        if let Err(e) = self.old().push(name, Some(&os)) {
+            // Keep the stacks in lockstep with the frames for the caller's sake.
+            let _ = self.new.pop();
+            return Err(ioerr("open directory", old_root, &rel, e));
         }
+        let modified = base_meta_differs(&ns, &os)
+            || capability(XattrTarget::Fd(self.new.top()), new_root, &rel)?
+                != capability(XattrTarget::Fd(self.old().top()), old_root, &rel)?;
+        let new_ents = fs::read_dir_sorted(self.new.top())
+            .map_err(|e| ioerr("read directory", new_root, &rel, e))?;
+        let old_ents = fs::read_dir_sorted(self.old().top())
+            .map_err(|e| ioerr("read directory", old_root, &rel, e))?;
+        let mark = self.out.len();
+        self.out.push(Change {
+            path: if modified {
+                abs_bytes(&rel)
+            } else {
+                PathBuf::new()
+            },
+            kind: ChangeKind::Modify,
+        });
+        self.frames.push(Frame {
+            ents: new_ents,
+            i: 0,
+            kind: FrameKind::Diff {
+                old_ents,
+                j: 0,
+                same_dev: ns.st_dev == os.st_dev,
+                mark: Some(mark),
+            },
+        });
         Ok(())
     }
 
-    #[allow(clippy::too_many_arguments)]
-    fn file_differs(
-        &mut self,
-        new: BorrowedFd<'_>,
-        old: BorrowedFd<'_>,
-        name: &CStr,
-        new_c: &Path,
-        old_c: &Path,
-        ns: &Stat,
-        os: &Stat,
-    ) -> Result<bool> {
+    /// Whether the non-directories `name` (same type on both sides) differ.
+    fn file_differs(&mut self, name: &CStr, rel: &[u8], ns: &Stat, os: &Stat) -> Result<bool> {
         if base_meta_differs(ns, os) || ns.st_size != os.st_size {
             return Ok(true);
         }
@@ -396,57 +460,49 @@ impl Walker {
         if !times_equal(nm, om) {
             return Ok(true);
         }
-        if get_xattr(new_c, CAPABILITY)? != get_xattr(old_c, CAPABILITY)? {
+        let (new_root, old_root) = (self.new_root, self.old_root);
+        let Some(old) = self.old.as_ref() else {
+            unreachable!("files are compared only with an old tree")
+        };
+        let (nd, od) = (self.new.top(), old.top());
+        if capability(XattrTarget::At(nd, name), new_root, rel)?
+            != capability(XattrTarget::At(od, name), old_root, rel)?
+        {
             return Ok(true);
         }
-        match FileType::from_raw_mode(ns.st_mode) {
+        match ftype(ns) {
             FileType::Symlink => {
-                let a = rustix::fs::readlinkat(new, name, Vec::new())
-                    .map_err(|e| rerr("readlink", new_c, e))?;
-                let b = rustix::fs::readlinkat(old, name, Vec::new())
-                    .map_err(|e| rerr("readlink", old_c, e))?;
+                let a =
+                    fs::readlink_at(nd, name).map_err(|e| ioerr("readlink", new_root, rel, e))?;
+                let b =
+                    fs::readlink_at(od, name).map_err(|e| ioerr("readlink", old_root, rel, e))?;
                 Ok(a != b)
             }
             FileType::RegularFile => {
                 let (cs, cn) = ctime(ns);
                 let racy = ns_of(cs, cn) - ns_of(nm.0, nm.1) < 1_000_000_000;
                 let truncated = nm.1 == 0 && om.1 == 0;
-                if racy || truncated {
-                    self.content_differs(new, old, name, new_c, old_c)
-                } else {
-                    Ok(false)
+                if !(racy || truncated) {
+                    return Ok(false);
+                }
+                let mut a = fs::open_file_checked(nd, name, ns)
+                    .map_err(|e| ioerr("open", new_root, rel, e))?;
+                let mut b = fs::open_file_checked(od, name, os)
+                    .map_err(|e| ioerr("open", old_root, rel, e))?;
+                loop {
+                    let n = read_full(&mut a, &mut self.buf_a)
+                        .map_err(|e| ioerr("read", new_root, rel, e))?;
+                    let m = read_full(&mut b, &mut self.buf_b)
+                        .map_err(|e| ioerr("read", old_root, rel, e))?;
+                    if n != m || self.buf_a[..n] != self.buf_b[..m] {
+                        return Ok(true);
+                    }
+                    if n == 0 {
+                        return Ok(false);
+                    }
                 }
             }
             _ => Ok(false),
-        }
-    }
-
-    fn content_differs(
-        &mut self,
-        new: BorrowedFd<'_>,
-        old: BorrowedFd<'_>,
-        name: &CStr,
-        new_c: &Path,
-        old_c: &Path,
-    ) -> Result<bool> {
-        let flags = OFlags::RDONLY | OFlags::NOFOLLOW | OFlags::CLOEXEC;
-        let mut a = std::fs::File::from(
-            rustix::fs::openat(new, name, flags, Mode::empty())
-                .map_err(|e| rerr("open", new_c, e))?,
-        );
-        let mut b = std::fs::File::from(
-            rustix::fs::openat(old, name, flags, Mode::empty())
-                .map_err(|e| rerr("open", old_c, e))?,
-        );
-        loop {
-            let n = read_full(&mut a, &mut self.buf_a).map_err(|e| Error::io("read", new_c, e))?;
-            let m = read_full(&mut b, &mut self.buf_b).map_err(|e| Error::io("read", old_c, e))?;
-            if n != m || self.buf_a[..n] != self.buf_b[..m] {
-                return Ok(true);
-            }
-            if n == 0 {
-                return Ok(false);
-            }
         }
     }
 }
@@ -467,6 +523,26 @@ fn read_full(r: &mut impl Read, buf: &mut [u8]) -> io::Result<usize> {
 
 /// Turns a change path (`/a/b`, or `a/b`) into a path relative to the layer root.
 pub(crate) fn rel_of(path: &Path) -> PathBuf {
+    // Fast path for the usual, already clean `/a/b` (checked with std's optimized string
+    // search: deep change lists hold paths of thousands of components).
+    let b = path.as_os_str().as_bytes();
+    let b = &b[b.iter().take_while(|&&c| c == b'/').count()..];
+    if let Ok(s) = std::str::from_utf8(b) {
+        let clean = !s.is_empty()
+            && s != "."
+            && s != ".."
+            && !s.ends_with('/')
+            && !s.ends_with("/.")
+            && !s.ends_with("/..")
+            && !s.starts_with("./")
+            && !s.starts_with("../")
+            && !s.contains("//")
+            && !s.contains("/./")
+            && !s.contains("/../");
+        if clean {
+            return PathBuf::from(s);
+        }
+    }
     path.components()
         .filter(|c| matches!(c, std::path::Component::Normal(_)))
         .collect()
@@ -482,24 +558,31 @@ pub fn changes_size(root: &Path, changes: &[Change]) -> Result<u64> {
     let mut total = 0u64;
     let mut linked = Vec::new();
     let mut counts = crate::export::LinkCounts::default();
-    let mut paths = HashSet::new();
-    for c in changes {
-        if c.kind == ChangeKind::Delete {
+    let mut paths: Vec<PathBuf> = changes
+        .iter()
+        .filter(|c| c.kind != ChangeKind::Delete)
+        .map(|c| rel_of(&c.path))
+        .filter(|r| !r.as_os_str().is_empty())
+        .collect();
+    // Sorted, the cursor moves from one parent directory to the next without backtracking.
+    paths.sort();
+    paths.dedup();
+    let mut cur = crate::export::ListCursor::open(root)?;
+    for r in &paths {
+        let st = cur.stat(r)?;
+        if FileType::from_raw_mode(st.st_mode) != FileType::RegularFile {
             continue;
         }
-        let r = rel_of(&c.path);
-        let p = root.join(&r);
-        let md = std::fs::symlink_metadata(&p).map_err(|e| Error::io("lstat", &p, e))?;
-        if !md.file_type().is_file() || r.as_os_str().is_empty() || !paths.insert(r) {
+        #[allow(clippy::unnecessary_cast)]
+        let (key, nlink) = ((st.st_dev as u64, st.st_ino as u64), st.st_nlink as u64);
+        let size = u64::try_from(st.st_size).unwrap_or(0);
+        if nlink == 1 {
+            total = total.saturating_add(size);
             continue;
         }
-        if md.nlink() == 1 {
-            total = total.saturating_add(md.size());
-            continue;
-        }
-        counts.add(&md);
-        if seen.insert((md.dev(), md.ino())) {
-            linked.push(((md.dev(), md.ino()), md.size()));
+        counts.add(&st);
+        if seen.insert(key) {
+            linked.push((key, size));
         }
     }
     // Files linked to a name outside the list are hardlink entries of the export: no bytes.
@@ -512,8 +595,8 @@ pub fn changes_size(root: &Path, changes: &[Change]) -> Result<u64> {
 
 /// What one lower layer says about a path.
 enum LowerState {
-    /// The path exists in this lower.
-    Present(std::fs::Metadata),
+    /// The path exists in this lower, with this `lstat`.
+    Present(Stat),
     /// Not in this lower; look further down.
     Absent,
     /// Deleted or hidden by this lower (a whiteout, an opaque or non-directory ancestor): the
@@ -521,100 +604,175 @@ enum LowerState {
     Hidden,
 }
 
-fn is_whiteout(md: &std::fs::Metadata) -> bool {
-    md.file_type().is_char_device() && md.rdev() == 0
+#[allow(clippy::unnecessary_cast)]
+fn is_whiteout(st: &Stat) -> bool {
+    ftype(st) == FileType::CharacterDevice && st.st_rdev as u64 == 0
 }
 
-fn lstat_opt(p: &Path) -> Result<Option<std::fs::Metadata>> {
-    match std::fs::symlink_metadata(p) {
-        Ok(m) => Ok(Some(m)),
-        Err(e)
-            if e.kind() == io::ErrorKind::NotFound || e.raw_os_error() == Some(libc::ENOTDIR) =>
-        {
-            Ok(None)
-        }
-        Err(e) => Err(Error::io("lstat", p, e)),
+fn is_absent(e: &io::Error) -> bool {
+    matches!(
+        e.raw_os_error(),
+        Some(libc::ENOENT | libc::ENOTDIR | libc::ELOOP)
+    )
+}
+
+/// Splits `a/b/c` into `a/b` and `c` (`""` and `c` at the top).
+fn split_rel(rel: &[u8]) -> (&[u8], &[u8]) {
+    match rel.iter().rposition(|&b| b == b'/') {
+        Some(i) => (&rel[..i], &rel[i + 1..]),
+        None => (&b""[..], rel),
     }
 }
 
-fn is_opaque(p: &Path, ns: OverlayXattr) -> Result<bool> {
-    Ok(get_xattr(p, ns.opaque_name())?.as_deref() == Some(b"y"))
+fn cname(b: &[u8]) -> CString {
+    // Names come from directory listings: they hold no NUL.
+    CString::new(b).unwrap_or_default()
 }
 
-fn lower_state(lower: &Path, rel: &Path, ns: OverlayXattr) -> Result<LowerState> {
-    if let Some(md) = lstat_opt(&lower.join(rel))? {
-        return Ok(if is_whiteout(&md) {
-            LowerState::Hidden
-        } else {
-            LowerState::Present(md)
-        });
-    }
-    // Not here: does an ancestor in this lower hide the lowers below it?
-    let mut acc = PathBuf::new();
-    let comps: Vec<_> = rel.components().collect();
-    for c in comps.iter().take(comps.len().saturating_sub(1)) {
-        acc.push(c);
-        let p = lower.join(&acc);
-        match lstat_opt(&p)? {
-            None => return Ok(LowerState::Absent),
-            Some(md) if !md.is_dir() => return Ok(LowerState::Hidden),
-            Some(_) if is_opaque(&p, ns)? => return Ok(LowerState::Hidden),
-            Some(_) => {}
-        }
-    }
-    Ok(LowerState::Absent)
-}
-
-/// The first lower (in order) that has `rel`, or `None` when no lower view has it.
-fn lookup_lower(
-    lowers: &[PathBuf],
-    rel: &Path,
+/// The lower layers of an overlay upper, each open as a descriptor; every lookup goes below
+/// those descriptors ([`fs::open_beneath`], never following a symlink).
+struct Lowers<'a> {
+    fds: Vec<OwnedFd>,
+    paths: &'a [PathBuf],
     ns: OverlayXattr,
-) -> Result<Option<std::fs::Metadata>> {
-    for l in lowers {
-        match lower_state(l, rel, ns)? {
-            LowerState::Present(md) => return Ok(Some(md)),
-            LowerState::Hidden => return Ok(None),
-            LowerState::Absent => {}
-        }
-    }
-    Ok(None)
 }
 
-/// Names the merged lower view has inside directory `rel`.
-fn lower_children(lowers: &[PathBuf], rel: &Path, ns: OverlayXattr) -> Result<Vec<Vec<u8>>> {
-    let mut names = std::collections::BTreeSet::new();
-    let mut hidden = HashSet::new();
-    for l in lowers {
-        match lower_state(l, rel, ns)? {
-            LowerState::Hidden => break,
-            LowerState::Absent => continue,
-            LowerState::Present(md) => {
-                if !md.is_dir() {
-                    break;
-                }
-                let dir = l.join(rel);
-                let rd =
-                    std::fs::read_dir(&dir).map_err(|e| Error::io("read directory", &dir, e))?;
-                for ent in rd {
-                    let ent = ent.map_err(|e| Error::io("read directory", &dir, e))?;
-                    let name = ent.file_name().as_bytes().to_vec();
-                    let md = ent
-                        .metadata()
-                        .map_err(|e| Error::io("lstat", ent.path(), e))?;
-                    if is_whiteout(&md) {
-                        hidden.insert(name);
-                    } else if !hidden.contains(&name) {
-                        names.insert(name);
-                    }
-                }
-                if is_opaque(&dir, ns)? {
-                    break;
-                }
+impl Lowers<'_> {
+    fn is_opaque(&self, t: XattrTarget<'_>, l: usize, rel: &[u8]) -> Result<bool> {
+        let attr = cname(self.ns.opaque_name().as_bytes());
+        Ok(fs::get_xattr(t, &attr)
+            .map_err(|e| ioerr("read xattr of", &self.paths[l], rel, e))?
+            .as_deref()
+            == Some(b"y"))
+    }
+
+    /// The directory `dir` (relative, possibly empty) of lower `l`, opened without following
+    /// symlinks; `None` when it is not there as a directory.
+    fn open_dir(&self, l: usize, dir: &[u8]) -> Result<Option<OwnedFd>> {
+        let flags = rustix::fs::OFlags::RDONLY | rustix::fs::OFlags::DIRECTORY;
+        match fs::open_beneath(
+            self.fds[l].as_fd(),
+            Path::new(OsStr::from_bytes(dir)),
+            flags,
+        ) {
+            Ok(fd) => Ok(Some(fd)),
+            Err(e) if is_absent(&e) => Ok(None),
+            Err(e) => Err(ioerr("open directory", &self.paths[l], dir, e)),
+        }
+    }
+
+    fn state(&self, l: usize, rel: &[u8]) -> Result<LowerState> {
+        let (parent, name) = split_rel(rel);
+        let name = cname(name);
+        if let Some(pfd) = self.open_dir(l, parent)? {
+            match fs::stat_at(pfd.as_fd(), &name) {
+                Ok(st) if is_whiteout(&st) => return Ok(LowerState::Hidden),
+                Ok(st) => return Ok(LowerState::Present(st)),
+                Err(e) if is_absent(&e) => {}
+                Err(e) => return Err(ioerr("lstat", &self.paths[l], rel, e)),
             }
         }
+        // Not here: does an ancestor in this lower hide the lowers below it? One component at a
+        // time from the lower's root.
+        let mut cur: Option<OwnedFd> = None;
+        let mut at = 0;
+        for comp in parent.split(|&b| b == b'/').filter(|c| !c.is_empty()) {
+            at += comp.len() + usize::from(at > 0);
+            let here = &parent[..at.min(parent.len())];
+            let dir = cur.as_ref().map_or(self.fds[l].as_fd(), |f| f.as_fd());
+            let c = cname(comp);
+            let st = match fs::stat_at(dir, &c) {
+                Ok(st) => st,
+                Err(e) if is_absent(&e) => return Ok(LowerState::Absent),
+                Err(e) => return Err(ioerr("lstat", &self.paths[l], here, e)),
+            };
+            if ftype(&st) != FileType::Directory {
+                return Ok(LowerState::Hidden);
+            }
+            let fd = fs::open_dir_checked(dir, &c, &st)
+                .map_err(|e| ioerr("open directory", &self.paths[l], here, e))?;
+            if self.is_opaque(XattrTarget::Fd(fd.as_fd()), l, here)? {
+                return Ok(LowerState::Hidden);
+            }
+            cur = Some(fd);
+        }
+        Ok(LowerState::Absent)
     }
-    Ok(names.into_iter().collect())
+
+    /// The winning lower entry for `rel`: its lower index and `lstat`.
+    fn lookup(&self, rel: &[u8]) -> Result<Option<(usize, Stat)>> {
+        for l in 0..self.fds.len() {
+            match self.state(l, rel)? {
+                LowerState::Present(st) => return Ok(Some((l, st))),
+                LowerState::Hidden => return Ok(None),
+                LowerState::Absent => {}
+            }
+        }
+        Ok(None)
+    }
+
+    /// The capability xattr of the lower entry that wins for `rel`.
+    fn cap(&self, rel: &[u8]) -> Result<Option<Vec<u8>>> {
+        let Some((l, _)) = self.lookup(rel)? else {
+            return Ok(None);
+        };
+        let (parent, name) = split_rel(rel);
+        let Some(pfd) = self.open_dir(l, parent)? else {
+            return Ok(None);
+        };
+        let name = cname(name);
+        capability(XattrTarget::At(pfd.as_fd(), &name), &self.paths[l], rel)
+    }
+
+    /// Names the merged lower view has inside directory `rel`.
+    fn children(&self, rel: &[u8]) -> Result<Vec<Vec<u8>>> {
+        let mut names = std::collections::BTreeSet::new();
+        let mut hidden = HashSet::new();
+        for l in 0..self.fds.len() {
+            let st = match self.state(l, rel)? {
+                LowerState::Hidden => break,
+                LowerState::Absent => continue,
+                LowerState::Present(st) => st,
+            };
+            if ftype(&st) != FileType::Directory {
+                break;
+            }
+            let Some(dir) = self.open_dir(l, rel)? else {
+                continue;
+            };
+            let path = || self.paths[l].join(OsStr::from_bytes(rel));
+            for ent in fs::read_dir_sorted(dir.as_fd())
+                .map_err(|e| Error::io("read directory", path(), e))?
+            {
+                let whiteout = match ent.file_type {
+                    FileType::CharacterDevice | FileType::Unknown => {
+                        match fs::stat_at(dir.as_fd(), &ent.name) {
+                            Ok(st) => is_whiteout(&st),
+                            Err(e) if is_absent(&e) => continue,
+                            Err(e) => {
+                                return Err(Error::io(
+                                    "lstat",
+                                    path().join(OsStr::from_bytes(ent.name.as_bytes())),
+                                    e,
+                                ));
+                            }
+                        }
+                    }
+                    _ => false,
+                };
+                let name = ent.name.into_bytes();
+                if whiteout {
+                    hidden.insert(name);
+                } else if !hidden.contains(&name) {
+                    names.insert(name);
+                }
+            }
+            if self.is_opaque(XattrTarget::Fd(dir.as_fd()), l, rel)? {
+                break;
+            }
+        }
+        Ok(names.into_iter().collect())
+    }
 }
 
 /// Lists the changes an overlayfs upper directory holds relative to its lower layers, without
@@ -638,6 +796,10 @@ fn lower_children(lowers: &[PathBuf], rel: &Path, ns: OverlayXattr) -> Result<Ve
 ///   [`crate::export_changes`] of the result reproduces the upper view through ordinary
 ///   whiteouts.
 ///
+/// The upper is walked iteratively through a [`DirStack`] (bounded descriptors, any depth) and
+/// every lower is read below its own descriptor, never following a symlink: a symlink where a
+/// lower has a directory hides what is below, as overlayfs treats it.
+///
 /// Uppers written with `redirect_dir` or `metacopy` cannot be read this way: an entry carrying
 /// `<ns>.overlay.redirect` or `<ns>.overlay.metacopy` is an error, never a wrong answer.
 pub fn changes_from_overlay_upper(
@@ -645,121 +807,171 @@ pub fn changes_from_overlay_upper(
     lowers: &[PathBuf],
     ns: OverlayXattr,
 ) -> Result<Vec<Change>> {
+    let mut fds = Vec::with_capacity(lowers.len());
+    for l in lowers {
+        fds.push(open_root(l)?);
+    }
+    let lw = Lowers {
+        fds,
+        paths: lowers,
+        ns,
+    };
     let mut out = BTreeMap::new();
-    walk_upper(upper, lowers, ns, Path::new(""), false, &mut out)?;
+    let mut stack =
+        DirStack::new(open_root(upper)?).map_err(|e| Error::io("open directory", upper, e))?;
+    let ents =
+        fs::read_dir_sorted(stack.top()).map_err(|e| Error::io("read directory", upper, e))?;
+    let mut frames = vec![UpperFrame {
+        ents,
+        i: 0,
+        forced_add: false,
+        meta_differs: None,
+    }];
+    while let Some(f) = frames.last_mut() {
+        let Some(ent) = f.ents.get_mut(f.i) else {
+            let Some(done) = frames.pop() else { break };
+            if let Some(meta_differs) = done.meta_differs {
+                let rel = stack.rel_path().to_path_buf();
+                if meta_differs || any_below(&out, &rel) {
+                    out.insert(abs(&rel), ChangeKind::Modify);
+                }
+            }
+            if !frames.is_empty() {
+                stack
+                    .pop()
+                    .map_err(|e| Error::io("return to a parent directory in", upper, e))?;
+            }
+            continue;
+        };
+        f.i += 1;
+        let forced_add = f.forced_add;
+        let name = std::mem::take(&mut ent.name);
+        let rel = join_rel(stack.rel(), &name);
+        let relp = Path::new(OsStr::from_bytes(&rel)).to_path_buf();
+        let st = fs::stat_at(stack.top(), &name).map_err(|e| ioerr("lstat", upper, &rel, e))?;
+        let is_dir = ftype(&st) == FileType::Directory;
+        let at = XattrTarget::At(stack.top(), &name);
+        refuse_redirect(at, is_dir, ns, upper, &rel)?;
+        if is_whiteout(&st) {
+            if !forced_add {
+                out.insert(abs(&relp), ChangeKind::Delete);
+            }
+            continue;
+        }
+        let mut enter = |stack: &mut DirStack, forced_add: bool, meta_differs: Option<bool>| {
+            stack
+                .push(&name, Some(&st))
+                .map_err(|e| ioerr("open directory", upper, &rel, e))?;
+            let ents = fs::read_dir_sorted(stack.top())
+                .map_err(|e| ioerr("read directory", upper, &rel, e))?;
+            frames.push(UpperFrame {
+                ents,
+                i: 0,
+                forced_add,
+                meta_differs,
+            });
+            Ok::<(), Error>(())
+        };
+        if forced_add {
+            out.insert(abs(&relp), ChangeKind::Add);
+            if is_dir {
+                enter(&mut stack, true, None)?;
+            }
+            continue;
+        }
+        let lower = lw.lookup(&rel)?;
+        if !is_dir {
+            let kind = if lower.is_some() {
+                ChangeKind::Modify
+            } else {
+                ChangeKind::Add
+            };
+            out.insert(abs(&relp), kind);
+            continue;
+        }
+        let lower_st = match lower {
+            None => {
+                out.insert(abs(&relp), ChangeKind::Add);
+                enter(&mut stack, true, None)?;
+                continue;
+            }
+            Some((_, l)) if ftype(&l) != FileType::Directory => {
+                out.insert(abs(&relp), ChangeKind::Modify);
+                enter(&mut stack, true, None)?;
+                continue;
+            }
+            Some((_, l)) => l,
+        };
+        let opaque = fs::get_xattr(at, &cname(ns.opaque_name().as_bytes()))
+            .map_err(|e| ioerr("read xattr of", upper, &rel, e))?
+            .as_deref()
+            == Some(b"y");
+        if opaque {
+            out.insert(abs(&relp), ChangeKind::Modify);
+            enter(&mut stack, true, None)?;
+            for lname in lw.children(&rel)? {
+                let c = cname(&lname);
+                match fs::stat_at(stack.top(), &c) {
+                    Ok(_) => {}
+                    Err(e) if is_absent(&e) => {
+                        out.insert(
+                            abs(&relp.join(OsStr::from_bytes(&lname))),
+                            ChangeKind::Delete,
+                        );
+                    }
+                    Err(e) => return Err(ioerr("lstat", upper, &join_rel(&rel, &c), e)),
+                }
+            }
+            continue;
+        }
+        #[allow(clippy::unnecessary_cast)]
+        let meta_differs = st.st_mode as u32 != lower_st.st_mode as u32
+            || st.st_uid != lower_st.st_uid
+            || st.st_gid != lower_st.st_gid
+            || capability(at, upper, &rel)? != lw.cap(&rel)?;
+        enter(&mut stack, false, Some(meta_differs))?;
+    }
     Ok(out
         .into_iter()
         .map(|(path, kind)| Change { path, kind })
         .collect())
 }
 
-fn refuse_redirect(full: &Path, md: &std::fs::Metadata, ns: OverlayXattr) -> Result<()> {
+/// One upper directory being walked by [`changes_from_overlay_upper`].
+struct UpperFrame {
+    ents: Vec<DirEntry>,
+    i: usize,
+    /// Everything below is added (an added, retyped or opaque directory).
+    forced_add: bool,
+    /// For a directory present in the lower view: whether its own metadata differs (it is then
+    /// `Modify`, as it is when anything below it changed).
+    meta_differs: Option<bool>,
+}
+
+fn refuse_redirect(
+    t: XattrTarget<'_>,
+    is_dir: bool,
+    ns: OverlayXattr,
+    upper: &Path,
+    rel: &[u8],
+) -> Result<()> {
     for what in ["redirect", "metacopy"] {
         let name = format!("{}{what}", ns.prefix());
-        if (md.is_dir() || what == "metacopy") && get_xattr(full, &name)?.is_some() {
+        if (is_dir || what == "metacopy")
+            && fs::get_xattr(t, &cname(name.as_bytes()))
+                .map_err(|e| ioerr(&format!("read xattr {name} of"), upper, rel, e))?
+                .is_some()
+        {
             return Err(Error::io(
                 format!(
                     "read overlay upper (expected no {name} xattr, found one; redirect_dir and metacopy uppers are not supported)"
                 ),
-                full,
+                upper.join(OsStr::from_bytes(rel)),
                 io::Error::from(io::ErrorKind::Unsupported),
             ));
         }
     }
     Ok(())
-}
-
-/// Walks upper directory `rel`; returns whether anything below it was recorded.
-fn walk_upper(
-    upper: &Path,
-    lowers: &[PathBuf],
-    ns: OverlayXattr,
-    rel: &Path,
-    forced_add: bool,
-    out: &mut BTreeMap<PathBuf, ChangeKind>,
-) -> Result<bool> {
-    let dir = upper.join(rel);
-    let rd = std::fs::read_dir(&dir).map_err(|e| Error::io("read directory", &dir, e))?;
-    let mut ents = Vec::new();
-    for ent in rd {
-        let ent = ent.map_err(|e| Error::io("read directory", &dir, e))?;
-        ents.push(ent.file_name());
-    }
-    ents.sort_unstable_by(|a, b| a.as_bytes().cmp(b.as_bytes()));
-    for name in &ents {
-        let rel_c = rel.join(name);
-        let full = upper.join(&rel_c);
-        let md = std::fs::symlink_metadata(&full).map_err(|e| Error::io("lstat", &full, e))?;
-        refuse_redirect(&full, &md, ns)?;
-        if is_whiteout(&md) {
-            if !forced_add {
-                out.insert(abs(&rel_c), ChangeKind::Delete);
-            }
-            continue;
-        }
-        if forced_add {
-            out.insert(abs(&rel_c), ChangeKind::Add);
-            if md.is_dir() {
-                walk_upper(upper, lowers, ns, &rel_c, true, out)?;
-            }
-            continue;
-        }
-        let lower = lookup_lower(lowers, &rel_c, ns)?;
-        if !md.is_dir() {
-            let kind = if lower.is_some() {
-                ChangeKind::Modify
-            } else {
-                ChangeKind::Add
-            };
-            out.insert(abs(&rel_c), kind);
-            continue;
-        }
-        let lower_dir = match &lower {
-            None => {
-                out.insert(abs(&rel_c), ChangeKind::Add);
-                walk_upper(upper, lowers, ns, &rel_c, true, out)?;
-                continue;
-            }
-            Some(l) if !l.is_dir() => {
-                out.insert(abs(&rel_c), ChangeKind::Modify);
-                walk_upper(upper, lowers, ns, &rel_c, true, out)?;
-                continue;
-            }
-            Some(l) => l,
-        };
-        if is_opaque(&full, ns)? {
-            out.insert(abs(&rel_c), ChangeKind::Modify);
-            walk_upper(upper, lowers, ns, &rel_c, true, out)?;
-            for lname in lower_children(lowers, &rel_c, ns)? {
-                let p = rel_c.join(OsStr::from_bytes(&lname));
-                if lstat_opt(&upper.join(&p))?.is_none() {
-                    out.insert(abs(&p), ChangeKind::Delete);
-                }
-            }
-            continue;
-        }
-        let below = walk_upper(upper, lowers, ns, &rel_c, false, out)?;
-        let meta_differs = md.mode() != lower_dir.mode()
-            || md.uid() != lower_dir.uid()
-            || md.gid() != lower_dir.gid()
-            || get_xattr(&full, CAPABILITY)? != lower_cap(lowers, &rel_c, ns)?;
-        if below || meta_differs {
-            out.insert(abs(&rel_c), ChangeKind::Modify);
-        }
-    }
-    Ok(any_below(out, rel))
-}
-
-/// The capability xattr of the lower entry that wins for `rel`.
-fn lower_cap(lowers: &[PathBuf], rel: &Path, ns: OverlayXattr) -> Result<Option<Vec<u8>>> {
-    for l in lowers {
-        match lower_state(l, rel, ns)? {
-            LowerState::Present(_) => return get_xattr(&l.join(rel), CAPABILITY),
-            LowerState::Hidden => return Ok(None),
-            LowerState::Absent => {}
-        }
-    }
-    Ok(None)
 }
 
 /// Whether anything strictly below `rel` has been recorded.

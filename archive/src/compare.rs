@@ -6,12 +6,17 @@
 //! as a readable line; [`assert_same_tree`] does both for two directories.
 
 use std::collections::{BTreeMap, HashMap};
-use std::fs;
+use std::ffi::{CStr, OsStr, OsString};
+use std::fs as fs_std;
 use std::hash::Hasher;
 use std::io::Read;
-use std::os::unix::fs::MetadataExt;
+use std::os::fd::{AsFd, BorrowedFd};
+use std::os::unix::ffi::{OsStrExt, OsStringExt};
 use std::path::{Path, PathBuf};
 
+use rustix::fs::{FileType, Stat};
+
+use crate::fs::{self, XattrTarget};
 use crate::{Error, Result};
 
 /// What [`differences`] compares.
@@ -141,54 +146,25 @@ impl Snapshot {
 }
 
 /// Records every path below `root` (not following symlinks). Errors name the path that failed.
+///
+/// The tree is read through [`crate::fs`]: one iterative [`fs::walk`] (bounded descriptors and
+/// constant native stack, so trees 10,000 levels deep work), files opened with
+/// [`fs::open_file_checked`], xattrs read without following or opening anything but
+/// directories and regular files.
 pub fn snapshot(root: &Path) -> Result<Snapshot> {
-    let mut entries = BTreeMap::new();
-    let mut inodes: HashMap<(u64, u64), Vec<PathBuf>> = HashMap::new();
-    let mut stack = vec![(root.to_path_buf(), PathBuf::from("/"))];
-    while let Some((abs, rel)) = stack.pop() {
-        let md = fs::symlink_metadata(&abs).map_err(|e| Error::io("lstat", &abs, e))?;
-        let kind = Kind::from(md.file_type());
-        let digest = if kind == Kind::File {
-            Some(digest_file(&abs)?)
-        } else {
-            None
-        };
-        let link_target = if kind == Kind::Symlink {
-            Some(fs::read_link(&abs).map_err(|e| Error::io("readlink", &abs, e))?)
-        } else {
-            None
-        };
-        if kind != Kind::Dir && md.nlink() > 1 {
-            inodes
-                .entry((md.dev(), md.ino()))
-                .or_default()
-                .push(rel.clone());
-        }
-        let info = EntryInfo {
-            kind,
-            mode: md.mode() & 0o7777,
-            uid: md.uid(),
-            gid: md.gid(),
-            size: if matches!(kind, Kind::File | Kind::Symlink) {
-                md.size()
-            } else {
-                0
-            },
-            digest,
-            link_target,
-            rdev: matches!(kind, Kind::Char | Kind::Block).then(|| md.rdev()),
-            hardlink_group: None,
-            xattrs: read_xattrs(&abs)?,
-            mtime: md.mtime(),
-        };
-        entries.insert(rel.clone(), info);
-        if kind == Kind::Dir {
-            for de in fs::read_dir(&abs).map_err(|e| Error::io("readdir", &abs, e))? {
-                let de = de.map_err(|e| Error::io("readdir", &abs, e))?;
-                stack.push((de.path(), rel.join(de.file_name())));
-            }
-        }
-    }
+    let fd = fs::open_root_dir(root).map_err(|e| Error::io("open directory", root, e))?;
+    let mut v = Snap {
+        root,
+        entries: BTreeMap::new(),
+        inodes: HashMap::new(),
+        buf: vec![0u8; 64 * 1024],
+    };
+    fs::walk(fd, root, &mut v)?;
+    let Snap {
+        mut entries,
+        inodes,
+        ..
+    } = v;
     for paths in inodes.into_values() {
         if paths.len() < 2 {
             continue;
@@ -205,17 +181,118 @@ pub fn snapshot(root: &Path) -> Result<Snapshot> {
     Ok(Snapshot { entries })
 }
 
+/// The visitor of [`snapshot`].
+struct Snap<'a> {
+    root: &'a Path,
+    entries: BTreeMap<PathBuf, EntryInfo>,
+    inodes: HashMap<(u64, u64), Vec<PathBuf>>,
+    buf: Vec<u8>,
+}
+
+fn kind_of(st: &Stat) -> Kind {
+    match FileType::from_raw_mode(st.st_mode) {
+        FileType::Directory => Kind::Dir,
+        FileType::Symlink => Kind::Symlink,
+        FileType::RegularFile => Kind::File,
+        FileType::CharacterDevice => Kind::Char,
+        FileType::BlockDevice => Kind::Block,
+        FileType::Fifo => Kind::Fifo,
+        _ => Kind::Socket,
+    }
+}
+
+impl Snap<'_> {
+    fn full(&self, rel: &[u8]) -> PathBuf {
+        self.root.join(OsStr::from_bytes(rel))
+    }
+
+    #[allow(clippy::unnecessary_cast)]
+    fn record(
+        &mut self,
+        rel: &[u8],
+        st: &Stat,
+        xt: XattrTarget<'_>,
+        digest: Option<u128>,
+        link_target: Option<PathBuf>,
+    ) -> Result<()> {
+        let kind = kind_of(st);
+        let mut p = Vec::with_capacity(rel.len() + 1);
+        p.push(b'/');
+        p.extend_from_slice(rel);
+        let path = PathBuf::from(OsString::from_vec(p));
+        if kind != Kind::Dir && st.st_nlink > 1 {
+            self.inodes
+                .entry((st.st_dev as u64, st.st_ino as u64))
+                .or_default()
+                .push(path.clone());
+        }
+        let info = EntryInfo {
+            kind,
+            mode: st.st_mode as u32 & 0o7777,
+            uid: st.st_uid,
+            gid: st.st_gid,
+            size: if matches!(kind, Kind::File | Kind::Symlink) {
+                u64::try_from(st.st_size).unwrap_or(0)
+            } else {
+                0
+            },
+            digest,
+            link_target,
+            rdev: matches!(kind, Kind::Char | Kind::Block).then_some(st.st_rdev as u64),
+            hardlink_group: None,
+            xattrs: read_xattrs(xt, &self.full(rel))?,
+            mtime: st.st_mtime as i64,
+        };
+        self.entries.insert(path, info);
+        Ok(())
+    }
+}
+
+impl fs::Visitor for Snap<'_> {
+    fn entry(&mut self, dir: BorrowedFd<'_>, name: &CStr, rel: &[u8], st: &Stat) -> Result<bool> {
+        match kind_of(st) {
+            // Recorded by `enter`, through its own descriptor.
+            Kind::Dir => Ok(true),
+            Kind::File => {
+                let full = self.full(rel);
+                let mut f = fs::open_file_checked(dir, name, st)
+                    .map_err(|e| Error::io("open", &full, e))?;
+                let digest = digest_file(&mut f, &mut self.buf, &full)?;
+                self.record(rel, st, XattrTarget::Fd(f.as_fd()), Some(digest), None)?;
+                Ok(false)
+            }
+            Kind::Symlink => {
+                let target = fs::readlink_at(dir, name)
+                    .map_err(|e| Error::io("readlink", self.full(rel), e))?;
+                let target = PathBuf::from(OsString::from_vec(target));
+                self.record(rel, st, XattrTarget::At(dir, name), None, Some(target))?;
+                Ok(false)
+            }
+            _ => {
+                self.record(rel, st, XattrTarget::At(dir, name), None, None)?;
+                Ok(false)
+            }
+        }
+    }
+
+    fn enter(&mut self, dir: BorrowedFd<'_>, rel: &[u8], st: &Stat) -> Result<()> {
+        self.record(rel, st, XattrTarget::Fd(dir), None, None)
+    }
+}
+
 /// A 128-bit digest of a file's content: two SipHash runs with different keys.
-fn digest_file(path: &Path) -> Result<u128> {
-    let mut f = fs::File::open(path).map_err(|e| Error::io("open", path, e))?;
+fn digest_file(f: &mut fs_std::File, buf: &mut [u8], path: &Path) -> Result<u128> {
     #[allow(deprecated)]
     let (mut a, mut b) = (
         std::hash::SipHasher::new_with_keys(1, 2),
         std::hash::SipHasher::new_with_keys(3, 4),
     );
-    let mut buf = vec![0u8; 64 * 1024];
     loop {
-        let n = f.read(&mut buf).map_err(|e| Error::io("read", path, e))?;
+        let n = match f.read(buf) {
+            Ok(n) => n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(Error::io("read", path, e)),
+        };
         if n == 0 {
             break;
         }
@@ -225,23 +302,19 @@ fn digest_file(path: &Path) -> Result<u128> {
     Ok((u128::from(a.finish()) << 64) | u128::from(b.finish()))
 }
 
-/// The sorted xattrs of `path` (not followed), without overlayfs' own.
-fn read_xattrs(path: &Path) -> Result<Vec<(String, Vec<u8>)>> {
-    let names = match xattr::list(path) {
-        Ok(n) => n,
-        Err(e) if e.raw_os_error() == Some(libc::EOPNOTSUPP) => return Ok(Vec::new()),
-        Err(e) => return Err(Error::io("listxattr", path, e)),
-    };
+/// The sorted xattrs of an entry, without overlayfs' own.
+fn read_xattrs(t: XattrTarget<'_>, path: &Path) -> Result<Vec<(String, Vec<u8>)>> {
+    let names = fs::list_xattrs(t).map_err(|e| Error::io("listxattr", path, e))?;
     let mut out = Vec::new();
     for name in names {
-        let name = name.to_string_lossy().into_owned();
-        if name.starts_with("trusted.overlay.") || name.starts_with("user.overlay.") {
+        let s = name.to_string_lossy().into_owned();
+        if s.starts_with("trusted.overlay.") || s.starts_with("user.overlay.") {
             continue;
         }
-        let value = xattr::get(path, &name)
-            .map_err(|e| Error::io(format!("getxattr {name}"), path, e))?
+        let value = fs::get_xattr(t, &name)
+            .map_err(|e| Error::io(format!("getxattr {s}"), path, e))?
             .unwrap_or_default();
-        out.push((name, value));
+        out.push((s, value));
     }
     out.sort();
     Ok(out)

@@ -3,21 +3,19 @@
 //! The format is documented on [`tar_tree`], the streaming on [`TarStream`].
 
 use std::collections::{HashMap, HashSet};
-use std::ffi::{CStr, OsStr};
-use std::fs::Metadata;
+use std::ffi::{CStr, CString, OsStr};
 use std::io::{self, Read};
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::os::unix::ffi::{OsStrExt, OsStringExt};
-use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::mpsc::{Receiver, Sender, SyncSender, channel, sync_channel};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 
-use rustix::fs::{AtFlags, Dir, FileType, Mode, OFlags, Stat};
+use rustix::fs::{FileType, SeekFrom, Stat};
 
-use crate::change::{get_xattr, rel_of};
-use crate::compare::Kind;
+use crate::change::rel_of;
+use crate::fs::{self, DirStack, XattrTarget};
 use crate::{Change, ChangeKind, Error, Result, WHITEOUT_OPAQUE, WHITEOUT_PREFIX, WhiteoutFormat};
 
 /// Options for [`tar_tree`], [`export_changes`] and [`crate::untar`].
@@ -43,10 +41,6 @@ const CHUNK: usize = 256 * 1024;
 
 /// Buffers in flight between producer and reader (beyond the one each side is working on).
 const CHANNEL_DEPTH: usize = 4;
-
-/// Directory nesting beyond which the walk stops holding one open descriptor per level and
-/// reopens parents by path instead, so deep trees cannot exhaust the descriptor limit.
-const MAX_HELD_DIR_FDS: usize = 32;
 
 type Skipped = Arc<Mutex<Vec<(PathBuf, String)>>>;
 
@@ -239,15 +233,27 @@ impl Out {
         Ok(())
     }
 
-    /// Reads exactly `size` bytes of `fd` (at its current offset) into the output.
-    fn copy_from(&mut self, fd: BorrowedFd<'_>, size: u64, path: &Path) -> Result<()> {
+    /// Reads exactly `size` bytes of `fd` into the output: at its current offset, or with
+    /// `pread(2)` from `offset`.
+    fn copy_from(
+        &mut self,
+        fd: BorrowedFd<'_>,
+        offset: Option<u64>,
+        size: u64,
+        path: &Path,
+    ) -> Result<()> {
         let mut left = size;
         while left > 0 {
             let room = self
                 .room()
                 .map_err(|e| werr(path.as_os_str().as_bytes(), e))?;
             let want = (left.min(room as u64)) as usize;
-            let n = match rustix::io::read(fd, &mut self.buf[self.fill..self.fill + want]) {
+            let dst = &mut self.buf[self.fill..self.fill + want];
+            let got = match offset {
+                Some(off) => rustix::io::pread(fd, dst, off + (size - left)),
+                None => rustix::io::read(fd, dst),
+            };
+            let n = match got {
                 Ok(0) => {
                     return Err(Error::io(
                         "read",
@@ -331,6 +337,57 @@ enum Data<'a> {
     None,
     /// Read `size` bytes from this descriptor; the path is for error messages.
     Fd(BorrowedFd<'a>, &'a Path),
+    /// A file with holes, written as a PAX 1.0 sparse member: the map, then each data segment
+    /// read from the descriptor at its offset.
+    Sparse(BorrowedFd<'a>, &'a Path, &'a SparseMap),
+}
+
+/// The data segments of a file with holes, as a GNU PAX 1.0 sparse member describes them.
+struct SparseMap {
+    /// The file's size (`GNU.sparse.realsize`).
+    real_size: u64,
+    /// `(offset, length)` of each data segment, ascending and disjoint; a file ending in a
+    /// hole ends with the empty segment `(real_size, 0)`, as GNU tar writes it.
+    segs: Vec<(u64, u64)>,
+}
+
+/// The most data segments an exported sparse map holds; beyond this, the smallest holes are
+/// written as zeros (memory stays bounded, and apply's limit of 2^20 segments is never hit).
+const MAX_EXPORT_SEGMENTS: usize = 1 << 16;
+
+fn decimal_len(n: u64) -> u64 {
+    n.checked_ilog10().map_or(1, |l| u64::from(l) + 1)
+}
+
+impl SparseMap {
+    /// Bytes of the map text (`count\n` then `offset\nlength\n` per segment), unpadded.
+    fn text_len(&self) -> u64 {
+        self.segs
+            .iter()
+            .fold(decimal_len(self.segs.len() as u64) + 1, |t, &(o, l)| {
+                t + decimal_len(o) + decimal_len(l) + 2
+            })
+    }
+
+    /// The member's stored size: the padded map and the data segments.
+    fn stored_size(&self) -> u64 {
+        let text = self.text_len();
+        let data: u64 = self.segs.iter().map(|s| s.1).sum();
+        text + pad_len(text) as u64 + data
+    }
+}
+
+/// `dir/GNUSparseFile.0/base`, the member name GNU tar gives a 1.0 sparse file (readers that
+/// do not know the format extract the raw map and data there, not over the real name).
+fn sparse_header_name(name: &[u8]) -> Vec<u8> {
+    let (parent, base) = match name.iter().rposition(|&b| b == b'/') {
+        Some(i) => (&name[..=i], &name[i + 1..]),
+        None => (&b""[..], name),
+    };
+    let mut p = parent.to_vec();
+    p.extend_from_slice(b"GNUSparseFile.0/");
+    p.extend_from_slice(base);
+    p
 }
 
 impl TarWriter {
@@ -365,10 +422,16 @@ impl TarWriter {
         xattrs: &[(String, Vec<u8>)],
         data: Data<'_>,
     ) -> Result<()> {
+        let sparse = match data {
+            Data::Sparse(_, _, map) => Some(map),
+            _ => None,
+        };
+        let sparse_name = sparse.map(|_| sparse_header_name(name));
+        let hname = sparse_name.as_deref().unwrap_or(name);
         let pax = &mut self.pax;
         pax.clear();
-        if name.len() > 100 {
-            pax_record(pax, b"path", name);
+        if hname.len() > 100 {
+            pax_record(pax, b"path", hname);
         }
         if link.len() > 100 {
             pax_record(pax, b"linkpath", link);
@@ -387,6 +450,18 @@ impl TarWriter {
         }
         for (k, v) in xattrs {
             pax_record(pax, format!("SCHILY.xattr.{k}").as_bytes(), v);
+        }
+        if let Some(map) = sparse {
+            // After any `path`: readers take the last name record, and GNU.sparse.name is
+            // the real one.
+            pax_record(pax, b"GNU.sparse.major", b"1");
+            pax_record(pax, b"GNU.sparse.minor", b"0");
+            pax_record(pax, b"GNU.sparse.name", name);
+            pax_record(
+                pax,
+                b"GNU.sparse.realsize",
+                map.real_size.to_string().as_bytes(),
+            );
         }
         if !pax.is_empty() {
             let mut pname = b"PaxHeaders.0/".to_vec();
@@ -412,16 +487,43 @@ impl TarWriter {
                 .and_then(|()| self.out.zeros(pad_len(self.pax.len() as u64)))
                 .map_err(|e| werr(name, e))?;
         }
-        let mut h = Self::raw_header(name, link, m);
+        let mut h = Self::raw_header(hname, link, m);
         h.set_cksum();
         self.out
             .write_all(h.as_bytes())
             .map_err(|e| werr(name, e))?;
-        if let Data::Fd(fd, path) = data {
-            self.out.copy_from(fd, m.size, path)?;
-            self.out.zeros(pad_len(m.size)).map_err(|e| werr(name, e))?;
+        match data {
+            Data::None => {}
+            Data::Fd(fd, path) => {
+                self.out.copy_from(fd, None, m.size, path)?;
+                self.out.zeros(pad_len(m.size)).map_err(|e| werr(name, e))?;
+            }
+            Data::Sparse(fd, path, map) => {
+                self.sparse_map(map).map_err(|e| werr(name, e))?;
+                for &(off, len) in &map.segs {
+                    self.out.copy_from(fd, Some(off), len, path)?;
+                }
+                self.out.zeros(pad_len(m.size)).map_err(|e| werr(name, e))?;
+            }
         }
         Ok(())
+    }
+
+    /// Writes the 1.0 sparse map (decimal lines) padded to a whole block.
+    fn sparse_map(&mut self, map: &SparseMap) -> io::Result<()> {
+        let mut line = String::new();
+        let mut put = |out: &mut Out, n: u64| {
+            use std::fmt::Write as _;
+            line.clear();
+            let _ = writeln!(line, "{n}");
+            out.write_all(line.as_bytes())
+        };
+        put(&mut self.out, map.segs.len() as u64)?;
+        for &(o, l) in &map.segs {
+            put(&mut self.out, o)?;
+            put(&mut self.out, l)?;
+        }
+        self.out.zeros(pad_len(map.text_len()))
     }
 
     fn finish(&mut self) -> Result<()> {
@@ -439,143 +541,108 @@ fn pad_len(size: u64) -> usize {
     }
 }
 
-/// What the export needs from `lstat`, from either `std` or `rustix`.
-struct Meta {
-    kind: Kind,
-    mode: u32,
-    uid: u32,
-    gid: u32,
-    size: u64,
-    mtime: i64,
-    nlink: u64,
-    dev: u64,
-    ino: u64,
-    rdev: u64,
+fn ftype(st: &Stat) -> FileType {
+    FileType::from_raw_mode(st.st_mode)
 }
 
-impl Meta {
-    fn from_std(md: &Metadata) -> Meta {
-        let kind = Kind::from(md.file_type());
-        Meta {
-            kind,
-            mode: md.mode(),
-            uid: md.uid(),
-            gid: md.gid(),
-            size: md.len(),
-            mtime: md.mtime(),
-            nlink: md.nlink(),
-            dev: md.dev(),
-            ino: md.ino(),
-            rdev: md.rdev(),
-        }
-    }
+#[allow(clippy::unnecessary_cast)]
+fn st_size(st: &Stat) -> u64 {
+    u64::try_from(st.st_size).unwrap_or(0)
+}
 
-    #[allow(clippy::unnecessary_cast, clippy::useless_conversion)]
-    fn from_stat(st: &Stat) -> Meta {
-        let kind = match FileType::from_raw_mode(st.st_mode as _) {
-            FileType::Directory => Kind::Dir,
-            FileType::Symlink => Kind::Symlink,
-            FileType::CharacterDevice => Kind::Char,
-            FileType::BlockDevice => Kind::Block,
-            FileType::Fifo => Kind::Fifo,
-            FileType::Socket => Kind::Socket,
-            _ => Kind::File,
+/// The data layout of the regular file open as `fd` (`lstat` `st`) when it has holes, or `None`
+/// for a dense file (and on filesystems without `SEEK_DATA`/`SEEK_HOLE`, which report one data
+/// segment). Files whose allocated blocks cover their size are not probed at all. Leaves the
+/// file offset at 0.
+#[allow(clippy::unnecessary_cast)]
+fn sparse_layout(fd: BorrowedFd<'_>, st: &Stat) -> io::Result<Option<SparseMap>> {
+    let size = st_size(st);
+    let allocated = u64::try_from(st.st_blocks)
+        .unwrap_or(u64::MAX)
+        .saturating_mul(512);
+    if size == 0 || allocated >= size {
+        return Ok(None);
+    }
+    let res = probe_segments(fd, size);
+    rustix::fs::seek(fd, SeekFrom::Start(0))?;
+    let segs = match res? {
+        Some(s) => s,
+        None => return Ok(None),
+    };
+    Ok(Some(SparseMap {
+        real_size: size,
+        segs,
+    }))
+}
+
+/// The data segments of the first `size` bytes of `fd`, `None` when there is no hole.
+fn probe_segments(fd: BorrowedFd<'_>, size: u64) -> io::Result<Option<Vec<(u64, u64)>>> {
+    let mut segs: Vec<(u64, u64)> = Vec::new();
+    // Holes shorter than this are written as data (only raised past MAX_EXPORT_SEGMENTS).
+    let mut min_hole = 0u64;
+    let mut off = 0u64;
+    while off < size {
+        let data = match rustix::fs::seek(fd, SeekFrom::Data(off)) {
+            Ok(d) => d,
+            // No data after `off`: the rest is a hole.
+            Err(rustix::io::Errno::NXIO) => break,
+            // No SEEK_DATA here: treat the file as dense.
+            Err(rustix::io::Errno::INVAL) => return Ok(None),
+            Err(e) => return Err(e.into()),
         };
-        Meta {
-            kind,
-            mode: st.st_mode as u32,
-            uid: st.st_uid as u32,
-            gid: st.st_gid as u32,
-            size: u64::try_from(st.st_size).unwrap_or(0),
-            mtime: st.st_mtime as i64,
-            nlink: st.st_nlink as u64,
-            dev: st.st_dev as u64,
-            ino: st.st_ino as u64,
-            rdev: st.st_rdev as u64,
+        if data >= size {
+            break;
         }
-    }
-}
-
-/// How to reach an entry's xattrs, link target and contents.
-#[derive(Clone, Copy)]
-enum Access<'a> {
-    /// Only through its full path (not following a final symlink).
-    Path,
-    /// Through its parent directory and name, and, for directories and regular files, an open
-    /// descriptor of the entry itself.
-    At {
-        dir: BorrowedFd<'a>,
-        name: &'a CStr,
-        fd: Option<BorrowedFd<'a>>,
-    },
-}
-
-/// Runs a `*listxattr`/`*getxattr`-style call into a growing buffer.
-fn xattr_call(
-    mut call: impl FnMut(&mut [u8]) -> rustix::io::Result<usize>,
-    mut query: impl FnMut() -> rustix::io::Result<usize>,
-) -> rustix::io::Result<Vec<u8>> {
-    let mut stack = [0u8; 512];
-    match call(&mut stack) {
-        Ok(n) => return Ok(stack[..n].to_vec()),
-        Err(rustix::io::Errno::RANGE) => {}
-        Err(e) => return Err(e),
-    }
-    loop {
-        let want = query()?;
-        let mut v = vec![0u8; want];
-        match call(&mut v) {
-            Ok(n) => {
-                v.truncate(n);
-                return Ok(v);
+        let hole = match rustix::fs::seek(fd, SeekFrom::Hole(data)) {
+            Ok(h) => h.min(size),
+            Err(rustix::io::Errno::NXIO) => size,
+            Err(e) => return Err(e.into()),
+        };
+        if hole <= data {
+            break;
+        }
+        match segs.last_mut() {
+            Some(last) if data - (last.0 + last.1) < min_hole => last.1 = hole - last.0,
+            _ => segs.push((data, hole - data)),
+        }
+        if segs.len() > MAX_EXPORT_SEGMENTS {
+            while segs.len() > MAX_EXPORT_SEGMENTS / 2 {
+                min_hole = min_hole.saturating_mul(2).max(4096);
+                coalesce(&mut segs, min_hole);
             }
-            // It grew in between: ask again.
-            Err(rustix::io::Errno::RANGE) => continue,
-            Err(e) => return Err(e),
         }
+        off = hole;
     }
+    if segs.len() == 1 && segs[0] == (0, size) {
+        return Ok(None);
+    }
+    if segs.last().is_none_or(|&(o, l)| o + l < size) {
+        segs.push((size, 0));
+    }
+    Ok(Some(segs))
 }
 
-/// The NUL-separated xattr names of an entry (empty when the filesystem has none).
-fn list_xattr_names(full: &Path, fd: Option<BorrowedFd<'_>>) -> Result<Vec<u8>> {
-    let res = match fd {
-        Some(fd) => xattr_call(
-            |b| rustix::fs::flistxattr(fd, b),
-            || rustix::fs::flistxattr_query(fd),
-        ),
-        None => xattr_call(
-            |b| rustix::fs::llistxattr(full, b),
-            || rustix::fs::llistxattr_query(full),
-        ),
-    };
-    match res {
-        Ok(v) => Ok(v),
-        Err(rustix::io::Errno::NOTSUP) => Ok(Vec::new()),
-        Err(e) => Err(Error::io("list xattrs of", full, e.into())),
-    }
-}
-
-/// One xattr's value; `None` when it is not set (or cannot be read for lack of support or
-/// permission, as [`get_xattr`] treats it).
-fn read_xattr(full: &Path, fd: Option<BorrowedFd<'_>>, name: &str) -> Result<Option<Vec<u8>>> {
-    let res = match fd {
-        Some(fd) => xattr_call(
-            |b| rustix::fs::fgetxattr(fd, name, b),
-            || rustix::fs::fgetxattr_query(fd, name),
-        ),
-        None => return get_xattr(full, name),
-    };
-    match res {
-        Ok(v) => Ok(Some(v)),
-        Err(rustix::io::Errno::NOTSUP | rustix::io::Errno::NODATA | rustix::io::Errno::PERM) => {
-            Ok(None)
+/// Merges segments separated by holes shorter than `min_hole`.
+fn coalesce(segs: &mut Vec<(u64, u64)>, min_hole: u64) {
+    let mut kept = 0;
+    for i in 0..segs.len() {
+        let (o, l) = segs[i];
+        if kept > 0 {
+            let (po, pl) = segs[kept - 1];
+            if o - (po + pl) < min_hole {
+                segs[kept - 1].1 = o + l - po;
+                continue;
+            }
         }
-        Err(e) => Err(Error::io(format!("read xattr {name} of"), full, e.into())),
+        segs[kept] = (o, l);
+        kept += 1;
     }
+    segs.truncate(kept);
 }
 
 /// State shared by the walk of one export.
 struct Exporter {
+    /// The root as the caller named it, for error messages only: nothing is opened by path.
     root: PathBuf,
     opts: TarOptions,
     /// (dev, ino) → first name written, for hardlink detection.
@@ -621,6 +688,11 @@ impl Exporter {
         }
     }
 
+    /// The full path of `rel`, for error messages.
+    fn full(&self, rel: &[u8]) -> PathBuf {
+        self.root.join(rel_path(rel))
+    }
+
     fn skip(&self, rel: &[u8], why: &str) {
         let mut g = match self.skipped.lock() {
             Ok(g) => g,
@@ -653,21 +725,28 @@ impl Exporter {
         (false, descend)
     }
 
-    fn xattrs(
-        &self,
-        full: &Path,
-        fd: Option<BorrowedFd<'_>>,
-        rel: &[u8],
-    ) -> Result<Vec<(String, Vec<u8>)>> {
-        let names = list_xattr_names(full, fd)?;
+    /// One xattr's value; `None` when it is not set (or cannot be read for lack of support or
+    /// permission).
+    fn read_xattr(&self, t: XattrTarget<'_>, name: &str, rel: &[u8]) -> Result<Option<Vec<u8>>> {
+        let Ok(cname) = CString::new(name) else {
+            return Ok(None);
+        };
+        fs::get_xattr(t, &cname)
+            .map_err(|e| Error::io(format!("read xattr {name} of"), self.full(rel), e))
+    }
+
+    /// The selected xattrs of an entry, sorted by name.
+    fn xattrs(&self, t: XattrTarget<'_>, rel: &[u8]) -> Result<Vec<(String, Vec<u8>)>> {
+        let names =
+            fs::list_xattrs(t).map_err(|e| Error::io("list xattrs of", self.full(rel), e))?;
         let mut out = Vec::new();
-        for n in names.split(|&b| b == 0).filter(|n| !n.is_empty()) {
-            let Ok(s) = std::str::from_utf8(n) else {
+        for n in names {
+            let Ok(s) = std::str::from_utf8(n.to_bytes()) else {
                 self.skip(
                     rel,
                     &format!(
                         "xattr with a non-UTF-8 name {:?} left out",
-                        OsStr::from_bytes(n)
+                        OsStr::from_bytes(n.to_bytes())
                     ),
                 );
                 continue;
@@ -684,7 +763,10 @@ impl Exporter {
                     .iter()
                     .any(|p| s.starts_with(p.as_str()))
             };
-            if wanted && let Some(v) = read_xattr(full, fd, s)? {
+            if wanted
+                && let Some(v) = fs::get_xattr(t, &n)
+                    .map_err(|e| Error::io(format!("read xattr {s} of"), self.full(rel), e))?
+            {
                 out.push((s.to_string(), v));
             }
         }
@@ -692,21 +774,84 @@ impl Exporter {
         Ok(out)
     }
 
-    /// Writes the entry `rel` (full path `full`, metadata `md`), reaching it through `acc`.
-    fn write_entry(
+    fn meta(st: &Stat) -> EntryMeta {
+        #[allow(clippy::unnecessary_cast)]
+        EntryMeta {
+            kind: tar::EntryType::Regular,
+            mode: st.st_mode as u32 & 0o7777,
+            uid: u64::from(st.st_uid),
+            gid: u64::from(st.st_gid),
+            size: 0,
+            mtime: u64::try_from(st.st_mtime).unwrap_or(0),
+            dev: None,
+        }
+    }
+
+    /// Writes the directory `rel` (`lstat` `st`), open as `fd` (checked to be that inode).
+    fn write_dir(
         &mut self,
         w: &mut TarWriter,
+        fd: BorrowedFd<'_>,
         rel: &[u8],
-        full: &Path,
-        md: &Meta,
-        acc: Access<'_>,
+        st: &Stat,
     ) -> Result<()> {
         let ns = self.overlay_ns();
-        if md.kind == Kind::Socket {
+        let t = XattrTarget::Fd(fd);
+        let xattrs = self.xattrs(t, rel)?;
+        if let Some(ns) = ns {
+            let redirect = format!("{}redirect", ns.prefix());
+            if self.read_xattr(t, &redirect, rel)?.is_some() {
+                return Err(Error::io(
+                    format!(
+                        "export overlay upper (expected no {redirect} xattr, found one; redirect_dir uppers are not supported)"
+                    ),
+                    self.full(rel),
+                    io::Error::from(io::ErrorKind::Unsupported),
+                ));
+            }
+        }
+        let mut m = Self::meta(st);
+        let mut name = Vec::with_capacity(rel.len() + 1 + WHITEOUT_OPAQUE.len());
+        name.extend_from_slice(rel);
+        name.push(b'/');
+        m.kind = tar::EntryType::Directory;
+        w.entry(&name, b"", &m, &xattrs, Data::None)?;
+        if let Some(ns) = ns
+            && self.read_xattr(t, ns.opaque_name(), rel)?.as_deref() == Some(b"y")
+        {
+            name.extend_from_slice(WHITEOUT_OPAQUE.as_bytes());
+            w.entry(&name, b"", &EntryMeta::whiteout(), &[], Data::None)?;
+        }
+        Ok(())
+    }
+
+    /// Writes the entry `name` of the directory open as `dir`: `rel` is its path relative to
+    /// the root and `st` its `lstat`. Not for directories ([`Exporter::write_dir`]).
+    ///
+    /// Nothing but a regular file is ever opened, and that one with
+    /// [`fs::open_file_checked`]: if it was swapped for another inode (a device, a FIFO, a
+    /// symlink) since `st` was taken, the export fails instead of reading it.
+    fn write_other(
+        &mut self,
+        w: &mut TarWriter,
+        dir: BorrowedFd<'_>,
+        name: &CStr,
+        rel: &[u8],
+        st: &Stat,
+    ) -> Result<()> {
+        let kind = ftype(st);
+        if kind == FileType::Socket {
             self.skip(rel, "sockets cannot be stored in a tar archive");
             return Ok(());
         }
-        if ns.is_some() && md.kind == Kind::Char && md.rdev == 0 {
+        #[allow(clippy::unnecessary_cast)]
+        let (dev, ino, nlink, rdev) = (
+            st.st_dev as u64,
+            st.st_ino as u64,
+            st.st_nlink as u64,
+            st.st_rdev as u64,
+        );
+        if self.overlay_ns().is_some() && kind == FileType::CharacterDevice && rdev == 0 {
             return w.entry(
                 &whiteout_name(rel),
                 b"",
@@ -715,245 +860,91 @@ impl Exporter {
                 Data::None,
             );
         }
-        let fd = match acc {
-            Access::At { fd, .. } => fd,
-            Access::Path => None,
-        };
-        let mut m = EntryMeta {
-            kind: tar::EntryType::Regular,
-            mode: md.mode & 0o7777,
-            uid: u64::from(md.uid),
-            gid: u64::from(md.gid),
-            size: 0,
-            mtime: u64::try_from(md.mtime).unwrap_or(0),
-            dev: None,
-        };
-        if md.kind == Kind::Dir {
-            let xattrs = self.xattrs(full, fd, rel)?;
-            if let Some(ns) = ns {
-                let redirect = format!("{}redirect", ns.prefix());
-                if read_xattr(full, fd, &redirect)?.is_some() {
-                    return Err(Error::io(
-                        format!(
-                            "export overlay upper (expected no {redirect} xattr, found one; redirect_dir uppers are not supported)"
-                        ),
-                        full,
-                        io::Error::from(io::ErrorKind::Unsupported),
-                    ));
-                }
+        let mut m = Self::meta(st);
+        if nlink > 1 && kind == FileType::RegularFile {
+            if let Some(first) = self.links.get(&(dev, ino)) {
+                let first = first.clone();
+                m.kind = tar::EntryType::Link;
+                return w.entry(rel, &first, &m, &[], Data::None);
             }
-            let mut name = Vec::with_capacity(rel.len() + 1 + WHITEOUT_OPAQUE.len());
-            name.extend_from_slice(rel);
-            name.push(b'/');
-            m.kind = tar::EntryType::Directory;
-            w.entry(&name, b"", &m, &xattrs, Data::None)?;
-            if let Some(ns) = ns
-                && read_xattr(full, fd, ns.opaque_name())?.as_deref() == Some(b"y")
-            {
-                name.extend_from_slice(WHITEOUT_OPAQUE.as_bytes());
-                w.entry(&name, b"", &EntryMeta::whiteout(), &[], Data::None)?;
+            if let Some(target) = self.unchanged.get(&(dev, ino)) {
+                // The first exported name of an inode that also has a name outside the change
+                // list: that name exists unchanged in the parent, so link to it.
+                let target = target.clone();
+                self.links.insert((dev, ino), target.clone());
+                m.kind = tar::EntryType::Link;
+                return w.entry(rel, &target, &m, &[], Data::None);
             }
-            return Ok(());
+            self.links.insert((dev, ino), rel.to_vec());
         }
-        if md.nlink > 1
-            && md.kind == Kind::File
-            && !self.links.contains_key(&(md.dev, md.ino))
-            && let Some(target) = self.unchanged.get(&(md.dev, md.ino))
-        {
-            // The first exported name of an inode that also has a name outside the change
-            // list: that name exists unchanged in the parent, so link to it.
-            let target = target.clone();
-            self.links.insert((md.dev, md.ino), target.clone());
-            m.kind = tar::EntryType::Link;
-            return w.entry(rel, &target, &m, &[], Data::None);
-        }
-        if md.nlink > 1 {
-            match self.links.get(&(md.dev, md.ino)) {
-                Some(first) => {
-                    let first = first.clone();
-                    m.kind = tar::EntryType::Link;
-                    return w.entry(rel, &first, &m, &[], Data::None);
-                }
-                None => {
-                    self.links.insert((md.dev, md.ino), rel.to_vec());
-                }
-            }
-        }
-        match md.kind {
-            Kind::Symlink => {
-                // Hardlink entries carry no xattrs: the first name of the inode has them.
-                let xattrs = self.xattrs(full, None, rel)?;
-                let target = match acc {
-                    Access::At { dir, name, .. } => rustix::fs::readlinkat(dir, name, Vec::new())
-                        .map(|t| t.into_bytes())
-                        .map_err(io::Error::from),
-                    Access::Path => std::fs::read_link(full).map(|t| t.into_os_string().into_vec()),
-                }
-                .map_err(|e| Error::io("readlink", full, e))?;
+        let at = XattrTarget::At(dir, name);
+        match kind {
+            FileType::Symlink => {
+                let xattrs = self.xattrs(at, rel)?;
+                let target = fs::readlink_at(dir, name)
+                    .map_err(|e| Error::io("readlink", self.full(rel), e))?;
                 m.kind = tar::EntryType::Symlink;
                 w.entry(rel, &target, &m, &xattrs, Data::None)
             }
-            Kind::Char | Kind::Block | Kind::Fifo => {
-                let xattrs = self.xattrs(full, None, rel)?;
-                m.kind = match md.kind {
-                    Kind::Char => tar::EntryType::Char,
-                    Kind::Block => tar::EntryType::Block,
+            FileType::CharacterDevice | FileType::BlockDevice | FileType::Fifo => {
+                let xattrs = self.xattrs(at, rel)?;
+                m.kind = match kind {
+                    FileType::CharacterDevice => tar::EntryType::Char,
+                    FileType::BlockDevice => tar::EntryType::Block,
                     _ => tar::EntryType::Fifo,
                 };
-                if md.kind != Kind::Fifo {
-                    m.dev = Some((libc::major(md.rdev), libc::minor(md.rdev)));
+                if kind != FileType::Fifo {
+                    m.dev = Some((libc::major(rdev), libc::minor(rdev)));
                 }
                 w.entry(rel, b"", &m, &xattrs, Data::None)
             }
-            _ => {
-                // A regular file.
-                m.size = md.size;
-                match fd {
-                    Some(fd) => {
-                        let xattrs = self.xattrs(full, Some(fd), rel)?;
-                        w.entry(rel, b"", &m, &xattrs, Data::Fd(fd, full))
+            FileType::RegularFile => {
+                let full = self.full(rel);
+                let f = fs::open_file_checked(dir, name, st)
+                    .map_err(|e| Error::io("open", &full, e))?;
+                let xattrs = self.xattrs(XattrTarget::Fd(f.as_fd()), rel)?;
+                match sparse_layout(f.as_fd(), st).map_err(|e| Error::io("seek", &full, e))? {
+                    Some(map) => {
+                        m.size = map.stored_size();
+                        w.entry(rel, b"", &m, &xattrs, Data::Sparse(f.as_fd(), &full, &map))
                     }
                     None => {
-                        let f = std::fs::OpenOptions::new()
-                            .read(true)
-                            .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK | libc::O_NOCTTY)
-                            .open(full)
-                            .map_err(|e| Error::io("open", full, e))?;
-                        let xattrs = self.xattrs(full, Some(f.as_fd()), rel)?;
-                        w.entry(rel, b"", &m, &xattrs, Data::Fd(f.as_fd(), full))
+                        m.size = st_size(st);
+                        w.entry(rel, b"", &m, &xattrs, Data::Fd(f.as_fd(), &full))
                     }
                 }
             }
+            _ => {
+                self.skip(rel, "unknown file type left out");
+                Ok(())
+            }
         }
     }
+}
 
-    /// Writes the contents of the directory open as `dir`, whose path relative to the root is
-    /// `rel` and whose full path is `full` (both restored on return).
-    fn walk(
-        &mut self,
-        w: &mut TarWriter,
-        dir: OwnedFd,
-        rel: &mut Vec<u8>,
-        full: &mut PathBuf,
-        depth: usize,
-    ) -> Result<()> {
-        // All names first (sorted bytewise), in one arena: (offset, length, type).
-        let mut arena: Vec<u8> = Vec::new();
-        let mut ents: Vec<(usize, usize, FileType)> = Vec::new();
-        let mut rd = Dir::new(dir).map_err(|e| Error::io("read directory", &*full, e.into()))?;
-        while let Some(ent) = rd.read() {
-            let ent = ent.map_err(|e| Error::io("read directory", &*full, e.into()))?;
-            let n = ent.file_name().to_bytes_with_nul();
-            if n == b".\0" || n == b"..\0" {
-                continue;
-            }
-            ents.push((arena.len(), n.len(), ent.file_type()));
-            arena.extend_from_slice(n);
-        }
-        ents.sort_unstable_by(|a, b| arena[a.0..a.0 + a.1].cmp(&arena[b.0..b.0 + b.1]));
-        let mut rd = Some(rd);
-        for &(off, len, ft) in &ents {
-            let name_z = &arena[off..off + len];
-            let name = &name_z[..len - 1];
-            let Ok(cname) = CStr::from_bytes_with_nul(name_z) else {
-                continue;
-            };
-            let rel_len = rel.len();
-            if !rel.is_empty() {
-                rel.push(b'/');
-            }
-            rel.extend_from_slice(name);
-            full.push(OsStr::from_bytes(name));
-            let res = self.walk_child(w, &mut rd, cname, ft, rel, full, depth);
-            full.pop();
-            rel.truncate(rel_len);
-            res?;
-        }
-        Ok(())
-    }
+/// The [`fs::Visitor`] of [`tar_tree`]: directories are written when entered (through their
+/// own descriptor), everything else when listed.
+struct TreeExport<'a> {
+    ex: Exporter,
+    w: &'a mut TarWriter,
+}
 
-    #[allow(clippy::too_many_arguments)]
-    fn walk_child(
-        &mut self,
-        w: &mut TarWriter,
-        rd: &mut Option<Dir>,
-        name: &CStr,
-        ft: FileType,
-        rel: &mut Vec<u8>,
-        full: &mut PathBuf,
-        depth: usize,
-    ) -> Result<()> {
-        let (take, descend) = self.selected(rel_path(rel));
-        if !take && !descend {
-            return Ok(());
+impl fs::Visitor for TreeExport<'_> {
+    fn entry(&mut self, dir: BorrowedFd<'_>, name: &CStr, rel: &[u8], st: &Stat) -> Result<bool> {
+        let (take, descend) = self.ex.selected(rel_path(rel));
+        if ftype(st) == FileType::Directory {
+            // Written by `enter`, once its descriptor is open and checked.
+            return Ok(take || descend);
         }
-        if rd.is_none() {
-            // Deep in the tree the parent was closed while a child was walked: reopen it.
-            let parent = full.parent().unwrap_or(full.as_path()).to_path_buf();
-            let fd = rustix::fs::open(
-                &parent,
-                OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC,
-                Mode::empty(),
-            )
-            .map_err(|e| Error::io("open directory", &parent, e.into()))?;
-            *rd = Some(Dir::new(fd).map_err(|e| Error::io("read directory", &parent, e.into()))?);
-        }
-        let Some(dir) = rd.as_ref() else {
-            return Ok(());
-        };
-        let dirfd = dir
-            .fd()
-            .map_err(|e| Error::io("read directory", &*full, e.into()))?;
-        let open_flags =
-            OFlags::RDONLY | OFlags::NOFOLLOW | OFlags::CLOEXEC | OFlags::NONBLOCK | OFlags::NOCTTY;
-        // Regular files and directories are opened (and then fstat'ed), everything else is
-        // lstat'ed by name: never open a device or FIFO.
-        let opened = match ft {
-            FileType::RegularFile if take => Some(open_flags),
-            FileType::Directory => Some(open_flags | OFlags::DIRECTORY),
-            _ => None,
-        };
-        let (md, fd) = match opened {
-            Some(fl) => {
-                let fd = rustix::fs::openat(dirfd, name, fl, Mode::empty())
-                    .map_err(|e| Error::io("open", &*full, e.into()))?;
-                let st =
-                    rustix::fs::fstat(&fd).map_err(|e| Error::io("fstat", &*full, e.into()))?;
-                (Meta::from_stat(&st), Some(fd))
-            }
-            None => {
-                let st = rustix::fs::statat(dirfd, name, AtFlags::SYMLINK_NOFOLLOW)
-                    .map_err(|e| Error::io("lstat", &*full, e.into()))?;
-                let md = Meta::from_stat(&st);
-                let fd = match md.kind {
-                    Kind::Dir => Some(open_flags | OFlags::DIRECTORY),
-                    Kind::File if take => Some(open_flags),
-                    _ => None,
-                }
-                .map(|fl| {
-                    rustix::fs::openat(dirfd, name, fl, Mode::empty())
-                        .map_err(|e| Error::io("open", &*full, e.into()))
-                })
-                .transpose()?;
-                (md, fd)
-            }
-        };
         if take {
-            let acc = Access::At {
-                dir: dirfd,
-                name,
-                fd: fd.as_ref().map(|f| f.as_fd()),
-            };
-            self.write_entry(w, rel, full, &md, acc)?;
+            self.ex.write_other(self.w, dir, name, rel, st)?;
         }
-        if descend
-            && md.kind == Kind::Dir
-            && let Some(fd) = fd
-        {
-            if depth >= MAX_HELD_DIR_FDS {
-                *rd = None;
-            }
-            self.walk(w, fd, rel, full, depth + 1)?;
+        Ok(false)
+    }
+
+    fn enter(&mut self, dir: BorrowedFd<'_>, rel: &[u8], st: &Stat) -> Result<()> {
+        if !rel.is_empty() && self.ex.selected(rel_path(rel)).0 {
+            self.ex.write_dir(self.w, dir, rel, st)?;
         }
         Ok(())
     }
@@ -965,13 +956,14 @@ impl Exporter {
 pub(crate) struct LinkCounts(HashMap<(u64, u64), (u64, u64)>);
 
 impl LinkCounts {
-    /// Counts one (distinct) listed name with metadata `md`; only regular files with more than
-    /// one link are recorded.
-    pub(crate) fn add(&mut self, md: &Metadata) {
-        if md.file_type().is_file() && md.nlink() > 1 {
+    /// Counts one (distinct) listed name whose `lstat` is `st`; only regular files with more
+    /// than one link are recorded.
+    #[allow(clippy::unnecessary_cast)]
+    pub(crate) fn add(&mut self, st: &Stat) {
+        if ftype(st) == FileType::RegularFile && st.st_nlink > 1 {
             self.0
-                .entry((md.dev(), md.ino()))
-                .or_insert((0, md.nlink()))
+                .entry((st.st_dev as u64, st.st_ino as u64))
+                .or_insert((0, st.st_nlink as u64))
                 .0 += 1;
         }
     }
@@ -986,12 +978,105 @@ impl LinkCounts {
     }
 }
 
+/// Reaches listed paths below a root one after another, moving a [`DirStack`] from the parent
+/// of one path to the parent of the next: a sorted list costs one `openat` per directory
+/// entered, whatever its depth, and no path is ever resolved from the root as a whole.
+pub(crate) struct ListCursor {
+    stack: DirStack,
+    /// The root as the caller named it, for error messages only.
+    root: PathBuf,
+}
+
+impl ListCursor {
+    /// A cursor at `root`, opened as the caller's own path.
+    pub(crate) fn open(root: &Path) -> Result<ListCursor> {
+        let fd = fs::open_root_dir(root).map_err(|e| Error::io("open directory", root, e))?;
+        Self::new(fd, root)
+    }
+
+    fn new(fd: OwnedFd, root: &Path) -> Result<ListCursor> {
+        Ok(ListCursor {
+            stack: DirStack::new(fd).map_err(|e| Error::io("open directory", root, e))?,
+            root: root.to_path_buf(),
+        })
+    }
+
+    /// Opens the parent directories of `rel` (a non-empty path of normal components relative
+    /// to the root) one at a time, never following a symlink, and returns the parent's
+    /// descriptor with the last component's name.
+    ///
+    /// The stack first returns to the deepest directory it holds that is an ancestor of `rel`
+    /// (compared as bytes with the stack's own path), then descends: the work is proportional to
+    /// the distance between consecutive paths, not to their depth.
+    pub(crate) fn reach(&mut self, rel: &Path) -> Result<(BorrowedFd<'_>, CString)> {
+        let root = &self.root;
+        let bad = |what: &str| {
+            Error::io(
+                format!("read listed path ({what})"),
+                root.join(rel),
+                io::Error::from_raw_os_error(libc::EINVAL),
+            )
+        };
+        if rel.is_absolute() {
+            return Err(bad("expected a path below the root"));
+        }
+        let (Some(last), Some(parent)) = (rel.file_name(), rel.parent()) else {
+            return Err(bad("expected a path below the root"));
+        };
+        let last = CString::new(last.as_bytes()).map_err(|_| bad("NUL byte in a name"))?;
+        let parent = parent.as_os_str().as_bytes();
+        loop {
+            let s = self.stack.rel();
+            if s.is_empty()
+                || (parent.starts_with(s) && parent.get(s.len()).is_none_or(|&b| b == b'/'))
+            {
+                break;
+            }
+            self.stack.pop().map_err(|e| {
+                Error::io(
+                    "return to the parent of",
+                    self.root.join(self.stack.rel_path()),
+                    e,
+                )
+            })?;
+        }
+        let rest = &parent[self.stack.rel().len()..];
+        for c in rest.split(|&b| b == b'/') {
+            match c {
+                b"" | b"." => continue,
+                b".." => return Err(bad("expected a path below the root")),
+                _ => {}
+            }
+            let name = CString::new(c).map_err(|_| bad("NUL byte in a name"))?;
+            self.stack.push(&name, None).map_err(|e| {
+                Error::io(
+                    "open directory",
+                    self.root
+                        .join(self.stack.rel_path())
+                        .join(OsStr::from_bytes(c)),
+                    e,
+                )
+            })?;
+        }
+        Ok((self.stack.top(), last))
+    }
+
+    /// `lstat` of the listed path `rel`.
+    pub(crate) fn stat(&mut self, rel: &Path) -> Result<Stat> {
+        let (dir, name) = self.reach(rel)?;
+        match fs::stat_at(dir, &name) {
+            Ok(st) => Ok(st),
+            Err(e) => Err(Error::io("lstat", self.root.join(rel), e)),
+        }
+    }
+}
+
 /// For each inode in `want`, the bytewise-smallest name (relative to `root`) of a regular file
 /// under `root` that is that inode and that neither `changes` nor an `Add`/`Delete` of one of its
 /// ancestors touches, so it exists unchanged in the parent the changes were taken against.
 ///
-/// One walk of the whole tree, not following symlinks, run only when `want` is not empty;
-/// memory is one name per wanted inode plus the names of the directories being walked.
+/// One [`fs::walk`] of the whole tree, not following symlinks, run only when `want` is not
+/// empty; memory is one name per wanted inode plus the names of the directories being walked.
 pub(crate) fn names_outside(
     root: &Path,
     changes: &[Change],
@@ -1005,25 +1090,18 @@ pub(crate) fn names_outside(
         .iter()
         .map(|c| (rel_of(&c.path).into_os_string().into_vec(), c.kind))
         .collect();
-    let dir = rustix::fs::open(
-        root,
-        OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC,
-        Mode::empty(),
-    )
-    .map_err(|e| Error::io("open directory", root, e.into()))?;
+    let dir = fs::open_root_dir(root).map_err(|e| Error::io("open directory", root, e))?;
     let mut scan = Scan {
-        root,
         listed: &listed,
         want,
         found: &mut found,
     };
-    scan.dir(dir, &mut Vec::new(), 0)?;
+    fs::walk(dir, root, &mut scan)?;
     Ok(found)
 }
 
 /// The walk of [`names_outside`].
 struct Scan<'a> {
-    root: &'a Path,
     listed: &'a HashMap<Vec<u8>, ChangeKind>,
     want: &'a HashSet<(u64, u64)>,
     found: &'a mut HashMap<(u64, u64), Vec<u8>>,
@@ -1046,93 +1124,35 @@ impl Scan<'_> {
                 )
             })
     }
+}
 
-    fn dir(&mut self, dir: OwnedFd, rel: &mut Vec<u8>, depth: usize) -> Result<()> {
-        let full = || self.root.join(rel_path(rel));
-        let mut subdirs: Vec<u8> = Vec::new();
-        let mut rd = Dir::new(dir).map_err(|e| Error::io("read directory", full(), e.into()))?;
-        while let Some(ent) = rd.read() {
-            let ent = ent.map_err(|e| Error::io("read directory", full(), e.into()))?;
-            let name = ent.file_name();
-            let nb = name.to_bytes();
-            if nb == b"." || nb == b".." {
-                continue;
-            }
-            let mut ft = ent.file_type();
-            if ft == FileType::Unknown || ft == FileType::RegularFile {
-                let dirfd = rd
-                    .fd()
-                    .map_err(|e| Error::io("read directory", full(), e.into()))?;
-                let st =
-                    rustix::fs::statat(dirfd, name, AtFlags::SYMLINK_NOFOLLOW).map_err(|e| {
-                        Error::io("lstat", full().join(OsStr::from_bytes(nb)), e.into())
-                    })?;
-                let md = Meta::from_stat(&st);
-                ft = match md.kind {
-                    Kind::Dir => FileType::Directory,
-                    Kind::File => FileType::RegularFile,
-                    _ => FileType::Unknown,
-                };
-                let key = (md.dev, md.ino);
-                if md.kind == Kind::File && md.nlink > 1 && self.want.contains(&key) {
-                    let mut r = rel.clone();
-                    if !r.is_empty() {
-                        r.push(b'/');
-                    }
-                    r.extend_from_slice(nb);
-                    let better = self.found.get(&key).is_none_or(|cur| r < *cur);
-                    if better && self.unchanged(&r) {
-                        self.found.insert(key, r);
-                    }
-                }
-            }
-            if ft == FileType::Directory {
-                subdirs.extend_from_slice(name.to_bytes_with_nul());
+impl fs::Visitor for Scan<'_> {
+    #[allow(clippy::unnecessary_cast)]
+    fn entry(&mut self, _: BorrowedFd<'_>, _: &CStr, rel: &[u8], st: &Stat) -> Result<bool> {
+        let key = (st.st_dev as u64, st.st_ino as u64);
+        if ftype(st) == FileType::RegularFile && st.st_nlink > 1 && self.want.contains(&key) {
+            let better = self.found.get(&key).is_none_or(|cur| rel < cur.as_slice());
+            if better && self.unchanged(rel) {
+                self.found.insert(key, rel.to_vec());
             }
         }
-        // Deep in the tree, stop holding this level's descriptor: reopen by path instead.
-        let held = if depth < MAX_HELD_DIR_FDS {
-            Some(rd)
-        } else {
-            drop(rd);
-            None
-        };
-        for name_z in subdirs.split_inclusive(|&b| b == 0) {
-            let Ok(cname) = CStr::from_bytes_with_nul(name_z) else {
-                continue;
-            };
-            let rel_len = rel.len();
-            if !rel.is_empty() {
-                rel.push(b'/');
-            }
-            rel.extend_from_slice(cname.to_bytes());
-            let fl = OFlags::RDONLY | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC;
-            let opened = match &held {
-                Some(rd) => rd
-                    .fd()
-                    .and_then(|d| rustix::fs::openat(d, cname, fl, Mode::empty())),
-                None => rustix::fs::open(self.root.join(rel_path(rel)), fl, Mode::empty()),
-            };
-            let res = opened
-                .map_err(|e| Error::io("open directory", self.root.join(rel_path(rel)), e.into()))
-                .and_then(|fd| self.dir(fd, rel, depth + 1));
-            rel.truncate(rel_len);
-            res?;
-        }
-        Ok(())
+        Ok(true)
     }
 }
 
-fn check_root(root: &Path) -> Result<PathBuf> {
-    let md = std::fs::metadata(root).map_err(|e| Error::io("stat", root, e))?;
-    if !md.is_dir() {
-        return Err(Error::io(
-            "export (expected a directory, found another file type)",
-            root,
-            io::Error::from_raw_os_error(libc::ENOTDIR),
-        ));
-    }
-    Ok(root.to_path_buf())
+/// Opens the caller's `root` for an export, failing up front when it is not a directory.
+fn open_export_root(root: &Path) -> Result<OwnedFd> {
+    fs::open_root_dir(root).map_err(|e| {
+        if e.raw_os_error() == Some(libc::ENOTDIR) {
+            Error::io(
+                "export (expected a directory, found another file type)",
+                root,
+                e,
+            )
+        } else {
+            Error::io("open directory", root, e)
+        }
+    })
 }
 
 /// Streams the whole tree under `root` (not the root itself) as a PAX layer tar.
@@ -1151,23 +1171,38 @@ fn check_root(root: &Path) -> Result<PathBuf> {
 /// Devices and FIFOs are exported; sockets cannot be and are left out, listed by
 /// [`TarStream::skipped`].
 ///
+/// **Sparse files**: a regular file with holes (fewer allocated blocks than its size, and
+/// `SEEK_DATA`/`SEEK_HOLE` finding a hole) is written as a GNU PAX 1.0 sparse member: records
+/// `GNU.sparse.major=1`, `GNU.sparse.minor=0`, `GNU.sparse.name` (the real name) and
+/// `GNU.sparse.realsize`, the member named `<dir>/GNUSparseFile.0/<name>`, its data the map
+/// (decimal lines: count, then offset and length of each data segment, padded to 512 bytes)
+/// followed by the data segments only. GNU tar, Go's `archive/tar` and [`crate::apply_layer`]
+/// restore the holes. A file without holes is written as a plain member, so trees without holes
+/// export byte for byte as before. Maps are kept to at most 65,536 segments (the shortest holes
+/// are then written as zeros).
+///
+/// **Reading a tree that changes**: the tree is read through [`crate::fs`] only (one
+/// [`fs::walk`], every name relative to its parent's descriptor, no symlink followed, a bounded
+/// number of descriptors and constant native stack at any depth). Regular files are opened with
+/// [`fs::open_file_checked`] and read only when they are still the inode the listing saw;
+/// devices, FIFOs and symlinks are never opened (their xattrs are read through the parent). An
+/// entry swapped in the meantime (a directory for a symlink, a file for a device or FIFO) fails
+/// the stream with an error naming it; host files are never read.
+///
 /// `opts` selects paths, xattrs and — with [`WhiteoutFormat::Overlay`] — converts an overlay
 /// upper's whiteouts (char device 0/0 → empty `.wh.<name>`, opaque directory → the directory followed by
 /// `<dir>/.wh..wh..opq`; overlay xattrs are never written). Fails up front when `root` is not a
 /// readable directory; later failures surface as read errors of the stream.
 pub fn tar_tree(root: &Path, opts: &TarOptions) -> Result<TarStream> {
-    let root = check_root(root)?;
+    let fd = open_export_root(root)?;
+    let root = root.to_path_buf();
     let opts = opts.clone();
     Ok(TarStream::spawn(move |w, skipped| {
-        let dir = rustix::fs::open(
-            &root,
-            OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC,
-            Mode::empty(),
-        )
-        .map_err(|e| Error::io("open directory", &root, e.into()))?;
-        let mut full = root.clone();
-        let mut ex = Exporter::new(root, opts, skipped);
-        ex.walk(w, dir, &mut Vec::new(), &mut full, 0)
+        let mut v = TreeExport {
+            ex: Exporter::new(root.clone(), opts, skipped),
+            w,
+        };
+        fs::walk(fd, &root, &mut v)
     }))
 }
 
@@ -1177,6 +1212,12 @@ pub fn tar_tree(root: &Path, opts: &TarOptions) -> Result<TarStream> {
 /// contents: its changed children are in the list themselves); a `Delete` becomes an empty
 /// `.wh.<name>` entry in its parent directory. Entries follow the order of `changes` after
 /// sorting them by path, so a list from [`crate::changes`] is written as is.
+///
+/// Each listed path is reached component by component from `root`'s descriptor (a
+/// [`DirStack`] moved from one parent directory to the next, never following a symlink), and
+/// read as [`tar_tree`] reads entries: a path whose parent became a symlink, or a file swapped
+/// for another inode, fails the stream; lists of any depth work with bounded descriptors.
+/// Sparse files are written as [`tar_tree`] describes.
 ///
 /// Hardlinks: the 2nd and later exported names of an inode link to the first. The first
 /// exported name of a regular file with more links than exported names is instead written as a
@@ -1192,21 +1233,23 @@ pub fn tar_tree(root: &Path, opts: &TarOptions) -> Result<TarStream> {
 /// `opts.include`/`exclude` filter the list; `opts.whiteout_format` applies as in
 /// [`tar_tree`].
 pub fn export_changes(root: &Path, changes: &[Change], opts: &TarOptions) -> Result<TarStream> {
-    let root = check_root(root)?;
+    let fd = open_export_root(root)?;
+    let root = root.to_path_buf();
     let opts = opts.clone();
     let mut list: Vec<Change> = changes.to_vec();
     list.sort();
     list.dedup_by(|a, b| a.path == b.path);
     Ok(TarStream::spawn(move |w, skipped| {
-        let mut ex = Exporter::new(root, opts, skipped);
+        let mut ex = Exporter::new(root.clone(), opts, skipped);
+        let mut cur = ListCursor::new(fd, &root)?;
         // Whether names outside the list were looked for (once, on the first inode that needs it).
         let mut scanned = ex.overlay_ns().is_some();
         for c in &list {
-            let rel = rel_of(&c.path);
-            if rel.as_os_str().is_empty() || !ex.selected(&rel).0 {
+            let relp = rel_of(&c.path);
+            if relp.as_os_str().is_empty() || !ex.selected(&relp).0 {
                 continue;
             }
-            let rel = rel.as_os_str().as_bytes();
+            let rel = relp.as_os_str().as_bytes();
             if c.kind == ChangeKind::Delete {
                 w.entry(
                     &whiteout_name(rel),
@@ -1217,15 +1260,18 @@ pub fn export_changes(root: &Path, changes: &[Change], opts: &TarOptions) -> Res
                 )?;
                 continue;
             }
-            let full = ex.root.join(rel_path(rel));
-            let md = std::fs::symlink_metadata(&full).map_err(|e| Error::io("lstat", &full, e))?;
+            let st = cur.stat(&relp)?;
+            #[allow(clippy::unnecessary_cast)]
+            let key = (st.st_dev as u64, st.st_ino as u64);
             if !scanned
-                && md.file_type().is_file()
-                && md.nlink() > 1
-                && !ex.links.contains_key(&(md.dev(), md.ino()))
+                && ftype(&st) == FileType::RegularFile
+                && st.st_nlink > 1
+                && !ex.links.contains_key(&key)
             {
                 scanned = true;
                 let mut counts = LinkCounts::default();
+                // A second cursor: `cur` stays where it is.
+                let mut other = ListCursor::open(&root)?;
                 for c in &list {
                     let r = rel_of(&c.path);
                     if c.kind == ChangeKind::Delete
@@ -1234,13 +1280,18 @@ pub fn export_changes(root: &Path, changes: &[Change], opts: &TarOptions) -> Res
                     {
                         continue;
                     }
-                    let p = ex.root.join(&r);
-                    let m = std::fs::symlink_metadata(&p).map_err(|e| Error::io("lstat", &p, e))?;
-                    counts.add(&m);
+                    counts.add(&other.stat(&r)?);
                 }
-                ex.unchanged = names_outside(&ex.root, &list, &counts.wanted())?;
+                ex.unchanged = names_outside(&root, &list, &counts.wanted())?;
             }
-            ex.write_entry(w, rel, &full, &Meta::from_std(&md), Access::Path)?;
+            let (dir, name) = cur.reach(&relp)?;
+            if ftype(&st) == FileType::Directory {
+                let d = fs::open_dir_checked(dir, &name, &st)
+                    .map_err(|e| Error::io("open directory", ex.full(rel), e))?;
+                ex.write_dir(w, d.as_fd(), rel, &st)?;
+            } else {
+                ex.write_other(w, dir, &name, rel, &st)?;
+            }
         }
         Ok(())
     }))
@@ -1279,11 +1330,11 @@ mod tests {
     }
 
     /// A tree deeper than the number of directory descriptors the walk holds: every level is
-    /// exported, in order, with its contents (the walk reopens parents by path past the limit).
+    /// exported, in order, with its contents (the walk reopens parents through `..` past the limit).
     #[test]
     fn deep_tree_is_exported_completely_and_in_order() {
         let t = tempfile::tempdir().unwrap();
-        let levels = MAX_HELD_DIR_FDS * 3;
+        let levels = crate::fs::MAX_HELD_FDS * 3;
         let mut rel = PathBuf::new();
         for i in 0..levels {
             rel.push("d");

@@ -83,16 +83,28 @@ impl DirStack {
     /// With `expected`, the opened directory must be the inode it describes (from an earlier
     /// `lstat`), otherwise [`super::changed_during_walk`]; a symlink is refused either way.
     pub fn push(&mut self, name: &CStr, expected: Option<&Stat>) -> io::Result<()> {
-        let fd = match expected {
-            Some(st) => open_dir_checked(self.top(), name, st)?,
-            None => open_dir_at(self.top(), name)?,
-        };
-        self.push_fd(fd, name)
+        match expected {
+            // Checked against `st` already: no second `fstat`.
+            Some(st) => {
+                let fd = open_dir_checked(self.top(), name, st)?;
+                self.push_known(fd, name, st.st_dev, st.st_ino);
+                Ok(())
+            }
+            None => {
+                let fd = open_dir_at(self.top(), name)?;
+                self.push_fd(fd, name)
+            }
+        }
     }
 
     /// Makes `fd`, an already open child directory `name` of the top, the top.
     pub fn push_fd(&mut self, fd: OwnedFd, name: &CStr) -> io::Result<()> {
         let st = rustix::fs::fstat(&fd)?;
+        self.push_known(fd, name, st.st_dev, st.st_ino);
+        Ok(())
+    }
+
+    fn push_known(&mut self, fd: OwnedFd, name: &CStr, dev: u64, ino: u64) {
         let rel_len = self.rel.len();
         if !self.rel.is_empty() {
             self.rel.push(b'/');
@@ -100,15 +112,14 @@ impl DirStack {
         self.rel.extend_from_slice(name.to_bytes());
         self.frames.push(Frame {
             fd: Some(fd),
-            dev: st.st_dev,
-            ino: st.st_ino,
+            dev,
+            ino,
             rel_len,
         });
         let n = self.frames.len();
         if n > MAX_HELD_FDS {
             self.frames[n - 1 - MAX_HELD_FDS].fd = None;
         }
-        Ok(())
     }
 
     /// Leaves the top directory and returns its descriptor; the parent becomes the top

@@ -131,13 +131,15 @@ fn checked_opens_refuse_what_the_listing_did_not_see() {
     assert!(e.to_string().contains("found symlink"), "{e}");
 
     // The directory becomes a symlink to a host directory, then another directory.
-    fs::remove_dir(t.path().join("d")).unwrap();
+    fs::rename(t.path().join("d"), t.path().join("kept")).unwrap();
     symlink(outside.path(), t.path().join("d")).unwrap();
     let e = open_dir_checked(root.as_fd(), c"d", &st_d).unwrap_err();
     assert!(e.to_string().contains("found symlink"), "{e}");
     fs::remove_file(t.path().join("d")).unwrap();
+    // Moved into place, not removed and recreated: a new directory could reuse the old inode
+    // number, and the listing's `d` (kept alive above as "kept") must differ from it.
     fs::create_dir(t.path().join("other")).unwrap();
-    fs::create_dir(t.path().join("d")).unwrap();
+    fs::rename(t.path().join("other"), t.path().join("d")).unwrap();
     let e = open_dir_checked(root.as_fd(), c"d", &st_d).unwrap_err();
     assert!(e.to_string().contains("changed while being read"), "{e}");
 }

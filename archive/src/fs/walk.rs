@@ -19,6 +19,15 @@ pub trait Visitor {
     /// entries follow, then [`leave`](Visitor::leave)); the value is ignored for other types.
     fn entry(&mut self, dir: BorrowedFd<'_>, name: &CStr, rel: &[u8], st: &Stat) -> Result<bool>;
 
+    /// The directory `rel` (empty for the root), whose `lstat` is `st`, has just been opened as
+    /// `dir` (checked to be the inode the listing saw) and its entries come next. Called for the
+    /// root first and for each directory [`entry`](Visitor::entry) asked to walk into; `dir` is
+    /// the descriptor to read the directory's own xattrs through.
+    fn enter(&mut self, dir: BorrowedFd<'_>, rel: &[u8], st: &Stat) -> Result<()> {
+        let _ = (dir, rel, st);
+        Ok(())
+    }
+
     /// Every entry of the directory open as `dir` (path `rel`, empty for the root, `lstat`
     /// `st` as given to [`entry`](Visitor::entry)) has been visited. Called for each directory
     /// walked into, and last for the root.
@@ -55,6 +64,7 @@ pub fn walk(root: OwnedFd, display_root: &Path, v: &mut impl Visitor) -> Result<
     let root_stat =
         rustix::fs::fstat(&root).map_err(|e| io_err("stat", display_root, b"", e.into()))?;
     let mut stack = DirStack::new(root).map_err(|e| io_err("open", display_root, b"", e))?;
+    v.enter(stack.top(), b"", &root_stat)?;
     let entries =
         read_dir_sorted(stack.top()).map_err(|e| io_err("read directory", display_root, b"", e))?;
     let mut levels = vec![Level {
@@ -67,7 +77,7 @@ pub fn walk(root: OwnedFd, display_root: &Path, v: &mut impl Visitor) -> Result<
         let Some(level) = levels.last_mut() else {
             return Ok(());
         };
-        let Some(ent) = level.entries.get(level.next) else {
+        let Some(ent) = level.entries.get_mut(level.next) else {
             // This directory is done.
             let Some(done) = levels.pop() else {
                 return Ok(());
@@ -82,7 +92,8 @@ pub fn walk(root: OwnedFd, display_root: &Path, v: &mut impl Visitor) -> Result<
             continue;
         };
         level.next += 1;
-        let name = ent.name.clone();
+        // Each name is visited once: take it instead of copying it.
+        let name = std::mem::take(&mut ent.name);
         rel.clear();
         rel.extend_from_slice(stack.rel());
         if !rel.is_empty() {
@@ -95,6 +106,7 @@ pub fn walk(root: OwnedFd, display_root: &Path, v: &mut impl Visitor) -> Result<
             stack
                 .push(&name, Some(&st))
                 .map_err(|e| io_err("open directory", display_root, &rel, e))?;
+            v.enter(stack.top(), &rel, &st)?;
             let entries = read_dir_sorted(stack.top())
                 .map_err(|e| io_err("read directory", display_root, &rel, e))?;
             levels.push(Level {
