@@ -13,6 +13,7 @@ mod util;
 mod bad_input;
 mod cli;
 mod e2e;
+mod hostile;
 mod import;
 mod import_confined;
 mod safety;
