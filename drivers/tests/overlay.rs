@@ -304,3 +304,31 @@ fn hardlink_limit_falls_back_to_copies() {
     assert_eq!(fs::read_to_string(&g).unwrap(), "shared");
     fs::remove_dir_all(&scratch).unwrap();
 }
+
+/// A `lower-id` replaced by a symlink to a host file (which holds a valid-looking id) is
+/// refused by name when the layer is mounted or gets a child; the host file is never read.
+#[test]
+fn a_planted_lower_id_symlink_is_not_read_through() {
+    if !root_or_skip("a_planted_lower_id_symlink_is_not_read_through") {
+        return;
+    }
+    let t = tempfile::tempdir().unwrap();
+    let d = overlay(t.path());
+    stack(&d, t.path());
+    let host = t.path().join("host-id");
+    fs::write(&host, "base").unwrap();
+    let lower_id = d.inner().layer_dir(&id("ctr")).join("lower-id");
+    fs::remove_file(&lower_id).unwrap();
+    std::os::unix::fs::symlink(&host, &lower_id).unwrap();
+    let e = d.get(&id("ctr"), &MountOpts::default()).unwrap_err();
+    assert!(e.to_string().contains("lower-id"), "{e}");
+    assert!(e.to_string().contains("symlink"), "{e}");
+    let e = d
+        .create_read_write(&id("ctr2"), Some(&id("ctr")))
+        .unwrap_err();
+    assert!(e.to_string().contains("lower-id"), "{e}");
+    assert_eq!(
+        mounts_at(&d.inner().layer_dir(&id("ctr")).join("merged")),
+        0
+    );
+}

@@ -299,7 +299,6 @@ impl Overlay {
             let Some(p) = parent else {
                 return mkdir(&dir.join(ROOT), 0o755);
             };
-            let pdir = self.store.layer_dir(p);
             if let Some(proot) = self.store.layer_subdir(p, ROOT)? {
                 let meta = fs::symlink_metadata(&proot).ctx("stat", &proot)?;
                 mkdir(&dir.join(UPPER), meta.mode() & 0o7777)?;
@@ -315,10 +314,8 @@ impl Overlay {
                 .ctx("write", &dir.join(LOWER_ID))?;
             } else {
                 // A layer on an overlay layer: inherit its lower and a copy of its upper.
-                let lower =
-                    fs::read_to_string(pdir.join(LOWER_ID)).ctx("read", &pdir.join(LOWER_ID))?;
-                LayerId::new(lower.trim())?;
-                fs::write(dir.join(LOWER_ID), lower.trim()).ctx("write", &dir.join(LOWER_ID))?;
+                let lower = self.read_lower_id(p)?;
+                fs::write(dir.join(LOWER_ID), lower.as_str()).ctx("write", &dir.join(LOWER_ID))?;
                 copy_tree(&self.subdir(p, UPPER)?, &dir.join(UPPER), CopyMode::Content)?;
             }
             mkdir(&dir.join(WORK), 0o700)?;
@@ -326,10 +323,18 @@ impl Overlay {
         })
     }
 
-    fn lower_root(&self, dir: &Path) -> Result<PathBuf> {
-        let path = dir.join(LOWER_ID);
-        let lower = fs::read_to_string(&path).ctx("read", &path)?;
-        let lower = LayerId::new(lower.trim())?;
+    /// The id recorded in layer `id`'s `lower-id`, read without following a symlink.
+    fn read_lower_id(&self, id: &LayerId) -> Result<LayerId> {
+        let path = self.store.layer_dir(id).join(LOWER_ID);
+        let text = self
+            .store
+            .read_layer_file(id, LOWER_ID)?
+            .ok_or_else(|| Error::io("read", &path, io::Error::from(io::ErrorKind::NotFound)))?;
+        LayerId::new(text.trim())
+    }
+
+    fn lower_root(&self, id: &LayerId) -> Result<PathBuf> {
+        let lower = self.read_lower_id(id)?;
         self.subdir(&lower, ROOT)
     }
 
@@ -349,7 +354,7 @@ impl Overlay {
         // A mount left behind by a killed reader (its reference died with it) must not stay
         // stacked under ours: nobody can get the layer while it is being applied.
         Self::unmount_if_mounted(&merged)?;
-        let lower = self.lower_root(dir)?;
+        let lower = self.lower_root(id)?;
         let data = self.mount_data(&lower, dir, &MountOpts::default(), true);
         mountinfo::mount_with_flags("overlay", &merged, "overlay", self.mount_flags(true), &data)?;
         // Declared after `guard`, so it unmounts before a failed guard discards the layer.
@@ -534,7 +539,7 @@ impl ProtoDriver for Overlay {
                 });
             }
         }
-        let lower = self.lower_root(&dir)?;
+        let lower = self.lower_root(id)?;
         let data = self.mount_data(&lower, &dir, opts, true);
         if data.len() >= MAX_MOUNT_DATA {
             return Err(Error::Mount {

@@ -324,6 +324,24 @@ impl LayerStore {
         }
     }
 
+    /// The small text file `name` (one component) of layer `id`, a driver's own record such as
+    /// overlay's `lower-id`, read without following a symlink: `None` if absent, an error naming
+    /// the path if it is anything but a regular file (a planted link is never read through).
+    pub fn read_layer_file(&self, id: &LayerId, name: &str) -> Result<Option<String>> {
+        let path = self.layer_dir(id).join(name);
+        if name.is_empty() || name.contains('/') || name == "." || name == ".." {
+            return Err(Error::io(
+                "read layer file",
+                &path,
+                io::Error::new(io::ErrorKind::InvalidInput, "expected a single name"),
+            ));
+        }
+        let layer = self
+            .layer_fd(id)?
+            .ok_or_else(|| Error::NotFound(id.clone()))?;
+        nofollow::read_small(layer.as_fd(), name, &path)
+    }
+
     /// Layer `id`'s directory, opened without following a symlink; `None` if absent.
     fn layer_fd(&self, id: &LayerId) -> Result<Option<OwnedFd>> {
         open_dir_opt(self.fd(), id.as_str(), &self.layer_dir(id))
