@@ -1289,9 +1289,10 @@ fn lsetxattr_at(
     .map_err(io::Error::from)
 }
 
-/// The most bytes read after a tar's end-of-archive marker (padding to a record size, which
-/// GNU tar makes at most 10 KiB); a stream with more is refused rather than read forever.
-pub const MAX_TRAILING: u64 = 1 << 20;
+/// The most bytes read after a tar's end-of-archive marker: far more than any record padding
+/// (GNU tar pads to 10 KiB; some writers pad to megabytes), far less than forever. A stream with
+/// more is refused rather than read without end.
+pub const MAX_TRAILING: u64 = 64 << 20;
 
 /// Removes `name` in `parent` with everything below it ([`crate::fs::remove_tree_at`]: never
 /// following a link, any depth, bounded descriptors); a missing `name` is fine here (a
