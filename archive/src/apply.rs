@@ -48,7 +48,7 @@ mod reader;
 pub(crate) use header::checksum_matches as header_checksum_matches;
 mod resolve;
 
-use std::collections::{BTreeSet, HashSet};
+use std::collections::{BTreeSet, HashMap, HashSet};
 use std::ffi::{CString, OsStr};
 use std::fs::File;
 use std::hash::{BuildHasher, RandomState};
@@ -1159,16 +1159,41 @@ impl PathSet {
 
 /// Directory mtimes recorded during the apply, front-coded (each path stored as the length it
 /// shares with the previous one plus the rest), so a deep tree costs a few bytes per directory.
-#[derive(Default)]
+/// A directory met again (a layer may repeat an entry any number of times) updates its record
+/// instead of adding one: memory follows the number of distinct directories, not the length
+/// of the stream.
 struct DirTimes {
     /// The last path pushed.
     last: Vec<u8>,
     /// (bytes shared with the previous path, the rest, mtime).
     items: Vec<(usize, Box<[u8]>, Timespec)>,
+    /// Keyed hashes of the paths pushed (see [`PathSet`]) → their index in `items`.
+    seen: PathSet,
+    index: HashMap<u128, usize>,
+}
+
+impl Default for DirTimes {
+    fn default() -> Self {
+        DirTimes {
+            last: Vec::new(),
+            items: Vec::new(),
+            seen: PathSet::new(),
+            index: HashMap::new(),
+        }
+    }
 }
 
 impl DirTimes {
     fn push(&mut self, rel: &Path, mtime: Timespec) {
+        let key = self.seen.key(rel);
+        if let Some(&i) = self.index.get(&key) {
+            // The last metadata of a repeated entry wins; its place in the order stays.
+            if let Some(item) = self.items.get_mut(i) {
+                item.2 = mtime;
+            }
+            return;
+        }
+        self.index.insert(key, self.items.len());
         let bytes = rel.as_os_str().as_bytes();
         // Most directories extend the previous one (a memcmp); others share a short prefix.
         let shared = if bytes.starts_with(&self.last) {
@@ -1309,6 +1334,33 @@ fn remove_tree_at(parent: BorrowedFd<'_>, name: &OsStr) -> io::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A directory entry repeated any number of times (a 136 KB zstd layer once took 997 MB
+    /// this way) keeps one record, with the last metadata, in its first place in the order.
+    #[test]
+    fn repeated_directories_keep_one_time_record_each() {
+        let mut t = DirTimes::default();
+        let ts = |s| Timespec {
+            tv_sec: s,
+            tv_nsec: 0,
+        };
+        for i in 0..200_000 {
+            t.push(Path::new("a"), ts(i));
+            t.push(Path::new("a/b"), ts(-i));
+        }
+        t.push(Path::new("c"), ts(7));
+        assert_eq!(t.items.len(), 3);
+        let mut got = Vec::new();
+        t.for_each(|p, m| got.push((p.to_path_buf(), m.tv_sec)));
+        assert_eq!(
+            got,
+            [
+                (PathBuf::from("a"), 199_999),
+                (PathBuf::from("a/b"), -199_999),
+                (PathBuf::from("c"), 7)
+            ]
+        );
+    }
 
     #[test]
     fn normalize_strips_and_refuses() {

@@ -285,7 +285,8 @@ struct EntryMeta {
     uid: u64,
     gid: u64,
     size: u64,
-    mtime: u64,
+    /// Whole seconds; negative before 1970 (written as a PAX `mtime` record, as Go does).
+    mtime: i64,
     dev: Option<(u32, u32)>,
 }
 
@@ -404,7 +405,7 @@ impl TarWriter {
         h.set_uid(m.uid.min(OCTAL7));
         h.set_gid(m.gid.min(OCTAL7));
         h.set_size(if m.size > OCTAL11 { 0 } else { m.size });
-        h.set_mtime(m.mtime.min(OCTAL11));
+        h.set_mtime(u64::try_from(m.mtime).unwrap_or(0).min(OCTAL11));
         if let Some((ma, mi)) = m.dev {
             let _ = h.set_device_major(ma);
             let _ = h.set_device_minor(mi);
@@ -445,7 +446,7 @@ impl TarWriter {
         if m.size > OCTAL11 {
             pax_record(pax, b"size", m.size.to_string().as_bytes());
         }
-        if m.mtime > OCTAL11 {
+        if !(0..=OCTAL11 as i64).contains(&m.mtime) {
             pax_record(pax, b"mtime", m.mtime.to_string().as_bytes());
         }
         for (k, v) in xattrs {
@@ -782,7 +783,7 @@ impl Exporter {
             uid: u64::from(st.st_uid),
             gid: u64::from(st.st_gid),
             size: 0,
-            mtime: u64::try_from(st.st_mtime).unwrap_or(0),
+            mtime: st.st_mtime,
             dev: None,
         }
     }

@@ -325,3 +325,44 @@ fn an_endless_stream_after_the_end_marker_is_refused_not_read_forever() {
     res.unwrap();
     assert_eq!(read(t.path(), "f"), b"x");
 }
+
+/// Export writes what the reader reads back: a pre-1970 mtime becomes a PAX `mtime` record
+/// (as Go writes it), which our apply and GNU tar both restore; it was exported as 1970-01-01.
+#[test]
+fn pre_1970_mtimes_survive_export() {
+    let src = tempfile::tempdir().unwrap();
+    fs::write(src.path().join("old"), b"o").unwrap();
+    let t = filetime::FileTime::from_unix_time(-86_400 * 365, 0);
+    filetime::set_file_mtime(src.path().join("old"), t).unwrap();
+    let mut tar = Vec::new();
+    std::io::Read::read_to_end(
+        &mut archive::tar_tree(src.path(), &archive::TarOptions::default()).unwrap(),
+        &mut tar,
+    )
+    .unwrap();
+    let (ours, res) = apply(&tar);
+    res.unwrap();
+    assert_eq!(
+        fs::metadata(ours.path().join("old")).unwrap().mtime(),
+        -86_400 * 365
+    );
+    let gnu = tempfile::tempdir().unwrap();
+    let st = std::process::Command::new("tar")
+        .arg("-xf")
+        .arg("-")
+        .arg("-C")
+        .arg(gnu.path())
+        .stdin(std::process::Stdio::piped())
+        .spawn()
+        .and_then(|mut c| {
+            std::io::Write::write_all(c.stdin.as_mut().unwrap(), &tar)?;
+            drop(c.stdin.take());
+            c.wait()
+        })
+        .unwrap();
+    assert!(st.success());
+    assert_eq!(
+        fs::metadata(gnu.path().join("old")).unwrap().mtime(),
+        -86_400 * 365
+    );
+}
