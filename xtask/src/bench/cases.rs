@@ -393,6 +393,10 @@ impl Bench {
                     self.case_rss()?;
                     continue;
                 }
+                "rss-entries" => {
+                    self.case_rss_entries()?;
+                    continue;
+                }
                 other => bail!("unknown case {other}"),
             };
             self.record(name.to_string(), r)?;
@@ -927,6 +931,74 @@ impl Bench {
                     ..RssResult::default()
                 },
             });
+        }
+        Ok(())
+    }
+
+    /// Peak RSS of the confined apply against GNU tar for layers of many entries (10k, 300k
+    /// and 1M empty files; 1M directory entries repeating two paths): memory must follow the
+    /// layer's shape, not its length (issue 13, issue 20).
+    fn case_rss_entries(&mut self) -> Result<()> {
+        let counts: &[usize] = if self.quick {
+            &[10_000, 100_000]
+        } else {
+            &[10_000, 300_000, 1_000_000]
+        };
+        let mut layers: Vec<(String, usize, corpus::EntriesShape)> = counts
+            .iter()
+            .map(|&n| (format!("{n} files"), n, corpus::EntriesShape::Files))
+            .collect();
+        let repeats = *counts.last().unwrap_or(&10_000);
+        layers.push((
+            format!("{repeats} repeated directory entries"),
+            repeats,
+            corpus::EntriesShape::RepeatedDirs,
+        ));
+        for (what, count, shape) in layers {
+            check_interrupted()?;
+            let tar = self.ctx.fresh(&format!("entries-{count}-{shape:?}.tar"));
+            if let Err(e) = corpus::generate_entries_tar(&tar, count, shape) {
+                self.rss.push(RssResult {
+                    name: format!("layer of {what}"),
+                    error: Some(format!("{e:#}")),
+                    ..RssResult::default()
+                });
+                continue;
+            }
+            let bytes = fs::metadata(&tar).map(|m| m.len()).unwrap_or(0);
+            for (op, label) in [
+                ("apply", "chrootarchive::apply_layer"),
+                ("gnu-apply", "GNU tar -x (reference)"),
+            ] {
+                check_interrupted()?;
+                eprintln!("bench: rss: {label}, {what}");
+                let dest = self.ctx.fresh(&format!("rss-entries-{op}"));
+                let r = (|| -> Result<child::ChildOut> {
+                    fs::create_dir(&dest)?;
+                    self.ctx.settle()?;
+                    child::spawn(op, &tar, &dest)
+                })();
+                remove_tree(&dest)?;
+                let name = format!("apply, {what}: {label}");
+                self.rss.push(match r {
+                    Ok(c) => RssResult {
+                        name,
+                        bytes,
+                        secs: c.secs,
+                        peak_rss_kib: c.self_hwm_kib.max(c.children_maxrss_kib),
+                        self_hwm_kib: c.self_hwm_kib,
+                        children_maxrss_kib: c.children_maxrss_kib,
+                        error: None,
+                    },
+                    Err(e) => RssResult {
+                        name,
+                        bytes,
+                        error: Some(format!("{e:#}")),
+                        ..RssResult::default()
+                    },
+                });
+            }
+            fs::remove_file(&tar)?;
         }
         Ok(())
     }

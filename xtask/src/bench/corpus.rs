@@ -14,7 +14,7 @@
 //!   directory, 64 random bytes each), for the DiffN / DiffApplyN cases.
 
 use std::fs::{self, File, OpenOptions};
-use std::io::Write;
+use std::io::{self, Write};
 use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime};
@@ -241,6 +241,52 @@ pub fn generate_big(path: &Path, size: u64, seed: u64) -> Result<()> {
         left -= n as u64;
     }
     f.set_modified(mtime())?;
+    Ok(())
+}
+
+/// The shape of a many-entry layer for the memory rows of `cargo xtask bench`.
+#[derive(Clone, Copy, Debug)]
+pub enum EntriesShape {
+    /// `count` empty files, 1,000 to a directory.
+    Files,
+    /// `count` directory entries alternating between two paths (`a/`, `b/`): what a layer that
+    /// repeats entries looks like to the applier.
+    RepeatedDirs,
+}
+
+/// Writes a layer tar of `count` entries of `shape` to `path`, streamed (bounded memory).
+pub fn generate_entries_tar(path: &Path, count: usize, shape: EntriesShape) -> Result<()> {
+    let f = File::create(path).with_context(|| format!("creating {}", path.display()))?;
+    let mut b = tar::Builder::new(io::BufWriter::with_capacity(1 << 20, f));
+    let header = |kind: tar::EntryType, mode: u32, mtime: u64| {
+        let mut h = tar::Header::new_ustar();
+        h.set_entry_type(kind);
+        h.set_mode(mode);
+        h.set_size(0);
+        h.set_mtime(mtime);
+        h.set_uid(0);
+        h.set_gid(0);
+        h
+    };
+    for i in 0..count {
+        match shape {
+            EntriesShape::Files => {
+                let dir = format!("d{:04}", i / 1000);
+                if i % 1000 == 0 {
+                    let mut h = header(tar::EntryType::Directory, 0o755, 1_700_000_000);
+                    b.append_data(&mut h, format!("{dir}/"), io::empty())?;
+                }
+                let mut h = header(tar::EntryType::Regular, 0o644, 1_700_000_000);
+                b.append_data(&mut h, format!("{dir}/f{i:07}"), io::empty())?;
+            }
+            EntriesShape::RepeatedDirs => {
+                let name = if i % 2 == 0 { "a/" } else { "b/" };
+                let mut h = header(tar::EntryType::Directory, 0o755, i as u64);
+                b.append_data(&mut h, name, io::empty())?;
+            }
+        }
+    }
+    b.into_inner()?.flush()?;
     Ok(())
 }
 

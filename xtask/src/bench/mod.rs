@@ -47,7 +47,7 @@ pub struct Args {
     #[arg(long, value_enum, default_value_t = FsKind::Ext4)]
     pub fs: FsKind,
     /// Run only these cases (comma-separated): apply, apply-unconfined, overlay-apply,
-    /// hardlink-copy, export, changes, deep-read, diff-n, diff-apply, rss.
+    /// hardlink-copy, export, changes, deep-read, diff-n, diff-apply, rss, rss-entries.
     #[arg(long, value_delimiter = ',')]
     pub only: Vec<String>,
     /// Where report.md and report.json go (and the scratch image, while running).
@@ -79,6 +79,7 @@ pub const CASES: &[&str] = &[
     "diff-n",
     "diff-apply",
     "rss",
+    "rss-entries",
 ];
 
 /// The workspace root (the parent of `xtask/`).
