@@ -299,7 +299,7 @@ impl Report {
         if !self.rss.is_empty() {
             let _ = writeln!(
                 o,
-                "\nPeak RSS on the big single-file layer (each in a fresh child process; goal < 64 MiB for ours):\n"
+                "\nPeak RSS, the big single-file layer and layers of many entries (each in a fresh child process; goal < 64 MiB for ours):\n"
             );
             let _ = writeln!(
                 o,
