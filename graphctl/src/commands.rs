@@ -359,24 +359,10 @@ impl FileId {
     }
 }
 
-/// A short name for a file type, for errors.
-fn type_name(ft: std::fs::FileType) -> &'static str {
-    use std::os::unix::fs::FileTypeExt;
-    if ft.is_dir() {
-        "a directory"
-    } else if ft.is_symlink() {
-        "a symbolic link"
-    } else if ft.is_char_device() {
-        "a character device"
-    } else if ft.is_block_device() {
-        "a block device"
-    } else if ft.is_fifo() {
-        "a FIFO"
-    } else if ft.is_socket() {
-        "a socket"
-    } else {
-        "not a regular file"
-    }
+/// What the file of `meta` is, for errors ("a symlink", "a FIFO", …).
+fn type_name(meta: &std::fs::Metadata) -> &'static str {
+    use std::os::unix::fs::MetadataExt;
+    archive::fs::describe(archive::fs::FileType::from_raw_mode(meta.mode()))
 }
 
 /// Opens the `diff -o` output file.
@@ -416,7 +402,7 @@ fn open_output(path: &Path) -> Result<(File, Option<FileId>)> {
     let before =
         std::fs::symlink_metadata(path).with_context(|| format!("stat {}", path.display()))?;
     if !before.file_type().is_file() {
-        return Err(refuse(type_name(before.file_type())));
+        return Err(refuse(type_name(&before)));
     }
     // O_NONBLOCK: should the path turn into a FIFO after the check, the open does not wait.
     let f = std::fs::OpenOptions::new()
@@ -428,7 +414,7 @@ fn open_output(path: &Path) -> Result<(File, Option<FileId>)> {
         .metadata()
         .with_context(|| format!("stat {}", path.display()))?;
     if !meta.file_type().is_file() {
-        return Err(refuse(type_name(meta.file_type())));
+        return Err(refuse(type_name(&meta)));
     }
     if FileId::of(&meta) != FileId::of(&before) {
         bail!(

@@ -174,7 +174,7 @@ fn diff_output_refuses_fifos_symlinks_and_directories() {
     fs::create_dir(&dir).unwrap();
     for (path, what) in [
         (&fifo, "a FIFO"),
-        (&link, "a symbolic link"),
+        (&link, "a symlink"),
         (&dir, "a directory"),
     ] {
         let msg = s.err(&["diff", "l1", "-o", path.to_str().unwrap()]);

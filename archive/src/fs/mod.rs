@@ -42,7 +42,7 @@ mod xattr;
 
 pub use dirs::{DirEntry, read_dir_sorted, readlink_at, stat_at};
 pub use open::{
-    changed_during_walk, open_beneath, open_dir_at, open_dir_checked, open_file_checked,
+    changed_during_walk, describe, open_beneath, open_dir_at, open_dir_checked, open_file_checked,
     open_root_dir, openat2_supported, same_inode,
 };
 pub use remove::{remove_tree, remove_tree_at};

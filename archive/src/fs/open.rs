@@ -39,9 +39,9 @@ pub fn openat2_supported() -> bool {
 #[cold]
 pub fn changed_during_walk(expected: FileType, found: FileType) -> io::Error {
     io::Error::other(format!(
-        "changed while being read (expected the {} that was listed, found {})",
-        type_name(expected),
-        type_name(found)
+        "changed while being read (listed as {}, found {})",
+        describe(expected),
+        describe(found)
     ))
 }
 
@@ -52,16 +52,17 @@ pub(crate) fn moved_during_walk() -> io::Error {
     io::Error::other("a directory was moved while the tree was being read")
 }
 
-fn type_name(ft: FileType) -> &'static str {
+/// What a file of type `ft` is called in messages: "a regular file", "a symlink", …
+pub fn describe(ft: FileType) -> &'static str {
     match ft {
-        FileType::RegularFile => "regular file",
-        FileType::Directory => "directory",
-        FileType::Symlink => "symlink",
-        FileType::Fifo => "FIFO",
-        FileType::Socket => "socket",
-        FileType::CharacterDevice => "character device",
-        FileType::BlockDevice => "block device",
-        FileType::Unknown => "unknown file type",
+        FileType::RegularFile => "a regular file",
+        FileType::Directory => "a directory",
+        FileType::Symlink => "a symlink",
+        FileType::Fifo => "a FIFO",
+        FileType::Socket => "a socket",
+        FileType::CharacterDevice => "a character device",
+        FileType::BlockDevice => "a block device",
+        FileType::Unknown => "a file of unknown type",
     }
 }
 

@@ -128,13 +128,13 @@ fn checked_opens_refuse_what_the_listing_did_not_see() {
     fs::write(outside.path().join("f"), "host").unwrap();
     symlink(outside.path().join("f"), t.path().join("f")).unwrap();
     let e = open_file_checked(root.as_fd(), c"f", &st_f).unwrap_err();
-    assert!(e.to_string().contains("found symlink"), "{e}");
+    assert!(e.to_string().contains("found a symlink"), "{e}");
 
     // The directory becomes a symlink to a host directory, then another directory.
     fs::rename(t.path().join("d"), t.path().join("kept")).unwrap();
     symlink(outside.path(), t.path().join("d")).unwrap();
     let e = open_dir_checked(root.as_fd(), c"d", &st_d).unwrap_err();
-    assert!(e.to_string().contains("found symlink"), "{e}");
+    assert!(e.to_string().contains("found a symlink"), "{e}");
     fs::remove_file(t.path().join("d")).unwrap();
     // Moved into place, not removed and recreated: a new directory could reuse the old inode
     // number, and the listing's `d` (kept alive above as "kept") must differ from it.

@@ -55,19 +55,6 @@ pub struct Opened {
     pub len: u64,
 }
 
-fn kind(t: FileType) -> &'static str {
-    match t {
-        FileType::RegularFile => "a regular file",
-        FileType::Directory => "a directory",
-        FileType::Symlink => "a symlink",
-        FileType::Fifo => "a FIFO",
-        FileType::Socket => "a socket",
-        FileType::CharacterDevice => "a character device",
-        FileType::BlockDevice => "a block device",
-        FileType::Unknown => "a file of unknown type",
-    }
-}
-
 impl Source {
     /// Opens the image at `path` (a directory or a tar file; the caller's own argument).
     pub fn new(path: &Path) -> Result<Source> {
@@ -189,7 +176,7 @@ fn open_in_dir(root: BorrowedFd<'_>, name: &str) -> Result<File> {
                 if t != FileType::RegularFile {
                     bail!(
                         "{cur} in the image: expected a regular file, found {}",
-                        kind(t)
+                        archive::fs::describe(t)
                     );
                 }
                 return Ok(File::from(fd));
@@ -265,7 +252,7 @@ fn follow_inside(root: BorrowedFd<'_>, path: &str) -> Result<Option<String>> {
             }
             t if i + 1 < parts.len() => bail!(
                 "{here} in the image: expected a directory, found {}",
-                kind(t)
+                archive::fs::describe(t)
             ),
             _ => return Ok(None),
         }

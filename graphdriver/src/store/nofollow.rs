@@ -18,20 +18,6 @@ use crate::{Error, Result};
 /// The longest bookkeeping file the store reads (a parent id, a count).
 const MAX_SMALL_FILE: u64 = 4096;
 
-/// What a file of type `t` is called in messages.
-fn kind(t: FileType) -> &'static str {
-    match t {
-        FileType::RegularFile => "a regular file",
-        FileType::Directory => "a directory",
-        FileType::Symlink => "a symlink",
-        FileType::Fifo => "a FIFO",
-        FileType::Socket => "a socket",
-        FileType::CharacterDevice => "a character device",
-        FileType::BlockDevice => "a block device",
-        FileType::Unknown => "a file of unknown type",
-    }
-}
-
 /// An [`Error::Io`] on `path` saying what was expected and what was found there.
 pub(super) fn unexpected(op: &str, path: &Path, expected: &str, found: FileType) -> Error {
     Error::io(
@@ -39,7 +25,10 @@ pub(super) fn unexpected(op: &str, path: &Path, expected: &str, found: FileType)
         path,
         io::Error::new(
             io::ErrorKind::InvalidData,
-            format!("expected {expected}, found {}", kind(found)),
+            format!(
+                "expected {expected}, found {}",
+                archive::fs::describe(found)
+            ),
         ),
     )
 }
