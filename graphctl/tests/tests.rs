@@ -16,5 +16,6 @@ mod e2e;
 mod hostile;
 mod import;
 mod import_confined;
+mod one_driver;
 mod safety;
 mod store_trust;

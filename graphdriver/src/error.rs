@@ -142,6 +142,17 @@ pub enum Error {
         /// The drivers with non-empty homes.
         drivers: Vec<String>,
     },
+    /// The driver named by the user (`--driver`, `GRAPHDRIVER` or `driver =` in the config) is
+    /// not the one whose layers are under the root; one root holds one driver's layers.
+    #[error("{} holds layers of driver {}, not of the requested driver {requested}; use driver {} with this root (or drop --driver, GRAPHDRIVER and `driver =`), or give driver {requested} a root of its own", root.display(), found.join(", "), found.join(" or "))]
+    DriverMismatch {
+        /// The storage root.
+        root: PathBuf,
+        /// The driver the user named.
+        requested: String,
+        /// The drivers whose layers are under the root.
+        found: Vec<String>,
+    },
     /// The driver that owns the existing layers under the root cannot be used now; selection
     /// refuses to silently switch to another one.
     #[error("{} holds layers of driver {driver}, which cannot be used now ({reason}); refusing to switch drivers under existing layers", root.display())]

@@ -3,7 +3,11 @@
 //! The order, as in moby and containers-storage:
 //!
 //! 1. **A name given by the user** (`driver =` in the config, `GRAPHDRIVER`, `--driver`). Any
-//!    init error, "not supported" included, is returned as it is.
+//!    init error, "not supported" included, is returned as it is. One root holds the layers of
+//!    one driver: a name that differs from the driver whose layers are already under the root is
+//!    refused with [`Error::DriverMismatch`] naming both and the root (like podman's "database
+//!    configuration mismatch"), instead of silently starting a second, empty store beside them.
+//!    A root that holds no layers ([`prior_state`] is empty) accepts any driver.
 //! 2. **Prior state**: a driver whose home `<root>/<name>` already holds layers. Two such homes
 //!    is an error asking the user to choose; a prior driver that cannot start now is an error too
 //!    — selection never silently switches drivers under existing layers.
@@ -17,7 +21,7 @@ use std::os::unix::fs::DirBuilderExt;
 use std::path::{Path, PathBuf};
 
 use crate::error::IoContext;
-use crate::{Config, Driver, Error, Result, lookup, registered};
+use crate::{Config, Driver, Error, LayerId, Result, lookup, registered};
 
 /// How the driver was chosen.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -56,13 +60,24 @@ impl std::fmt::Debug for Selected {
 }
 
 /// Opens the driver `config` selects (see the module docs for the order).
+///
+/// A driver named in `config` is refused with [`Error::DriverMismatch`] (before its home is
+/// created) when the root holds layers of other drivers and none of its own; when the root holds
+/// layers of several drivers, naming one of them chooses it.
 pub fn open(config: &Config) -> Result<Selected> {
     ensure_dir(&config.root, 0o711)?;
+    let prior = prior_state(&config.root)?;
     if let Some(name) = &config.driver {
+        if !prior.is_empty() && !prior.contains(name) {
+            return Err(Error::DriverMismatch {
+                root: config.root.clone(),
+                requested: name.clone(),
+                found: prior,
+            });
+        }
         let driver = init(config, name)?;
         return Ok(selected(config, name, driver, SelectedBy::Name, Vec::new()));
     }
-    let prior = prior_state(&config.root)?;
     match prior.as_slice() {
         [] => {}
         [name] => {
@@ -141,8 +156,11 @@ fn init(config: &Config, name: &str) -> Result<Box<dyn Driver>> {
     (reg.init)(&home, &config.options_for(name))
 }
 
-/// The registered drivers whose home under `root` holds at least one layer (an entry whose name
-/// does not start with `.`), sorted.
+/// The registered drivers whose home under `root` holds at least one layer, sorted.
+///
+/// A layer is a directory (not followed through a symlink) whose name is a valid layer id. An
+/// empty home left behind, or one holding only the store's bookkeeping (`.lock`, `.staging/`,
+/// `.mounts/`, all dot-named) or stray files, holds no layers.
 pub fn prior_state(root: &Path) -> Result<Vec<String>> {
     let mut found = Vec::new();
     for name in registered() {
@@ -162,7 +180,14 @@ pub fn prior_state(root: &Path) -> Result<Vec<String>> {
         let mut has_layers = false;
         for entry in entries {
             let entry = entry.ctx("read directory", &home)?;
-            if !entry.file_name().to_string_lossy().starts_with('.') {
+            let Some(name) = entry.file_name().to_str().map(str::to_owned) else {
+                continue;
+            };
+            if LayerId::new(name).is_err() {
+                continue;
+            }
+            // `file_type` does not follow a symlink: a link is not a layer.
+            if entry.file_type().ctx("stat", &entry.path())?.is_dir() {
                 has_layers = true;
                 break;
             }

@@ -141,11 +141,9 @@ fn prior_state_beats_priority_and_an_empty_home_does_not_count() {
 #[test]
 fn two_prior_states_ask_the_user_to_choose() {
     let dir = tempfile::tempdir().unwrap();
+    // Left by an older version that let a second driver start beside the first one.
     for name in ["t-alpha", "t-beta"] {
-        let mut c = config(dir.path(), &[]);
-        c.driver = Some(name.into());
-        let s = graphdriver::open(&c).unwrap();
-        s.driver.create(&LayerId::new("l").unwrap(), None).unwrap();
+        std::fs::create_dir_all(dir.path().join(name).join("l")).unwrap();
     }
     let err = graphdriver::open(&config(dir.path(), &["t-alpha"])).unwrap_err();
     let msg = err.to_string();
@@ -154,6 +152,95 @@ fn two_prior_states_ask_the_user_to_choose() {
         msg.contains("t-alpha, t-beta") && msg.contains("--driver"),
         "{msg}"
     );
+}
+
+#[test]
+fn naming_one_of_two_prior_states_chooses_it() {
+    let dir = tempfile::tempdir().unwrap();
+    for name in ["t-alpha", "t-beta"] {
+        std::fs::create_dir_all(dir.path().join(name).join("l")).unwrap();
+    }
+    let mut c = config(dir.path(), &[]);
+    c.driver = Some("t-beta".into());
+    assert_eq!(graphdriver::open(&c).unwrap().name, "t-beta");
+}
+
+/// A root with t-alpha's layer `base` in it.
+fn alpha_root() -> tempfile::TempDir {
+    let dir = tempfile::tempdir().unwrap();
+    let mut c = config(dir.path(), &[]);
+    c.driver = Some("t-alpha".into());
+    let s = graphdriver::open(&c).unwrap();
+    s.driver
+        .create(&LayerId::new("base").unwrap(), None)
+        .unwrap();
+    dir
+}
+
+#[test]
+fn a_named_driver_other_than_the_one_under_the_root_is_refused() {
+    let dir = alpha_root();
+    let mut c = config(dir.path(), &["t-beta"]);
+    c.driver = Some("t-beta".into());
+    let err = graphdriver::open(&c).unwrap_err();
+    let msg = err.to_string();
+    assert!(
+        matches!(&err, Error::DriverMismatch { requested, found, .. }
+            if requested == "t-beta" && found == &["t-alpha".to_string()]),
+        "{err:?}"
+    );
+    assert!(
+        msg.contains("t-alpha")
+            && msg.contains("t-beta")
+            && msg.contains(&dir.path().display().to_string()),
+        "{msg}"
+    );
+    assert!(
+        !dir.path().join("t-beta").exists(),
+        "a refused driver gets no home"
+    );
+    // The driver that owns the layers is still accepted, named or not.
+    c.driver = Some("t-alpha".into());
+    assert_eq!(graphdriver::open(&c).unwrap().name, "t-alpha");
+    c.driver = None;
+    let s = graphdriver::open(&c).unwrap();
+    assert_eq!(
+        (s.name.as_str(), s.selected_by),
+        ("t-alpha", SelectedBy::PriorState)
+    );
+}
+
+#[test]
+fn a_root_without_layers_accepts_any_named_driver() {
+    let dir = tempfile::tempdir().unwrap();
+    // Homes with nothing but bookkeeping, stray files or a planted link are not layers.
+    std::fs::create_dir_all(dir.path().join("t-alpha/.staging/new-x-1-1")).unwrap();
+    std::fs::create_dir_all(dir.path().join("t-alpha/.mounts")).unwrap();
+    std::fs::write(dir.path().join("t-alpha/.lock"), "").unwrap();
+    std::fs::write(dir.path().join("t-alpha/stray"), "").unwrap();
+    std::os::unix::fs::symlink("/", dir.path().join("t-alpha/link")).unwrap();
+    std::fs::create_dir_all(dir.path().join("t-alpha/not a layer id")).unwrap();
+    assert_eq!(
+        graphdriver::prior_state(dir.path()).unwrap(),
+        Vec::<String>::new()
+    );
+    for name in ["t-beta", "t-alpha"] {
+        let mut c = config(dir.path(), &[]);
+        c.driver = Some(name.into());
+        assert_eq!(graphdriver::open(&c).unwrap().name, name);
+    }
+}
+
+#[test]
+fn a_home_emptied_by_removing_its_layers_no_longer_binds_the_root() {
+    let dir = alpha_root();
+    let mut c = config(dir.path(), &[]);
+    c.driver = Some("t-alpha".into());
+    let s = graphdriver::open(&c).unwrap();
+    s.driver.remove(&LayerId::new("base").unwrap()).unwrap();
+    drop(s);
+    c.driver = Some("t-beta".into());
+    assert_eq!(graphdriver::open(&c).unwrap().name, "t-beta");
 }
 
 #[test]
