@@ -8,7 +8,9 @@
 //!
 //! ```text
 //! <home>/.lock            store lock (flock): held exclusively around metadata changes
-//! <home>/.staging/        layers being built, and layers being deleted
+//! <home>/.staging/        layers being built (new-<id>-<pid>-<n>) and being deleted
+//!                         (rm-<id>-<pid>-<n>), each flocked by the process working on it;
+//!                         an entry nobody holds is abandoned, whatever its pid says
 //! <home>/.mounts/         mount references (see [`mounts`](self#mount-references))
 //! <home>/<id>/            one layer
 //!     parent              the parent's id (absent for a base layer)
@@ -101,6 +103,7 @@
 mod diff_id;
 mod mounts;
 mod nofollow;
+mod staging;
 #[cfg(test)]
 mod tests;
 
@@ -109,7 +112,6 @@ use std::fs::File;
 use std::io;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use rustix::fs::{AtFlags, FileType, FlockOperation, Mode, OFlags, RenameFlags};
@@ -117,6 +119,7 @@ use rustix::io::Errno;
 
 pub use mounts::Holder;
 use nofollow::{lstat_type, open_dir, open_dir_opt, unexpected};
+use staging::{Kind, StagingName};
 
 use crate::{Error, LayerId, LayerInfo, Result};
 
@@ -126,8 +129,6 @@ const MOUNTS_DIR: &str = ".mounts";
 const PARENT_FILE: &str = "parent";
 const RW_FILE: &str = "rw";
 const INCOMPLETE_FILE: &str = "incomplete";
-
-static STAGING_COUNTER: AtomicU64 = AtomicU64::new(0);
 
 /// The bookkeeping of one driver home. Cheap to share: clones share the home's descriptor and
 /// the process-owned mount references (see the [module docs](self#mount-references)).
@@ -459,6 +460,16 @@ impl LayerStore {
     /// Every layer directory naming `id` as parent, complete or not (a child being applied
     /// still needs its parent), sorted.
     fn children_any(&self, id: &LayerId) -> Result<Vec<LayerId>> {
+        let mut out = self.children_in_home(id)?;
+        // Children still being built in `.staging/` copy this layer's tree right now: they count
+        // too, while their builder is alive.
+        out.extend(self.children_being_built(id)?);
+        out.sort();
+        Ok(out)
+    }
+
+    /// The layer directories under the home naming `id` as parent, complete or not.
+    fn children_in_home(&self, id: &LayerId) -> Result<Vec<LayerId>> {
         let mut out = Vec::new();
         for child in ids_in(self.fd(), &self.home)? {
             let dir = self.layer_dir(&child);
@@ -467,16 +478,21 @@ impl LayerStore {
                 out.push(child);
             }
         }
-        // Children still being built in `.staging/` copy this layer's tree right now: they count
-        // too, while their builder is alive (it holds the staging dir's flock).
+        Ok(out)
+    }
+
+    /// The one answer to "is a live child of `id` being built": the ids of the `new-` entries
+    /// of `.staging/` whose `parent` file names `id` and whose builder still holds their flock
+    /// (see [`staging`]; the pid in the name is never trusted, it may be reused). An entry left
+    /// by a dead builder pins nothing; recovery deletes it. Anything but a directory under a
+    /// `new-` name is an error naming its path (never followed). Call under the store lock: a
+    /// builder holds it (shared) from its entry's mkdir until the flock and `parent` are there.
+    fn children_being_built(&self, id: &LayerId) -> Result<Vec<LayerId>> {
         let staging = self.staging_fd()?;
         let staging_path = self.home.join(STAGING_DIR);
+        let mut out = Vec::new();
         for name in names_in(staging.as_fd(), &staging_path)? {
-            let Some(child) = name
-                .strip_prefix("new-")
-                .and_then(|n| n.rsplitn(3, '-').nth(2))
-                .and_then(|n| LayerId::new(n).ok())
-            else {
+            let Some(entry) = StagingName::parse(&name).filter(|e| e.kind == Kind::New) else {
                 continue;
             };
             let path = staging_path.join(&name);
@@ -486,8 +502,8 @@ impl LayerStore {
             if read_parent(dir.as_fd(), &path)?.as_ref() != Some(id) {
                 continue;
             }
-            if FileLock::try_exclusive(dir).is_none() {
-                out.push(child);
+            if staging::claim(dir).is_none() {
+                out.push(entry.id);
             }
         }
         out.sort();
@@ -652,8 +668,7 @@ impl LayerStore {
             &dir,
             FlockOperation::LockExclusive,
         )?;
-        let n = STAGING_COUNTER.fetch_add(1, Ordering::Relaxed);
-        let name = format!("rm-{}-{}-{n}", id.as_str(), std::process::id());
+        let name = StagingName::fresh(Kind::Rm, id).to_string();
         let staging = self.staging_fd()?;
         rustix::fs::renameat(self.fd(), id.as_str(), &staging, name.as_str())
             .map_err(|e| Error::io("rename for removal", &dir, e.into()))?;
@@ -676,8 +691,7 @@ impl LayerStore {
     /// parent either started before (and the parent is absent now) or sees this child being
     /// created and is refused, so a child never copies a half-applied parent.
     fn staging_dir(&self, id: &LayerId, parent: Option<&LayerId>) -> Result<StagingDir> {
-        let n = STAGING_COUNTER.fetch_add(1, Ordering::Relaxed);
-        let name = format!("new-{}-{}-{n}", id.as_str(), std::process::id());
+        let name = StagingName::fresh(Kind::New, id).to_string();
         let path = self.home.join(STAGING_DIR).join(&name);
         // Recovery (which holds the store lock exclusively) deletes staging dirs nobody has
         // locked: hold the lock shared from the mkdir until our flock is taken.
@@ -738,25 +752,14 @@ impl LayerStore {
                 }
             }
         }
-        for child in self.children_any(id)? {
+        if let Some(child) = self.children_being_built(id)?.first() {
+            return Ok(Some(format!("a child of it ({child}) is being created")));
+        }
+        for child in self.children_in_home(id)? {
             if let Some(cfd) = self.layer_fd(&child)? {
                 if apply_in_progress(cfd.as_fd()) {
                     return Ok(Some(format!("its child {child} is being applied")));
                 }
-            }
-        }
-        let staging = self.staging_fd()?;
-        let staging_path = self.home.join(STAGING_DIR);
-        for name in names_in(staging.as_fd(), &staging_path)? {
-            if !name.starts_with("new-") {
-                continue;
-            }
-            let path = staging_path.join(&name);
-            let Some(fd) = open_dir_opt(staging.as_fd(), &name, &path)? else {
-                continue;
-            };
-            if read_parent(fd.as_fd(), &path)?.as_ref() == Some(id) {
-                return Ok(Some("a child of it is being created".to_string()));
             }
         }
         Ok(None)
@@ -779,9 +782,10 @@ impl LayerStore {
                     continue;
                 }
             };
-            // A live owner holds the flock on its staging dir (removals: no owner, always stale
-            // once we hold the store lock... unless mid-delete; deleting twice is harmless).
-            if let Some(_held) = FileLock::try_exclusive(dir) {
+            // A live owner (builder or remover) holds the flock on its entry: the same answer as
+            // every other check (see `staging`). Any other directory here is abandoned too,
+            // whatever its name.
+            if let Some(_held) = staging::claim(dir) {
                 // One undeletable leftover must not make the whole store unusable.
                 match nofollow::remove_entry(staging.as_fd(), &name, &path) {
                     Ok(()) => rec.staging_removed.push(path),

@@ -1080,3 +1080,62 @@ fn a_killed_durable_writer_never_leaves_an_empty_or_zero_count() {
     }
     assert!(last >= 48);
 }
+
+/// The pid of a process that has exited and been reaped.
+fn dead_pid() -> u32 {
+    let mut child = std::process::Command::new("true").spawn().unwrap();
+    let pid = child.id();
+    child.wait().unwrap();
+    pid
+}
+
+#[test]
+fn a_dead_builders_staging_entry_pins_nothing_and_every_check_agrees() {
+    // A builder of child `c` of `p` died mid-create: its staging entry (with the `parent` file)
+    // is there, its flock is gone. Whether the pid in the name is dead or alive (a reused pid:
+    // here our own) must not matter; only the flock does.
+    for pid in [dead_pid(), std::process::id()] {
+        let (_d, s) = store();
+        s.create(&id("p"), None, false, |_| Ok(())).unwrap();
+        let entry = s.home().join(STAGING_DIR).join(format!("new-c-{pid}-7"));
+        fs::create_dir(&entry).unwrap();
+        fs::write(entry.join(PARENT_FILE), "p").unwrap();
+        assert_eq!(s.children_any(&id("p")).unwrap(), Vec::<LayerId>::new());
+        // Both the apply and the removal of the parent proceed.
+        let guard = s
+            .begin_apply(&id("p"))
+            .unwrap_or_else(|e| panic!("pid {pid}: begin_apply refused: {e}"));
+        guard.finish().unwrap();
+        s.remove(&id("p"), |_| Ok(())).unwrap();
+        // And recovery cleans the entry up.
+        let (_s2, rec) = LayerStore::open(s.home(), false).unwrap();
+        assert_eq!(rec.staging_removed, vec![entry], "pid {pid}");
+    }
+}
+
+#[test]
+fn a_live_builder_pins_its_parent_for_every_check() {
+    let (_d, s) = store();
+    s.create(&id("p"), None, false, |_| Ok(())).unwrap();
+    s.create(&id("c"), Some(&id("p")), false, |_| {
+        assert_eq!(s.children_any(&id("p")).unwrap(), vec![id("c")]);
+        match s.begin_apply(&id("p")) {
+            Err(Error::InUse { reason, .. }) => {
+                assert!(
+                    reason.contains("being created") && reason.contains('c'),
+                    "{reason}"
+                )
+            }
+            other => panic!("expected InUse, found {other:?}"),
+        }
+        assert!(matches!(
+            s.remove(&id("p"), |_| Ok(())),
+            Err(Error::HasChildren { .. })
+        ));
+        // Recovery in another opener leaves live work alone.
+        let (_s2, rec) = LayerStore::open(s.home(), false).unwrap();
+        assert!(rec.staging_removed.is_empty(), "{rec:?}");
+        Ok(())
+    })
+    .unwrap();
+}
