@@ -16,6 +16,27 @@ use tar::{EntryType, Header};
 const LEVELS: usize = 10_000;
 const MTIME: u64 = 1_600_000_000;
 
+/// A temporary directory for a deep tree, removed with `archive::fs::remove_tree` when dropped (also when the
+/// test panics): `TempDir`'s own cleanup is std's recursive `remove_dir_all`, which runs out of
+/// descriptors at this depth with the limit the test sets, and the tree would stay behind.
+struct DeepScratch(tempfile::TempDir);
+
+impl DeepScratch {
+    fn new() -> DeepScratch {
+        DeepScratch(tempfile::tempdir().unwrap())
+    }
+
+    fn path(&self) -> &Path {
+        self.0.path()
+    }
+}
+
+impl Drop for DeepScratch {
+    fn drop(&mut self) {
+        let _ = archive::fs::remove_tree(self.0.path());
+    }
+}
+
 fn limit_fds() {
     let lim = rustix::process::getrlimit(rustix::process::Resource::Nofile);
     rustix::process::setrlimit(
@@ -213,7 +234,7 @@ fn tail_files() -> Vec<Vec<u8>> {
 #[test]
 fn deep_tree_applies_with_1024_fds() {
     limit_fds();
-    let t = tempfile::tempdir().unwrap();
+    let t = DeepScratch::new();
     let bytes = apply_layer(
         t.path(),
         deep_layer(LEVELS, tail_files()),
@@ -247,7 +268,7 @@ fn deep_tree_applies_with_1024_fds() {
 #[test]
 fn whiteout_removes_a_deep_directory() {
     limit_fds();
-    let t = tempfile::tempdir().unwrap();
+    let t = DeepScratch::new();
     std::fs::write(t.path().join("kept"), b"k").unwrap();
     apply_layer(
         t.path(),
@@ -264,7 +285,7 @@ fn whiteout_removes_a_deep_directory() {
 #[test]
 fn deep_opaque_directory_and_whiteout() {
     limit_fds();
-    let t = tempfile::tempdir().unwrap();
+    let t = DeepScratch::new();
     apply_layer(
         t.path(),
         deep_layer(LEVELS, tail_files()),
@@ -301,7 +322,7 @@ fn deep_opaque_directory_and_whiteout() {
 #[test]
 fn remove_tree_at_removes_a_deep_tree_with_bounded_fds() {
     limit_fds();
-    let t = tempfile::tempdir().unwrap();
+    let t = DeepScratch::new();
     apply_layer(
         t.path(),
         deep_layer(LEVELS, tail_files()),

@@ -277,6 +277,28 @@ fn swapped_entries_never_leak_host_data_or_block() {
 
 /// Lowers the soft open-file limit to 1,024 for this test process (nextest runs each test in
 /// its own process).
+
+/// A temporary directory for a deep tree, removed with `archive::fs::remove_tree` when dropped (also when the
+/// test panics): `TempDir`'s own cleanup is std's recursive `remove_dir_all`, which runs out of
+/// descriptors at this depth with the limit the test sets, and the tree would stay behind.
+struct DeepScratch(tempfile::TempDir);
+
+impl DeepScratch {
+    fn new() -> DeepScratch {
+        DeepScratch(tempfile::tempdir().unwrap())
+    }
+
+    fn path(&self) -> &Path {
+        self.0.path()
+    }
+}
+
+impl Drop for DeepScratch {
+    fn drop(&mut self) {
+        let _ = archive::fs::remove_tree(self.0.path());
+    }
+}
+
 fn limit_fds() {
     let lim = rustix::process::getrlimit(rustix::process::Resource::Nofile);
     rustix::process::setrlimit(
@@ -376,7 +398,7 @@ fn deep_rel(level: usize, leaf: &str) -> String {
 #[test]
 fn deep_tree_exports_completely_with_1024_descriptors() {
     limit_fds();
-    let t = tempfile::tempdir().unwrap();
+    let t = DeepScratch::new();
     deep_tree(t.path(), LEVELS);
     let mut a = tar::Archive::new(tar_tree(t.path(), &TarOptions::default()).unwrap());
     let (mut dirs, mut files) = (0usize, 0usize);
@@ -405,7 +427,7 @@ fn deep_tree_exports_completely_with_1024_descriptors() {
 #[test]
 fn deep_trees_diff_export_size_and_compare_with_1024_descriptors() {
     limit_fds();
-    let t = tempfile::tempdir().unwrap();
+    let t = DeepScratch::new();
     let (old, new) = (t.path().join("old"), t.path().join("new"));
     fs::create_dir(&old).unwrap();
     fs::create_dir(&new).unwrap();

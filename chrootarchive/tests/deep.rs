@@ -16,6 +16,27 @@ use tar::{EntryType, Header};
 const LEVELS: usize = 10_000;
 const MTIME: u64 = 1_600_000_000;
 
+/// A temporary directory for a deep tree, removed with `archive::fs::remove_tree` when dropped (also when the
+/// test panics): `TempDir`'s own cleanup is std's recursive `remove_dir_all`, which runs out of
+/// descriptors at this depth with the limit the test sets, and the tree would stay behind.
+struct DeepScratch(tempfile::TempDir);
+
+impl DeepScratch {
+    fn new() -> DeepScratch {
+        DeepScratch(tempfile::tempdir().unwrap())
+    }
+
+    fn path(&self) -> &Path {
+        self.0.path()
+    }
+}
+
+impl Drop for DeepScratch {
+    fn drop(&mut self) {
+        let _ = archive::fs::remove_tree(self.0.path());
+    }
+}
+
 fn limit_fds() {
     let lim = rustix::process::getrlimit(rustix::process::Resource::Nofile);
     rustix::process::setrlimit(
@@ -110,7 +131,7 @@ fn confined_deep_tree_applies_and_whites_out_with_1024_fds() {
         return;
     }
     limit_fds();
-    let t = tempfile::tempdir().unwrap();
+    let t = DeepScratch::new();
     std::fs::write(t.path().join("kept"), b"k").unwrap();
     let bytes = chrootarchive::apply_layer(t.path(), layer(), &ApplyOptions::default())
         .unwrap_or_else(|e| panic!("confined deep apply: {e}"));

@@ -20,6 +20,28 @@ fn open_fds() -> usize {
 
 /// Lowers the soft open-file limit to 1,024 (the common default) for this test process; each
 /// test runs in its own process under nextest.
+
+/// A temporary directory for a deep tree, removed with `crate::fs::remove_tree` when dropped (also when the
+/// test panics): `TempDir`'s own cleanup is std's recursive `remove_dir_all`, which runs out of
+/// descriptors at this depth with the limit the test sets, and the tree would stay behind.
+struct DeepScratch(tempfile::TempDir);
+
+impl DeepScratch {
+    fn new() -> DeepScratch {
+        DeepScratch(tempfile::tempdir().unwrap())
+    }
+
+    fn path(&self) -> &Path {
+        self.0.path()
+    }
+}
+
+impl Drop for DeepScratch {
+    fn drop(&mut self) {
+        let _ = crate::fs::remove_tree(self.0.path());
+    }
+}
+
 fn limit_fds() {
     let lim = rustix::process::getrlimit(rustix::process::Resource::Nofile);
     rustix::process::setrlimit(
@@ -87,7 +109,7 @@ fn open_beneath_follows_no_symlink_and_stays_below() {
 
 #[test]
 fn open_beneath_takes_paths_longer_than_path_max() {
-    let t = tempfile::tempdir().unwrap();
+    let t = DeepScratch::new();
     deep_tree(t.path(), 3000);
     let rel: Vec<&str> = std::iter::repeat_n("d", 2999).chain(["f"]).collect();
     let rel = rel.join("/");
@@ -147,7 +169,7 @@ fn checked_opens_refuse_what_the_listing_did_not_see() {
 #[test]
 fn dir_stack_holds_bounded_descriptors_at_any_depth() {
     limit_fds();
-    let t = tempfile::tempdir().unwrap();
+    let t = DeepScratch::new();
     let levels = 10_000;
     deep_tree(t.path(), levels);
     let before = open_fds();
@@ -230,7 +252,7 @@ impl Visitor for Count {
 #[test]
 fn walk_handles_ten_thousand_levels_with_the_default_fd_limit() {
     limit_fds();
-    let t = tempfile::tempdir().unwrap();
+    let t = DeepScratch::new();
     let levels = 10_000;
     deep_tree(t.path(), levels);
     let mut c = Count {

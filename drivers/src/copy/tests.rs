@@ -194,6 +194,28 @@ fn refuses_a_non_directory_and_an_existing_destination() {
 
 /// Lowers the soft open-file limit to 1,024 (the common default) for this test process; nextest
 /// runs each test in its own process.
+
+/// A temporary directory for a deep tree, removed with `archive::fs::remove_tree` when dropped (also when the
+/// test panics): `TempDir`'s own cleanup is std's recursive `remove_dir_all`, which runs out of
+/// descriptors at this depth with the limit the test sets, and the tree would stay behind.
+struct DeepScratch(tempfile::TempDir);
+
+impl DeepScratch {
+    fn new() -> DeepScratch {
+        DeepScratch(tempfile::tempdir().unwrap())
+    }
+
+    fn path(&self) -> &Path {
+        self.0.path()
+    }
+}
+
+impl Drop for DeepScratch {
+    fn drop(&mut self) {
+        let _ = archive::fs::remove_tree(self.0.path());
+    }
+}
+
 fn limit_fds() {
     let lim = rustix::process::getrlimit(rustix::process::Resource::Nofile);
     rustix::process::setrlimit(
@@ -296,7 +318,7 @@ fn check_deep_copy(src: &Path, dst: &Path, mode: CopyMode) {
 
 fn deep_copy(mode: CopyMode) {
     limit_fds();
-    let t = tempfile::tempdir().unwrap();
+    let t = DeepScratch::new();
     let (src, dst) = (t.path().join("src"), t.path().join("dst"));
     fs::create_dir(&src).unwrap();
     deep_tree(&src);
