@@ -16,9 +16,22 @@ use tar::{EntryType, Header};
 const LEVELS: usize = 10_000;
 const MTIME: u64 = 1_600_000_000;
 
-/// A temporary directory for a deep tree, removed with `archive::fs::remove_tree` when dropped (also when the
-/// test panics): `TempDir`'s own cleanup is std's recursive `remove_dir_all`, which runs out of
-/// descriptors at this depth with the limit the test sets, and the tree would stay behind.
+fn limit_fds() {
+    let lim = rustix::process::getrlimit(rustix::process::Resource::Nofile);
+    rustix::process::setrlimit(
+        rustix::process::Resource::Nofile,
+        rustix::process::Rlimit {
+            current: Some(1024),
+            maximum: lim.maximum,
+        },
+    )
+    .unwrap();
+}
+
+/// A temporary directory for a deep tree, removed with `archive::fs::remove_tree` when dropped
+/// (also when the test panics): `TempDir`'s own cleanup is std's recursive `remove_dir_all`,
+/// which runs out of descriptors at this depth with the limit the test sets, and the tree
+/// would stay behind.
 struct DeepScratch(tempfile::TempDir);
 
 impl DeepScratch {
@@ -35,18 +48,6 @@ impl Drop for DeepScratch {
     fn drop(&mut self) {
         let _ = archive::fs::remove_tree(self.0.path());
     }
-}
-
-fn limit_fds() {
-    let lim = rustix::process::getrlimit(rustix::process::Resource::Nofile);
-    rustix::process::setrlimit(
-        rustix::process::Resource::Nofile,
-        rustix::process::Rlimit {
-            current: Some(1024),
-            maximum: lim.maximum,
-        },
-    )
-    .unwrap();
 }
 
 fn deep(n: usize) -> String {

@@ -18,12 +18,10 @@ fn open_fds() -> usize {
     fs::read_dir("/proc/self/fd").unwrap().count()
 }
 
-/// Lowers the soft open-file limit to 1,024 (the common default) for this test process; each
-/// test runs in its own process under nextest.
-
-/// A temporary directory for a deep tree, removed with `crate::fs::remove_tree` when dropped (also when the
-/// test panics): `TempDir`'s own cleanup is std's recursive `remove_dir_all`, which runs out of
-/// descriptors at this depth with the limit the test sets, and the tree would stay behind.
+/// A temporary directory for a deep tree, removed with `crate::fs::remove_tree` when dropped
+/// (also when the test panics): `TempDir`'s own cleanup is std's recursive `remove_dir_all`,
+/// which runs out of descriptors at this depth with the limit the test sets, and the tree
+/// would stay behind.
 struct DeepScratch(tempfile::TempDir);
 
 impl DeepScratch {
@@ -42,6 +40,8 @@ impl Drop for DeepScratch {
     }
 }
 
+/// Lowers the soft open-file limit to 1,024 (the common default) for this test process; each
+/// test runs in its own process under nextest.
 fn limit_fds() {
     let lim = rustix::process::getrlimit(rustix::process::Resource::Nofile);
     rustix::process::setrlimit(

@@ -192,12 +192,10 @@ fn refuses_a_non_directory_and_an_existing_destination() {
     assert_eq!(err.errno(), Some(libc::EEXIST));
 }
 
-/// Lowers the soft open-file limit to 1,024 (the common default) for this test process; nextest
-/// runs each test in its own process.
-
-/// A temporary directory for a deep tree, removed with `archive::fs::remove_tree` when dropped (also when the
-/// test panics): `TempDir`'s own cleanup is std's recursive `remove_dir_all`, which runs out of
-/// descriptors at this depth with the limit the test sets, and the tree would stay behind.
+/// A temporary directory for a deep tree, removed with `archive::fs::remove_tree` when dropped
+/// (also when the test panics): `TempDir`'s own cleanup is std's recursive `remove_dir_all`,
+/// which runs out of descriptors at this depth with the limit the test sets, and the tree
+/// would stay behind.
 struct DeepScratch(tempfile::TempDir);
 
 impl DeepScratch {
@@ -216,6 +214,8 @@ impl Drop for DeepScratch {
     }
 }
 
+/// Lowers the soft open-file limit to 1,024 (the common default) for this test process; nextest
+/// runs each test in its own process.
 fn limit_fds() {
     let lim = rustix::process::getrlimit(rustix::process::Resource::Nofile);
     rustix::process::setrlimit(
