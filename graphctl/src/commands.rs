@@ -64,6 +64,7 @@ pub fn run(cli: &Cli) -> Result<ExitCode> {
         Command::Unmount { id } => Ok(open(&config)?.driver.put(&layer_id(id)?)?),
         Command::Rm { id } => Ok(open(&config)?.driver.remove(&layer_id(id)?)?),
         Command::Ls => ls(&open(&config)?, json),
+        Command::Info { id } => info(&open(&config)?, &layer_id(id)?, json),
         Command::Tree => tree(&open(&config)?),
         Command::Exists { id } => {
             let id = layer_id(id)?;
@@ -488,10 +489,12 @@ fn changes(s: &Selected, id: &LayerId, parent: Option<LayerId>, json: bool) -> R
 fn ls(s: &Selected, json: bool) -> Result<()> {
     let list = s.driver.list()?;
     if json {
-        let v: Vec<_> = list
+        // The driver's bookkeeping, for the records (a second handle on the same home).
+        let (store, _) = graphdriver::LayerStore::open(&s.home, false)?;
+        let v = list
             .iter()
-            .map(|l| json!({"id": l.id.as_str(), "parent": l.parent.as_ref().map(LayerId::as_str), "read_write": l.read_write}))
-            .collect();
+            .map(|l| Ok(details_json(&store.details(&l.id)?, None)))
+            .collect::<Result<Vec<_>>>()?;
         return print_json(&json!(v));
     }
     let mut out = io::stdout().lock();
@@ -499,6 +502,60 @@ fn ls(s: &Selected, json: bool) -> Result<()> {
         let parent = l.parent.as_ref().map(LayerId::as_str).unwrap_or("-");
         writeln!(out, "{} {parent}", l.id)?;
     }
+    out.flush()?;
+    Ok(())
+}
+
+/// A layer's details as JSON (snake_case keys, numbers as numbers, `null` where unknown);
+/// `size` only when it was computed.
+fn details_json(d: &graphdriver::LayerDetails, size: Option<u64>) -> serde_json::Value {
+    let mut v = json!({
+        "id": d.id.as_str(),
+        "parent": d.parent.as_ref().map(LayerId::as_str),
+        "kind": kind_name(d.read_write),
+        "read_write": d.read_write,
+        "diff_id": d.diff_id,
+        "created": d.created.map(|t| humantime::format_rfc3339_seconds(t).to_string()),
+        "mount_count": d.mount_count,
+    });
+    if let (Some(size), Some(map)) = (size, v.as_object_mut()) {
+        map.insert("size".into(), json!(size));
+    }
+    v
+}
+
+fn kind_name(read_write: bool) -> &'static str {
+    if read_write { "read-write" } else { "image" }
+}
+
+/// `info`: one layer's bookkeeping and the size of its diff against its parent.
+fn info(s: &Selected, id: &LayerId, json: bool) -> Result<()> {
+    let (store, _) = graphdriver::LayerStore::open(&s.home, false)?;
+    let d = store.details(id)?;
+    let size = s.driver.diff_size(id, d.parent.as_ref())?;
+    if json {
+        return print_json(&details_json(&d, Some(size)));
+    }
+    let mut out = io::stdout().lock();
+    let or_dash = |v: Option<String>| v.unwrap_or_else(|| "-".into());
+    writeln!(out, "id:          {}", d.id)?;
+    writeln!(
+        out,
+        "parent:      {}",
+        or_dash(d.parent.as_ref().map(|p| p.to_string()))
+    )?;
+    writeln!(out, "kind:        {}", kind_name(d.read_write))?;
+    writeln!(out, "diff_id:     {}", or_dash(d.diff_id.clone()))?;
+    writeln!(
+        out,
+        "created:     {}",
+        or_dash(
+            d.created
+                .map(|t| humantime::format_rfc3339_seconds(t).to_string())
+        )
+    )?;
+    writeln!(out, "size:        {} ({size} bytes)", human(size))?;
+    writeln!(out, "mount_count: {}", d.mount_count)?;
     out.flush()?;
     Ok(())
 }

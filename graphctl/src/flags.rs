@@ -114,8 +114,15 @@ pub enum Command {
         /// The layer.
         id: String,
     },
-    /// List the layers as "ID PARENT" lines ("-" for no parent).
+    /// List the layers as "ID PARENT" lines ("-" for no parent); with `--json`, each layer's
+    /// parent, kind, DiffID, creation time and mount count.
     Ls,
+    /// Show one layer: parent, kind (image or read-write), DiffID, creation time, size of its
+    /// diff against its parent, and mount count.
+    Info {
+        /// The layer.
+        id: String,
+    },
     /// Show the layer graph as a tree with sizes.
     Tree,
     /// Exit 0 if the layer exists, 1 if not; prints nothing.

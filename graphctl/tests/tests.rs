@@ -16,6 +16,7 @@ mod e2e;
 mod hostile;
 mod import;
 mod import_confined;
+mod info;
 mod one_driver;
 mod safety;
 mod store_trust;

@@ -60,7 +60,7 @@ pub use registry::{
     DriverOption, DriverOptions, InitFn, Registration, lookup, registered, registrations,
 };
 pub use select::{Selected, SelectedBy, open, prior_state};
-pub use store::{ApplyGuard, FileLock, Holder, LayerStore, Recovery};
+pub use store::{ApplyGuard, FileLock, Holder, LayerDetails, LayerStore, Recovery};
 
 #[doc(hidden)]
 pub use inventory;

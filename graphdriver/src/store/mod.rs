@@ -100,6 +100,7 @@
 //! or others can write is refused, see above), and layer directories are created 0700, so other
 //! users cannot reach into layers (and the setuid binaries they may hold).
 
+mod details;
 mod diff_id;
 mod mounts;
 mod nofollow;
@@ -117,6 +118,7 @@ use std::sync::{Arc, Mutex};
 use rustix::fs::{AtFlags, FileType, FlockOperation, Mode, OFlags, RenameFlags};
 use rustix::io::Errno;
 
+pub use details::LayerDetails;
 pub use mounts::Holder;
 use nofollow::{lstat_type, open_dir, open_dir_opt, unexpected};
 use staging::{Kind, StagingName};
