@@ -1,4 +1,5 @@
-//! Failed applies: corrupt input and a full disk leave no layer behind and the parent intact.
+//! Failed applies: corrupt input and a full disk keep the layer they were given (never removed
+//! by the driver; the caller removes it) and leave the parent intact.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod common;
@@ -63,7 +64,10 @@ fn corrupt_apply_leaves_nothing(make: fn(&Path) -> Box<dyn Driver>) {
             err.to_string().contains("child"),
             "{what}: error names the layer: {err}"
         );
-        assert!(!d.exists(&id("child")), "{what}: no layer under the id");
+        // A failed apply never removes the layer it was given (it existed before the call);
+        // the caller that created it removes it.
+        assert!(d.exists(&id("child")), "{what}: the layer is kept");
+        d.remove(&id("child")).unwrap();
         assert!(
             !d.home().join("child").exists(),
             "{what}: no directory left"
@@ -123,7 +127,8 @@ fn enospc_is_clear(make: fn(&Path) -> Box<dyn Driver>) {
         .apply_diff(&id("child"), Some(&id("base")), &mut &tar[..])
         .unwrap_err();
     assert_eq!(err.errno(), Some(libc::ENOSPC), "{err}");
-    assert!(!d.exists(&id("child")));
+    assert!(d.exists(&id("child")), "a failed apply keeps the layer");
+    d.remove(&id("child")).unwrap();
     assert!(!d.home().join("child").exists());
     let diffs = differences(&before, &tree(&*d, "base"), &CompareOptions::default());
     assert!(diffs.is_empty(), "parent changed: {diffs:?}");

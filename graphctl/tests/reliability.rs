@@ -634,6 +634,8 @@ const EXPECTED_ERRORS: &[&str] = &[
     "already exists",
     "is in use",
     "has children",
+    // An apply into a layer that another worker's apply or create committed meanwhile.
+    "committed",
 ];
 
 /// Views that the oracle can build for layer `id`: for every subset of its chain's applies

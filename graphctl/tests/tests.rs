@@ -14,6 +14,7 @@ mod bad_input;
 mod cli;
 mod e2e;
 mod hostile;
+mod immutable;
 mod import;
 mod import_confined;
 mod info;

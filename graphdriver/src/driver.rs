@@ -34,7 +34,12 @@
 //! Ids are validated before any call reaches a driver ([`LayerId`]). A driver reports
 //! [`Error::NotFound`] for a missing layer or parent, [`Error::AlreadyExists`] for a duplicate id,
 //! [`Error::InUse`] / [`Error::HasChildren`] when removal is not possible, and never leaves a
-//! half-made layer visible under its id: a failed `create` or `apply_diff` leaves the id absent.
+//! half-made layer visible under its id: a failed `create` leaves the id absent. A committed layer
+//! (an image layer an apply finished into, or any layer with children; see
+//! [`LayerStore::is_committed`](crate::LayerStore::is_committed)) is immutable: `apply_diff`
+//! into it is refused with [`Error::WrongLayerKind`](crate::Error::WrongLayerKind) before anything changes. A failed
+//! `apply_diff` never removes the layer: it keeps the part of the diff applied so far (callers
+//! that created the layer for this apply remove it, as `graphctl apply` does).
 //!
 //! [`Error::NotFound`]: crate::Error::NotFound
 //! [`Error::AlreadyExists`]: crate::Error::AlreadyExists
@@ -181,7 +186,9 @@ pub trait DiffDriver: Send + Sync {
     /// Applies the layer tar `diff` (plain, gzip, zstd, xz or bzip2) to layer `id`, whose
     /// parent is `parent`, and returns the regular-file bytes applied.
     ///
-    /// On failure the layer `id` is removed, so no half-applied layer stays visible.
+    /// Refused with [`Error::WrongLayerKind`](crate::Error::WrongLayerKind) if `id` is
+    /// committed. On failure the layer `id` stays, holding the part of the diff applied so far;
+    /// it is never removed (a layer that existed before the call keeps existing).
     fn apply_diff(
         &self,
         id: &LayerId,

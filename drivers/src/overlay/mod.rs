@@ -340,7 +340,8 @@ impl Overlay {
 
     /// Applies a diff to an overlay layer (read-write, or on a parent without `root/`) through a
     /// private mount of it, under [`LayerStore::begin_apply`]: the layer counts as absent until the
-    /// apply succeeds and is removed if it fails or the process dies, exactly like image layers.
+    /// apply ends; if it fails the layer stays with the part of the diff applied so far (see
+    /// [`LayerStore::begin_apply`]).
     /// Overlay itself turns the diff's deletions into whiteouts in `upper/`.
     fn apply_through_mount(
         &self,
@@ -357,7 +358,7 @@ impl Overlay {
         let lower = self.lower_root(id)?;
         let data = self.mount_data(&lower, dir, &MountOpts::default(), true);
         mountinfo::mount_with_flags("overlay", &merged, "overlay", self.mount_flags(true), &data)?;
-        // Declared after `guard`, so it unmounts before a failed guard discards the layer.
+        // Declared after `guard`, so it unmounts before a failed guard unmarks the layer.
         let mounted = UnmountOnDrop(&merged);
         let bytes =
             chrootarchive::apply_layer(&merged, diff, opts).map_err(|e| Error::archive(id, e))?;
@@ -645,9 +646,19 @@ impl ApplyDiffProtoDriver for Overlay {
         };
         let guard = self.store.begin_apply(id)?;
         let staging = dir.join(STAGING_ROOT);
-        copy_tree(&parent_root, &staging, CopyMode::Hardlink)?;
-        let bytes =
-            chrootarchive::apply_layer(&staging, diff, &opts).map_err(|e| Error::archive(id, e))?;
+        let built = copy_tree(&parent_root, &staging, CopyMode::Hardlink).and_then(|()| {
+            chrootarchive::apply_layer(&staging, diff, &opts).map_err(|e| Error::archive(id, e))
+        });
+        let bytes = match built {
+            Ok(bytes) => bytes,
+            Err(e) => {
+                // The layer itself is untouched so far: drop the half-built copy, keep the layer.
+                if let Err(e2) = archive::fs::remove_tree(&staging) {
+                    tracing::error!(path = %staging.display(), error = %e2, "could not remove");
+                }
+                return Err(e);
+            }
+        };
         fs::rename(&staging, dir.join(ROOT)).ctx("rename into place", &staging)?;
         for d in [UPPER, WORK, MERGED] {
             let p = dir.join(d);

@@ -125,7 +125,8 @@ impl ProtoDriver for Vfs {
 
 impl ApplyDiffProtoDriver for Vfs {
     /// Always applies natively: marks the layer incomplete, applies into its root in a confined
-    /// child, and makes it visible again; on failure the layer is removed.
+    /// child, and makes it visible again; on failure the layer stays, holding the part of the diff
+    /// applied so far (a committed layer is refused before anything changes).
     fn apply_diff_native(
         &self,
         id: &LayerId,

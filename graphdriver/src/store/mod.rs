@@ -16,6 +16,8 @@
 //!     parent              the parent's id (absent for a base layer)
 //!     rw                  present for read-write (container) layers
 //!     incomplete          present while a diff is applied; such a layer counts as absent
+//!     committed           present once an apply into an image layer finished: the layer is
+//!                         immutable from then on (see [`LayerStore::is_committed`])
 //!     diff-id             the DiffID the layer was made from, if recorded (see
 //!                         [`LayerStore::set_diff_id`]); deleted by every apply
 //!     …                   the driver's own content (root/, upper/, …)
@@ -39,8 +41,13 @@
 //!
 //! [`LayerStore::create`] builds the layer in `.staging/` and renames it into place with
 //! `RENAME_NOREPLACE`: a layer is either complete or absent. [`LayerStore::begin_apply`] marks an
-//! existing layer incomplete while it is modified; if the modification fails (or the process dies)
-//! the layer is removed rather than left half-applied. Removal renames the layer into `.staging/`
+//! existing layer incomplete while it is modified. A committed layer
+//! ([`LayerStore::is_committed`]) is never modified: an apply into it is refused. If an apply
+//! into an uncommitted layer fails, the layer is *not* removed (it existed before the apply; a
+//! caller that created it for this apply removes it itself, as `graphctl apply` does): its
+//! marker is dropped and it keeps whatever part of the diff was applied. Only if the process
+//! dies mid-apply does [`LayerStore::open`] remove the still-marked layer, which can only be an
+//! uncommitted one without children. Removal renames the layer into `.staging/`
 //! first, so the id disappears at once. [`LayerStore::open`] deletes leftovers of processes that
 //! died mid-way; work still in progress in another process is recognised by the flock its owner
 //! holds and left alone. No layer is copied from a half-applied one: an apply is refused while a
@@ -131,6 +138,7 @@ const MOUNTS_DIR: &str = ".mounts";
 const PARENT_FILE: &str = "parent";
 const RW_FILE: &str = "rw";
 const INCOMPLETE_FILE: &str = "incomplete";
+const COMMITTED_FILE: &str = "committed";
 
 /// The bookkeeping of one driver home. Cheap to share: clones share the home's descriptor and
 /// the process-owned mount references (see the [module docs](self#mount-references)).
@@ -422,6 +430,18 @@ impl LayerStore {
             if matches!(lstat_type(fd.as_fd(), RW_FILE, &path), Ok(Some(_))))
     }
 
+    /// True if layer `id` is committed, hence immutable: an apply into it finished and it is an
+    /// image layer (the `committed` marker), or some layer (complete or being built) names it
+    /// as parent. The one place that answers "may this layer's tree still change".
+    pub fn is_committed(&self, id: &LayerId) -> Result<bool> {
+        let fd = self.require_fd(id)?;
+        let path = self.layer_dir(id).join(COMMITTED_FILE);
+        if lstat_type(fd.as_fd(), COMMITTED_FILE, &path)?.is_some() {
+            return Ok(true);
+        }
+        Ok(!self.children_any(id)?.is_empty())
+    }
+
     /// Every complete layer, sorted by id; one consistent state (under the shared store lock).
     /// An entry named like a layer that is not a directory (a planted symlink) is an error
     /// naming its path.
@@ -566,7 +586,11 @@ impl LayerStore {
     }
 
     /// Marks complete layer `id` as being modified; until [`ApplyGuard::finish`] it counts as
-    /// absent, and if the guard is dropped unfinished the layer is removed.
+    /// absent. If the guard is dropped unfinished the layer stays (with its marker removed),
+    /// holding whatever part of the modification was done; it is never deleted.
+    ///
+    /// Refused with [`Error::WrongLayerKind`] naming the layer if it is committed
+    /// ([`LayerStore::is_committed`]): a diff for it goes into a new layer on top.
     ///
     /// Refused with [`Error::InUse`] while another apply of `id` runs, while `id` is mounted
     /// (live references only: those of dead processes do not count), while a child of `id` is
@@ -586,6 +610,16 @@ impl LayerStore {
             return Err(Error::InUse {
                 id: id.clone(),
                 reason,
+            });
+        }
+        if self.is_committed(id)? {
+            return Err(Error::WrongLayerKind {
+                id: id.clone(),
+                reason: format!(
+                    "committed (a finished image layer or the parent of other layers), so \
+                     immutable; apply the diff as a new layer on top: \
+                     graphctl apply --parent {id} <new-id> FILE"
+                ),
             });
         }
         // The content is about to change: the recorded DiffID no longer vouches for it. Done
@@ -842,11 +876,21 @@ pub struct ApplyGuard<'a> {
 }
 
 impl ApplyGuard<'_> {
-    /// The modification succeeded: sync if configured and make the layer visible again.
+    /// The modification succeeded: sync if configured, mark an image layer committed
+    /// ([`LayerStore::is_committed`]) and make the layer visible again.
     pub fn finish(mut self) -> Result<()> {
         let path = self.store.layer_dir(&self.id);
         if self.store.sync {
             sync_tree(self.dir.as_fd(), &path)?;
+        }
+        if lstat_type(self.dir.as_fd(), RW_FILE, &path.join(RW_FILE))?.is_none()
+            && lstat_type(self.dir.as_fd(), COMMITTED_FILE, &path.join(COMMITTED_FILE))?.is_none()
+        {
+            nofollow::create_new_file(
+                self.dir.as_fd(),
+                COMMITTED_FILE,
+                &path.join(COMMITTED_FILE),
+            )?;
         }
         rustix::fs::unlinkat(&self.dir, INCOMPLETE_FILE, AtFlags::empty())
             .map_err(|e| Error::io("remove marker", path.join(INCOMPLETE_FILE), e.into()))?;
@@ -861,9 +905,12 @@ impl ApplyGuard<'_> {
 impl Drop for ApplyGuard<'_> {
     fn drop(&mut self) {
         if !self.finished {
-            // Never leave a half-applied layer under its id.
-            if let Err(e) = self.store.discard_layer_dir(&self.id) {
-                tracing::error!(layer = %self.id, error = %e, "could not remove a failed layer");
+            // The layer existed before this apply: keep it (never delete what the caller did
+            // not create), visible again with the partial result, as documented.
+            let path = self.store.layer_dir(&self.id).join(INCOMPLETE_FILE);
+            if let Err(e) = rustix::fs::unlinkat(&self.dir, INCOMPLETE_FILE, AtFlags::empty()) {
+                tracing::error!(layer = %self.id, path = %path.display(), error = %e,
+                    "could not remove the marker of a failed apply");
             }
         }
     }

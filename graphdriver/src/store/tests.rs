@@ -88,7 +88,7 @@ fn failed_populate_leaves_nothing() {
 }
 
 #[test]
-fn failed_apply_removes_the_layer() {
+fn failed_apply_keeps_the_layer() {
     let (_d, s) = store();
     s.create(&id("a"), None, false, |_| Ok(())).unwrap();
     {
@@ -96,10 +96,27 @@ fn failed_apply_removes_the_layer() {
         assert!(!s.exists(&id("a")), "an applying layer counts as absent");
         assert!(matches!(s.begin_apply(&id("a")), Err(Error::NotFound(_))));
     }
-    assert!(!s.layer_dir(&id("a")).exists());
-    s.create(&id("a"), None, false, |_| Ok(())).unwrap();
+    assert!(s.exists(&id("a")), "a failed apply never removes the layer");
+    assert!(!s.is_committed(&id("a")).unwrap());
     s.begin_apply(&id("a")).unwrap().finish().unwrap();
     assert!(s.exists(&id("a")));
+    assert!(s.is_committed(&id("a")).unwrap(), "a finished image layer");
+    match s.begin_apply(&id("a")) {
+        Err(e @ Error::WrongLayerKind { .. }) => {
+            let msg = e.to_string();
+            assert!(
+                msg.contains("committed") && msg.contains("--parent a"),
+                "{msg}"
+            );
+        }
+        other => panic!("expected WrongLayerKind, found {other:?}"),
+    }
+    // A read-write layer without children stays open to applies.
+    s.create(&id("rw"), Some(&id("a")), true, |_| Ok(()))
+        .unwrap();
+    s.begin_apply(&id("rw")).unwrap().finish().unwrap();
+    assert!(!s.is_committed(&id("rw")).unwrap());
+    s.begin_apply(&id("rw")).unwrap().finish().unwrap();
 }
 
 /// A fake mount: `is_active` reports the cell, `activate` sets it.
@@ -230,19 +247,23 @@ fn no_layer_is_copied_from_a_half_applied_one() {
         Ok(())
     })
     .unwrap();
-    // ...a child being applied blocks it too, and the other way round.
+    // ...a child being applied blocks it too, and once the child exists p is committed.
     let child = s.begin_apply(&id("c")).unwrap();
     assert!(matches!(s.begin_apply(&id("p")), Err(Error::InUse { .. })));
     child.finish().unwrap();
-    let parent = s.begin_apply(&id("p")).unwrap();
-    assert!(matches!(s.begin_apply(&id("c")), Err(Error::InUse { .. })));
-    // A create on a parent being applied finds it absent.
+    assert!(s.is_committed(&id("p")).unwrap());
     assert!(matches!(
-        s.create(&id("d"), Some(&id("p")), false, |_| Ok(())),
-        Err(Error::NotFound(p)) if p == id("p")
+        s.begin_apply(&id("p")),
+        Err(Error::WrongLayerKind { .. })
+    ));
+    // A create on a parent being applied finds it absent.
+    s.create(&id("q"), None, false, |_| Ok(())).unwrap();
+    let parent = s.begin_apply(&id("q")).unwrap();
+    assert!(matches!(
+        s.create(&id("d"), Some(&id("q")), false, |_| Ok(())),
+        Err(Error::NotFound(p)) if p == id("q")
     ));
     parent.finish().unwrap();
-    s.begin_apply(&id("c")).unwrap().finish().unwrap();
     assert_eq!(fs::read_dir(s.home().join(STAGING_DIR)).unwrap().count(), 0);
 }
 
