@@ -310,12 +310,7 @@ impl Cursor {
     ) -> io::Result<Cursor> {
         if short(target) {
             // One openat2 from the root: as fast as anything the cursor could do.
-            return Ok(Cursor {
-                path: target.to_path_buf(),
-                depth: depth_of(target.as_os_str().as_bytes()),
-                fd: open_dir_beneath(root, target, create)?,
-                ids: Vec::new(),
-            });
+            return Self::from_root(root, target, create);
         }
         let Some(prev) = prev else {
             return Self::from_root(root, target, create);
