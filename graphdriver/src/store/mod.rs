@@ -317,17 +317,7 @@ impl LayerStore {
     /// [`Error::NotFound`] if the layer directory does not exist. Works on layers being applied
     /// too. Drivers use it before they hand such a directory to an apply, a mount or a copy.
     pub fn layer_subdir(&self, id: &LayerId, name: &str) -> Result<Option<PathBuf>> {
-        let path = self.layer_dir(id).join(name);
-        if name.is_empty() || name.contains('/') || name == "." || name == ".." {
-            return Err(Error::io(
-                "open layer directory",
-                &path,
-                io::Error::new(io::ErrorKind::InvalidInput, "expected a single name"),
-            ));
-        }
-        let layer = self
-            .layer_fd(id)?
-            .ok_or_else(|| Error::NotFound(id.clone()))?;
+        let (layer, path) = self.layer_entry(id, name, "open layer directory")?;
         match lstat_type(layer.as_fd(), name, &path)? {
             None => Ok(None),
             Some(FileType::Directory) => Ok(Some(path)),
@@ -339,10 +329,18 @@ impl LayerStore {
     /// overlay's `lower-id`, read without following a symlink: `None` if absent, an error naming
     /// the path if it is anything but a regular file (a planted link is never read through).
     pub fn read_layer_file(&self, id: &LayerId, name: &str) -> Result<Option<String>> {
+        let (layer, path) = self.layer_entry(id, name, "read layer file")?;
+        nofollow::read_small(layer.as_fd(), name, &path)
+    }
+
+    /// Layer `id`'s directory (opened without following a symlink; [`Error::NotFound`] if
+    /// absent) and the path of its entry `name`, which must be one component (`op` names the
+    /// operation in the error otherwise).
+    fn layer_entry(&self, id: &LayerId, name: &str, op: &str) -> Result<(OwnedFd, PathBuf)> {
         let path = self.layer_dir(id).join(name);
         if name.is_empty() || name.contains('/') || name == "." || name == ".." {
             return Err(Error::io(
-                "read layer file",
+                op,
                 &path,
                 io::Error::new(io::ErrorKind::InvalidInput, "expected a single name"),
             ));
@@ -350,7 +348,7 @@ impl LayerStore {
         let layer = self
             .layer_fd(id)?
             .ok_or_else(|| Error::NotFound(id.clone()))?;
-        nofollow::read_small(layer.as_fd(), name, &path)
+        Ok((layer, path))
     }
 
     /// Layer `id`'s directory, opened without following a symlink; `None` if absent.
