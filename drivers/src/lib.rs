@@ -8,7 +8,8 @@
 //! * [`vfs`]: every layer is a full copy of its parent; slow, simple, and the oracle the other
 //!   drivers are tested against.
 //! * [`copy`]: faithful tree copies (content or hardlink), shared by both.
-//! * [`mountinfo`]: mount points from `/proc/self/mountinfo` and mount wrappers.
+//! * [`mountinfo`]: re-exported from [`graphdriver::mountinfo`] (it moved to the core, where
+//!   [`graphdriver::LayerStore`]'s read-only views need it).
 //!
 //! Both drivers keep their bookkeeping in [`graphdriver::LayerStore`] and get diffs from
 //! `naive_diff`. Registration lives apart from the implementations (`plugin` modules): linking
@@ -18,6 +19,6 @@
 #![deny(missing_docs)]
 
 pub mod copy;
-pub mod mountinfo;
+pub use graphdriver::mountinfo;
 pub mod overlay;
 pub mod vfs;

@@ -62,6 +62,13 @@ pub struct MountOpts {
     /// put, in any process. By default (`false`) a get belongs to the calling process and is
     /// released when the process dies, so a killed reader never leaves a layer busy.
     pub durable: bool,
+    /// Ask for a **read-only view** (containerd's `View`): the path returned shows the layer's
+    /// tree, and every write through it fails with `EROFS`, so nothing done there can change
+    /// this layer or any layer that shares data with it. What a tree handed to users (a shell,
+    /// a build step, `graphctl mount` of an image layer) must be. By default (`false`) a get
+    /// returns the layer's tree as the driver keeps it, for callers that write (read-write
+    /// layers) or that only read in process (the naive differ).
+    pub read_only: bool,
 }
 
 impl MountOpts {
@@ -79,6 +86,12 @@ impl MountOpts {
             durable: true,
             ..MountOpts::default()
         }
+    }
+
+    /// These options, asking for a read-only view (see [`MountOpts::read_only`]).
+    pub fn view(mut self) -> Self {
+        self.read_only = true;
+        self
     }
 
     /// Who owns the reference a get with these options takes (for
@@ -136,6 +149,15 @@ pub trait ProtoDriver: Send + Sync {
     /// available until the last put, in this or any other process sharing the home. The
     /// reference belongs to the calling process and dies with it unless `opts.durable` is set
     /// (then only a put, in any process, releases it).
+    ///
+    /// With `opts.read_only` the path is a read-only view: reads show the layer's tree and
+    /// every write fails with `EROFS` (a read-only bind mount, or an overlay with lower
+    /// directories only). Views and plain gets of one layer share its reference count; the
+    /// last put takes every mount of the layer down. A driver that cannot make a view here
+    /// (no mount privilege) fails with [`Error::NotSupported`](crate::Error::NotSupported)
+    /// rather than hand out a writable tree. Without it, the tree of a committed layer
+    /// ([`LayerStore::is_committed`](crate::LayerStore::is_committed)) may be the driver's own
+    /// storage, shared with other layers: only in-process readers that never write take it.
     fn get(&self, id: &LayerId, opts: &MountOpts) -> Result<PathBuf>;
 
     /// Releases one [`get`](Self::get) of `id` (one this process made if it holds any, else a

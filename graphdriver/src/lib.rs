@@ -16,7 +16,9 @@
 //! * [`Config`] reads `storage.toml`, the environment and command-line options; [`open`] picks
 //!   a driver (by name, by the layers already on disk, or by priority) and starts it.
 //! * [`LayerStore`] is the bookkeeping every driver needs (parents, atomic creation, crash
-//!   recovery, mount reference counts shared across processes).
+//!   recovery, mount reference counts shared across processes, read-only views).
+//! * [`mountinfo`]: mount points from `/proc/self/mountinfo` and thin mount wrappers, for
+//!   drivers that mount.
 //! * With the `conformance` feature, `conformance` is the test suite every driver must pass.
 //!
 //! # Example
@@ -44,6 +46,7 @@ pub mod conformance;
 mod driver;
 mod error;
 mod id;
+pub mod mountinfo;
 mod registry;
 mod select;
 mod store;
@@ -60,7 +63,7 @@ pub use registry::{
     DriverOption, DriverOptions, InitFn, Registration, lookup, registered, registrations,
 };
 pub use select::{Selected, SelectedBy, open, prior_state};
-pub use store::{ApplyGuard, FileLock, Holder, LayerDetails, LayerStore, Recovery};
+pub use store::{ApplyGuard, FileLock, Holder, LayerDetails, LayerStore, Recovery, VIEW_DIR};
 
 #[doc(hidden)]
 pub use inventory;

@@ -19,6 +19,10 @@
 //! Mounts are reference counted across processes by [`LayerStore::acquire_ref`]; a mount that
 //! vanished behind our back (manual umount) is made again by the next get. Image layers with a
 //! `root/` are returned without mounting but still counted.
+//!
+//! A **read-only view** (`MountOpts::read_only`) is mounted at `<id>/view`: a read-only bind
+//! mount of `root/`, or for an overlay layer an overlay with `lowerdir=<upper>:<lower>` and no
+//! upper directory, which the kernel mounts read-only.
 
 pub mod mountopt;
 mod plugin;
@@ -243,15 +247,23 @@ impl Overlay {
             data.push_str(",index=off");
         }
         if user_opts {
-            for item in &self.user_opts.data {
-                data.push(',');
-                data.push_str(item);
-            }
+            self.push_user_data(&mut data, opts);
+        } else if let Some(label) = opts.mount_label.as_deref().filter(|s| !s.is_empty()) {
+            data.push_str(&format!(",context=\"{label}\""));
+        }
+        data
+    }
+
+    /// Appends the overlay options of `mount_options` that [`mountopt`] allowed, then the mount
+    /// label of `opts`, to the mount data `data`.
+    fn push_user_data(&self, data: &mut String, opts: &MountOpts) {
+        for item in &self.user_opts.data {
+            data.push(',');
+            data.push_str(item);
         }
         if let Some(label) = opts.mount_label.as_deref().filter(|s| !s.is_empty()) {
             data.push_str(&format!(",context=\"{label}\""));
         }
-        data
     }
 
     /// The mount flags of `mount_options` (with `user_opts`), else none.
@@ -522,6 +534,11 @@ impl ProtoDriver for Overlay {
     fn get(&self, id: &LayerId, opts: &MountOpts) -> Result<PathBuf> {
         let dir = self.store.require(id)?;
         if let Some(root) = self.store.layer_subdir(id, ROOT)? {
+            if opts.read_only {
+                return self
+                    .store
+                    .acquire_bind_view(NAME, id, &root, opts, self.mount_flags(true));
+            }
             self.store
                 .acquire_ref(id, opts.holder(), || Ok(true), || Ok(()))?;
             return Ok(root);
@@ -541,10 +558,21 @@ impl ProtoDriver for Overlay {
             }
         }
         let lower = self.lower_root(id)?;
-        let data = self.mount_data(&lower, &dir, opts, true);
+        let (target, data, flags) = if opts.read_only {
+            // A view: the layer's upper stacked on its lower, both as lower directories, so
+            // overlay has nowhere to write and the upper's whiteouts still hide what they hide.
+            let upper = self.subdir(id, UPPER)?;
+            let mut data = format!("lowerdir={}:{}", upper.display(), lower.display());
+            self.push_user_data(&mut data, opts);
+            let flags = self.mount_flags(true) | rustix::mount::MountFlags::RDONLY;
+            (self.store.view_dir(id)?, data, flags)
+        } else {
+            let data = self.mount_data(&lower, &dir, opts, true);
+            (merged, data, self.mount_flags(true))
+        };
         if data.len() >= MAX_MOUNT_DATA {
             return Err(Error::Mount {
-                target: merged,
+                target,
                 options: data,
                 source: io::Error::new(
                     io::ErrorKind::InvalidInput,
@@ -557,18 +585,10 @@ impl ProtoDriver for Overlay {
         self.store.acquire_ref(
             id,
             opts.holder(),
-            || mountinfo::is_mountpoint(&merged),
-            || {
-                mountinfo::mount_with_flags(
-                    "overlay",
-                    &merged,
-                    "overlay",
-                    self.mount_flags(true),
-                    &data,
-                )
-            },
+            || mountinfo::is_mountpoint(&target),
+            || mountinfo::mount_with_flags("overlay", &target, "overlay", flags, &data),
         )?;
-        Ok(merged)
+        Ok(target)
     }
     fn put(&self, id: &LayerId) -> Result<()> {
         self.store

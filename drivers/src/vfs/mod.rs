@@ -2,7 +2,8 @@
 //!
 //! Layout: `<home>/<id>/root` is the layer's tree (plus the [`LayerStore`] bookkeeping files).
 //! Creating a layer copies the parent's `root` ([`CopyMode::Content`]) or makes an empty 0755
-//! root; get and put only count references (nothing is mounted); a diff is applied natively
+//! root; get and put only count references (nothing is mounted, except a read-only bind mount
+//! at `<id>/view` for a get that asks for a view); a diff is applied natively
 //! under [`LayerStore::begin_apply`], so a half-applied layer is never visible. Diffs and change
 //! lists come from `naive_diff`. It is slow and uses a lot of space, and it is the oracle the
 //! other drivers are tested against: keep it simple enough to trust.
@@ -95,6 +96,15 @@ impl ProtoDriver for Vfs {
     fn get(&self, id: &LayerId, opts: &MountOpts) -> Result<PathBuf> {
         self.store.require(id)?;
         let root = self.checked_root(id)?;
+        if opts.read_only {
+            return self.store.acquire_bind_view(
+                NAME,
+                id,
+                &root,
+                opts,
+                rustix::mount::MountFlags::empty(),
+            );
+        }
         self.store
             .acquire_ref(id, opts.holder(), || Ok(true), || Ok(()))?;
         Ok(root)
@@ -112,8 +122,16 @@ impl ProtoDriver for Vfs {
             layers.unwrap_or_else(|e| format!("unknown ({e})")),
         )]
     }
+    /// Drops every reference (durable ones included) and unmounts every read-only view.
     fn cleanup(&self) -> Result<()> {
-        Ok(())
+        let mut first_err = None;
+        for layer in self.store.list()? {
+            if let Err(e) = self.store.release_all(&layer.id, || Ok(())) {
+                tracing::warn!(layer = %layer.id, error = %e, "cleanup could not release a layer");
+                first_err.get_or_insert(e);
+            }
+        }
+        first_err.map_or(Ok(()), Err)
     }
     fn list(&self) -> Result<Vec<LayerInfo>> {
         self.store.list()

@@ -198,10 +198,20 @@ impl ProtoDriver for Reflink {
     fn remove(&self, id: &LayerId) -> Result<()> {
         self.store.remove(id, |_| Ok(()))
     }
-    /// Nothing to mount: counts the reference and returns the copy.
+    /// Nothing to mount: counts the reference and returns the copy; a read-only view is a
+    /// read-only bind mount of it, made by the store.
     fn get(&self, id: &LayerId, opts: &MountOpts) -> Result<PathBuf> {
         self.store.require(id)?;
         let root = self.root(id)?;
+        if opts.read_only {
+            return self.store.acquire_bind_view(
+                NAME,
+                id,
+                &root,
+                opts,
+                rustix::mount::MountFlags::empty(),
+            );
+        }
         self.store
             .acquire_ref(id, opts.holder(), || Ok(true), || Ok(()))?;
         Ok(root)
@@ -224,8 +234,15 @@ impl ProtoDriver for Reflink {
             ),
         ]
     }
+    /// Drops every reference (durable ones included) and unmounts every read-only view.
     fn cleanup(&self) -> Result<()> {
-        Ok(())
+        let mut first_err = None;
+        for layer in self.store.list()? {
+            if let Err(e) = self.store.release_all(&layer.id, || Ok(())) {
+                first_err.get_or_insert(e);
+            }
+        }
+        first_err.map_or(Ok(()), Err)
     }
     fn list(&self) -> Result<Vec<LayerInfo>> {
         self.store.list()

@@ -43,7 +43,8 @@
 //! [`ownership_across_layers`], [`hardlink_then_delete_source`], [`renames`],
 //! [`read_only_image_layers`], [`remove_with_children_fails`], [`duplicate_ids_fail`],
 //! [`get_put_nesting`], [`concurrent_get_put`], [`modify_hardlinked_lower`],
-//! [`diff_keeps_hardlink_to_lower`]; and the property test [`model`] (see
+//! [`diff_keeps_hardlink_to_lower`], [`read_only_views`], [`sibling_isolation`]; and the
+//! property test [`model`] (see
 //! [`model`](fn@model) and [`Op`]).
 
 use std::fs;
@@ -339,7 +340,8 @@ macro_rules! conformance_tests {
             recreate_lower_dir, deleted_stay_deleted, chown_lower, ownership_across_layers,
             hardlink_then_delete_source, renames, read_only_image_layers,
             remove_with_children_fails, duplicate_ids_fail, get_put_nesting, concurrent_get_put,
-            modify_hardlinked_lower, diff_keeps_hardlink_to_lower, model);
+            modify_hardlinked_lower, diff_keeps_hardlink_to_lower, read_only_views,
+            sibling_isolation, model);
     };
 }
 

@@ -1087,3 +1087,166 @@ pub fn diff_keeps_hardlink_to_lower(factory: Factory, caps: &Capabilities) -> Ou
     }
     Ok(())
 }
+
+/// Tries writes of every kind through `view` (a read-only view of layer `id`): each must fail
+/// with `EROFS`. `existing` is a regular file and `dir` a directory in the layer.
+fn expect_writes_refused(id: &str, view: &Path, existing: &str, dir: &str) -> Outcome {
+    use std::os::unix::fs::symlink;
+    let attempts: [(&str, std::io::Result<()>); 7] = [
+        ("create a file", fs::write(view.join("intruder"), b"x")),
+        (
+            "append to a file",
+            fs::OpenOptions::new()
+                .append(true)
+                .open(view.join(existing))
+                .map(drop),
+        ),
+        ("remove a file", fs::remove_file(view.join(existing))),
+        (
+            "make a directory",
+            fs::create_dir(view.join(dir).join("sub")),
+        ),
+        ("remove a directory", fs::remove_dir_all(view.join(dir))),
+        ("make a symlink", symlink("target", view.join("link"))),
+        (
+            "chmod a file",
+            fs::set_permissions(view.join(existing), fs::Permissions::from_mode(0o777)),
+        ),
+    ];
+    for (what, result) in attempts {
+        match result {
+            Err(e) if e.raw_os_error() == Some(libc::EROFS) => {}
+            Err(e) => {
+                return Err(format!(
+                    "{id}: {what} through a read-only view: expected EROFS, found {e}"
+                ));
+            }
+            Ok(()) => {
+                return Err(format!(
+                    "{id}: {what} through a read-only view succeeded; expected EROFS"
+                ));
+            }
+        }
+    }
+    Ok(())
+}
+
+/// containerd's `View`: a get with [`MountOpts::read_only`] of an image layer, of a read-write
+/// layer with changes and of a layer on top of both shows the layer's tree, refuses every
+/// write with `EROFS` and changes no layer; views nest and share the reference count with
+/// plain gets. A driver that cannot make a view without root may answer
+/// [`Error::NotSupported`], and only then (never with a writable tree).
+pub fn read_only_views(factory: Factory, caps: &Capabilities) -> Outcome {
+    let mut c = Chain::new(factory)?;
+    let base = lid("base");
+    let base_ref = c.image(
+        "base",
+        None,
+        &[FsOp::write("f", 10, 1), FsOp::write("d/g", 20, 2)],
+        caps,
+    )?;
+    let ctr_ref = c.rw("ctr", Some((&base, &base_ref)))?;
+    c.through(
+        "ctr",
+        &ctr_ref,
+        &[
+            FsOp::write("d/new", 5, 3),
+            FsOp::delete("f"),
+            FsOp::write("f2", 7, 4),
+        ],
+        caps,
+    )?;
+    let view_opts = MountOpts::default().view();
+    for (id, reference, existing) in [("base", &base_ref, "f"), ("ctr", &ctr_ref, "f2")] {
+        let layer = lid(id);
+        let view = match c.h.driver().get(&layer, &view_opts) {
+            Ok(v) => v,
+            Err(Error::NotSupported { reason, .. }) if !is_root() => {
+                eprintln!("skipping read_only_views: not root, and the driver says: {reason}");
+                return Ok(());
+            }
+            Err(e) => return Err(format!("get {id} as a read-only view: {e}")),
+        };
+        let checked = compare_trees(reference, &view)
+            .map_err(|d| format!("the view of {id} differs from the reference:\n{d}"))
+            .and_then(|()| expect_writes_refused(id, &view, existing, "d"));
+        // Nested: a second view and a plain get of the same layer while the view is held.
+        let nested =
+            c.h.driver()
+                .get(&layer, &view_opts)
+                .map_err(|e| format!("second view of {id}: {e}"))
+                .and_then(|again| {
+                    c.h.driver()
+                        .put(&layer)
+                        .map_err(|e| format!("put {id}: {e}"))?;
+                    if again != view {
+                        return Err(format!(
+                            "{id}: a second view is at {}, the first at {}",
+                            again.display(),
+                            view.display()
+                        ));
+                    }
+                    c.h.expect_view(&layer, reference)
+                });
+        let put =
+            c.h.driver()
+                .put(&layer)
+                .map_err(|e| format!("put {id} (view): {e}"));
+        checked?;
+        nested?;
+        put?;
+        c.h.expect_view(&layer, reference)?;
+    }
+    // The rw layer still takes writes through a plain get after its view is gone.
+    c.through("ctr", &ctr_ref, &[FsOp::write("after", 3, 5)], caps)?;
+    c.verify(caps, "ctr", Some("base"), &ctr_ref, Some(&base_ref))?;
+    c.h.expect_view(&base, &base_ref)
+}
+
+/// Writes through one read-write layer never show in a sibling on the same parent, in the
+/// parent, or in a layer made later on the parent: containerd's isolation between snapshots
+/// of one committed parent (also through a lower hardlinked file and an opaque directory).
+pub fn sibling_isolation(factory: Factory, caps: &Capabilities) -> Outcome {
+    let mut c = Chain::new(factory)?;
+    let base = lid("base");
+    let base_ref = c.image(
+        "base",
+        None,
+        &[
+            FsOp::write("f", 10, 1),
+            FsOp::write("d/g", 20, 2),
+            FsOp::hardlink("f", "d/f-link"),
+        ],
+        caps,
+    )?;
+    let one_ref = c.rw("one", Some((&base, &base_ref)))?;
+    let two_ref = c.rw("two", Some((&base, &base_ref)))?;
+    let mut one_ops = vec![
+        FsOp::write("d/g", 30, 3),
+        FsOp::write("only-one", 4, 4),
+        FsOp::delete("d/g"),
+        FsOp::write("d/g", 8, 5),
+        FsOp::mkdir("e"),
+    ];
+    if !caps.copy_up_breaks_hardlinks {
+        one_ops.push(FsOp::write("f", 12, 6));
+    } else {
+        one_ops.push(FsOp::delete("f"));
+    }
+    c.through("one", &one_ref, &one_ops, caps)?;
+    c.through(
+        "two",
+        &two_ref,
+        &[FsOp::write("only-two", 6, 7), FsOp::delete("d")],
+        caps,
+    )?;
+    // Each sibling is exactly its own operations on the parent; the parent is unchanged.
+    c.h.expect_view(&lid("one"), &one_ref)?;
+    c.h.expect_view(&lid("two"), &two_ref)?;
+    c.h.expect_view(&base, &base_ref)?;
+    // A layer created on the parent afterwards sees neither sibling.
+    let three_ref = c.rw("three", Some((&base, &base_ref)))?;
+    c.h.expect_view(&lid("three"), &three_ref)?;
+    c.verify(caps, "one", Some("base"), &one_ref, Some(&base_ref))?;
+    c.verify(caps, "two", Some("base"), &two_ref, Some(&base_ref))
+}

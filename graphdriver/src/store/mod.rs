@@ -20,6 +20,8 @@
 //!                         immutable from then on (see [`LayerStore::is_committed`])
 //!     diff-id             the DiffID the layer was made from, if recorded (see
 //!                         [`LayerStore::set_diff_id`]); deleted by every apply
+//!     view/               the mount point of the layer's read-only view, made by the first
+//!                         get that asks for one (see [`LayerStore::acquire_bind_view`])
 //!     …                   the driver's own content (root/, upper/, …)
 //! ```
 //!
@@ -114,6 +116,7 @@ mod nofollow;
 mod staging;
 #[cfg(test)]
 mod tests;
+mod views;
 
 use std::collections::HashMap;
 use std::fs::File;
@@ -129,6 +132,7 @@ pub use details::LayerDetails;
 pub use mounts::Holder;
 use nofollow::{lstat_type, open_dir, open_dir_opt, unexpected};
 use staging::{Kind, StagingName};
+pub use views::VIEW_DIR;
 
 use crate::{Error, LayerId, LayerInfo, Result};
 
@@ -610,6 +614,9 @@ impl LayerStore {
                 reason,
             });
         }
+        // A view left mounted by a killed holder would keep showing the old tree to the next
+        // get, which adopts it.
+        self.unmount_view(id)?;
         if self.is_committed(id)? {
             return Err(Error::WrongLayerKind {
                 id: id.clone(),
@@ -685,6 +692,8 @@ impl LayerStore {
                     children,
                 });
             }
+            // A view left mounted by a killed holder must not be walked into by the deletion.
+            self.unmount_view(id)?;
             before(&dir)?;
             self.bury(id)?
         };

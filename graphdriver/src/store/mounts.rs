@@ -206,7 +206,10 @@ impl LayerStore {
         let count = c.durable.saturating_add(c.live);
         if !is_active()? {
             if count > 0 {
-                tracing::warn!(layer = %id, count, "mount vanished behind our back; mounting again");
+                // Held, yet this mount is missing: it vanished behind our back, or the layer is
+                // held through its other mount (a view while the writable mount is asked for,
+                // or the reverse), which is normal.
+                tracing::info!(layer = %id, count, "layer held but this mount is missing; mounting it");
             }
             activate()?;
         } else if count == 0 {
@@ -235,7 +238,8 @@ impl LayerStore {
     }
 
     /// Releases one reference to `id` and returns the live references left; when none is left
-    /// `deactivate` runs first (it unmounts; if it fails, nothing is released).
+    /// `deactivate` runs first (it unmounts; if it fails, nothing is released), then the
+    /// layer's read-only view is unmounted ([`LayerStore::unmount_view`]).
     ///
     /// The reference released is one this store (or a clone) holds as a process if there is
     /// one, else a durable one. Releasing when neither exists is a no-op returning the live
@@ -260,6 +264,7 @@ impl LayerStore {
         let left = total.saturating_sub(1);
         if left == 0 {
             deactivate()?;
+            self.unmount_view(id)?;
         }
         match own {
             Some(name) => {
@@ -279,11 +284,12 @@ impl LayerStore {
     /// Drops every reference to `id` at once — durable ones, this store's, and other
     /// processes' (live or dead) — after running `deactivate`, which runs whether or not a
     /// reference was recorded (a dead holder may have left a mount behind), so it must be a
-    /// no-op when nothing is active.
+    /// no-op when nothing is active; the layer's read-only view is unmounted too.
     pub fn release_all(&self, id: &LayerId, deactivate: impl FnOnce() -> Result<()>) -> Result<()> {
         let mounts = self.mounts_fd()?;
         let refs = self.lock_refs(mounts.as_fd(), id, false)?;
         deactivate()?;
+        self.unmount_view(id)?;
         if let Some(refs) = &refs {
             let dir = refs.fd()?;
             for name in names_in(dir, &refs.path)? {
@@ -318,7 +324,12 @@ impl LayerStore {
             let refs = self.lock_refs(mounts.as_fd(), &id, false)?;
             let c = self.count_refs(mounts.as_fd(), &id, refs.as_ref())?;
             let had = c.durable.saturating_add(c.dead);
-            if had == 0 || c.live > 0 || !self.exists(&id) || is_active(&id)? {
+            if had == 0
+                || c.live > 0
+                || !self.exists(&id)
+                || is_active(&id)?
+                || self.view_is_mounted(&id)?
+            {
                 continue;
             }
             remove_durable(mounts.as_fd(), &self.durable_path(&id), &id)?;

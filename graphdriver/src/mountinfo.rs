@@ -6,7 +6,7 @@ use std::io;
 use std::os::unix::ffi::{OsStrExt, OsStringExt};
 use std::path::{Path, PathBuf};
 
-use graphdriver::{Error, IoContext, Result};
+use crate::{Error, IoContext, Result};
 
 const MOUNTINFO: &str = "/proc/self/mountinfo";
 
@@ -111,6 +111,30 @@ pub fn mount_with_flags(
     .map_err(|e| err(e.into()))
 }
 
+/// Mounts a read-only bind of directory `source` on `target` (not recursive: submounts of
+/// `source` are not carried over), with the extra mount `flags` (`MS_NODEV`, ...). Two calls, as
+/// the kernel requires: the bind, then a remount of the new mount read-only. If the remount
+/// fails the bind is taken down again, so a writable bind is never left behind.
+pub fn bind_read_only(
+    source: &Path,
+    target: &Path,
+    flags: rustix::mount::MountFlags,
+) -> Result<()> {
+    let err = |options: &str, e: rustix::io::Errno| Error::Mount {
+        target: target.to_path_buf(),
+        options: options.to_string(),
+        source: e.into(),
+    };
+    rustix::mount::mount_bind(source, target).map_err(|e| err("bind", e))?;
+    let ro = flags | rustix::mount::MountFlags::RDONLY;
+    if let Err(e) = rustix::mount::mount_remount(target, ro | rustix::mount::MountFlags::BIND, c"")
+    {
+        let _ = rustix::mount::unmount(target, rustix::mount::UnmountFlags::DETACH);
+        return Err(err("remount,bind,ro", e));
+    }
+    Ok(())
+}
+
 /// Unmounts `target`. `EINVAL` (not a mount point) is an error too; callers that tolerate a
 /// vanished mount check [`is_mountpoint`] first.
 pub fn unmount(target: &Path) -> Result<()> {
@@ -144,6 +168,34 @@ mod tests {
             parse_mount_points(text),
             vec![PathBuf::from("/mnt two"), PathBuf::from("/")]
         );
+    }
+
+    #[test]
+    fn a_read_only_bind_refuses_writes() {
+        if !rustix::process::geteuid().is_root() {
+            eprintln!("skipping a_read_only_bind_refuses_writes: needs root to mount");
+            assert_ne!(
+                std::env::var("CI").as_deref(),
+                Ok("true"),
+                "CI=true needs root"
+            );
+            return;
+        }
+        let d = tempfile::tempdir().unwrap();
+        let (src, view) = (d.path().join("src"), d.path().join("view"));
+        fs::create_dir(&src).unwrap();
+        fs::create_dir(&view).unwrap();
+        fs::write(src.join("f"), b"x").unwrap();
+        bind_read_only(&src, &view, rustix::mount::MountFlags::NODEV).unwrap();
+        let write = fs::write(view.join("f"), b"y");
+        let create = fs::write(view.join("g"), b"y");
+        let read = fs::read(view.join("f"));
+        unmount(&view).unwrap();
+        assert_eq!(write.unwrap_err().raw_os_error(), Some(libc::EROFS));
+        assert_eq!(create.unwrap_err().raw_os_error(), Some(libc::EROFS));
+        assert_eq!(read.unwrap(), b"x");
+        assert_eq!(fs::read(src.join("f")).unwrap(), b"x");
+        assert!(!src.join("g").exists());
     }
 
     #[test]
