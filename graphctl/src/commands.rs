@@ -55,12 +55,7 @@ pub fn run(cli: &Cli) -> Result<ExitCode> {
             let size = s.driver.diff_size(&id, parent.as_ref())?;
             println_out(format_args!("{size}"))
         }
-        Command::Mount { id } => {
-            let s = open(&config)?;
-            // The mount outlives this process: a durable reference, released by `unmount`.
-            let path = s.driver.get(&layer_id(id)?, &MountOpts::durable())?;
-            println_out(format_args!("{}", path.display()))
-        }
+        Command::Mount { id, rw } => mount(&open(&config)?, &layer_id(id)?, *rw, json),
         Command::Unmount { id } => Ok(open(&config)?.driver.put(&layer_id(id)?)?),
         Command::Rm { id } => Ok(open(&config)?.driver.remove(&layer_id(id)?)?),
         Command::Ls => ls(&open(&config)?, json),
@@ -110,6 +105,33 @@ fn println_out(args: std::fmt::Arguments<'_>) -> Result<()> {
 
 fn print_json(value: &serde_json::Value) -> Result<()> {
     println_out(format_args!("{}", serde_json::to_string_pretty(value)?))
+}
+
+/// `mount`: a read-only view of a committed layer, a writable mount of a read-write layer
+/// without children; `--rw` on a committed layer is refused before anything is mounted.
+fn mount(s: &Selected, id: &LayerId, rw: bool, json: bool) -> Result<()> {
+    let (store, _) = graphdriver::LayerStore::open(&s.home, false)?;
+    let committed = store
+        .is_committed(id)
+        .with_context(|| format!("mount layer {id}"))?;
+    if committed && rw {
+        bail!(
+            "layer {id} is committed (an image layer, or a layer with children) and is mounted \
+             read-only; to write, create a read-write layer on top of it \
+             (graphctl create --rw --parent {id} NEW) and mount that"
+        );
+    }
+    // The mount outlives this process: a durable reference, released by `unmount`.
+    let opts = if committed {
+        MountOpts::durable().view()
+    } else {
+        MountOpts::durable()
+    };
+    let path = s.driver.get(id, &opts)?;
+    if json {
+        return print_json(&json!({ "path": path, "read_only": committed }));
+    }
+    println_out(format_args!("{}", path.display()))
 }
 
 /// The parent given, else the layer's recorded parent.

@@ -99,8 +99,14 @@ pub enum Command {
         id: String,
     },
     /// Mount a layer and print its path; it stays mounted after graphctl exits, until a matching
-    /// `unmount` (reference counted, also across processes).
+    /// `unmount` (reference counted, also across processes). A committed layer (an image layer,
+    /// or any layer with children) is mounted as a read-only view: writes there fail with
+    /// "Read-only file system". A read-write layer without children is mounted writable.
     Mount {
+        /// Demand a writable mount: refused for a committed layer (create a read-write layer
+        /// on top of it with `create --rw --parent ID NEW` and mount that).
+        #[arg(long)]
+        rw: bool,
         /// The layer.
         id: String,
     },

@@ -81,3 +81,131 @@ driver_test!(apply_into_a_fresh_read_write_layer_works, |driver| {
         .ok();
     assert!(s.ok(&["changes", "ctr"]).contains("A /again"));
 });
+
+/// Writes `data` to `path` (appending); the OS error number if it failed.
+fn append(path: &std::path::Path, data: &[u8]) -> Option<i32> {
+    use std::io::Write;
+    std::fs::OpenOptions::new()
+        .append(true)
+        .create(true)
+        .open(path)
+        .and_then(|mut f| f.write_all(data))
+        .err()
+        .map(|e| e.raw_os_error().unwrap_or(-1))
+}
+
+driver_test!(mount_of_a_committed_layer_is_a_read_only_view, |driver| {
+    let s = Store::new(driver);
+    two_layers(&s);
+    if let Some(reason) = crate::util::skip_root_test() {
+        // Without mount privilege no view can be made: refused, never a writable tree.
+        let err = s.err(&["mount", "app"]);
+        assert!(err.contains("root"), "{err}");
+        eprintln!("skipping the rest: {reason}");
+        return;
+    }
+    let base_changes = s.ok(&["changes", "base"]);
+    let app_changes = s.ok(&["changes", "app"]);
+    for id in ["base", "app"] {
+        let path = std::path::PathBuf::from(s.ok(&["mount", id]).trim());
+        assert_eq!(
+            std::fs::read(path.join("etc/hostname")).unwrap(),
+            b"one\n",
+            "the view shows the layer's tree"
+        );
+        for target in ["etc/hostname", "new-file"] {
+            assert_eq!(
+                append(&path.join(target), b"x\n"),
+                Some(libc::EROFS),
+                "a write to {target} through the view of {id} fails with EROFS"
+            );
+        }
+        assert_eq!(
+            std::fs::remove_file(path.join("etc/hostname"))
+                .err()
+                .and_then(|e| e.raw_os_error()),
+            Some(libc::EROFS)
+        );
+        // A second mount shares the view; the last unmount takes it down.
+        assert_eq!(s.ok(&["mount", id]).trim(), path.to_str().unwrap());
+        s.ok(&["unmount", id]);
+        assert!(crate::util::is_mount_point(&path), "still held once");
+        s.ok(&["unmount", id]);
+        assert!(!crate::util::is_mount_point(&path), "the last unmount");
+    }
+    assert_eq!(s.ok(&["changes", "base"]), base_changes);
+    assert_eq!(s.ok(&["changes", "app"]), app_changes);
+    let json = s.ok(&["--json", "mount", "app"]);
+    assert!(json.contains("\"read_only\": true"), "{json}");
+    s.ok(&["unmount", "app"]);
+    // A committed layer's view does not stand in the way of removing its child and itself.
+    s.ok(&["mount", "app"]);
+    s.err(&["rm", "app"]);
+    s.ok(&["unmount", "app"]);
+    s.ok(&["rm", "app"]);
+    s.ok(&["rm", "base"]);
+});
+
+driver_test!(mount_rw_of_a_committed_layer_is_refused, |driver| {
+    let s = Store::new(driver);
+    two_layers(&s);
+    // `base` is committed twice over: applied, and it has a child. A plain created layer
+    // becomes committed once it has a child.
+    s.ok(&["create", "--parent", "app", "empty"]);
+    s.ok(&["create", "--rw", "--parent", "empty", "ctr"]);
+    for id in ["base", "app", "empty"] {
+        let err = s.err(&["mount", "--rw", id]);
+        assert!(
+            err.contains(id) && err.contains("committed") && err.contains("create --rw --parent"),
+            "the refusal names the layer and says what to do: {err}"
+        );
+        assert!(
+            s.ok(&["info", id]).contains("mount_count: 0"),
+            "nothing was mounted"
+        );
+    }
+});
+
+driver_test!(writes_in_a_read_write_layer_stay_in_it, |driver| {
+    if let Some(reason) = crate::util::skip_root_test() {
+        eprintln!("skipping: {reason} (reads the committed parent through a view)");
+        return;
+    }
+    let s = Store::new(driver);
+    two_layers(&s);
+    s.ok(&["create", "--rw", "--parent", "app", "one"]);
+    s.ok(&["create", "--rw", "--parent", "app", "two"]);
+    let one = std::path::PathBuf::from(s.ok(&["mount", "--rw", "one"]).trim());
+    let two = std::path::PathBuf::from(s.ok(&["mount", "two"]).trim());
+    assert!(
+        s.ok(&["--json", "mount", "two"])
+            .contains("\"read_only\": false")
+    );
+    s.ok(&["unmount", "two"]);
+    assert_eq!(append(&one.join("etc/hostname"), b"changed\n"), None);
+    assert_eq!(append(&one.join("only-in-one"), b"1\n"), None);
+    assert_eq!(
+        std::fs::read(one.join("etc/hostname")).unwrap(),
+        b"one\nchanged\n"
+    );
+    assert_eq!(std::fs::read(two.join("etc/hostname")).unwrap(), b"one\n");
+    assert!(
+        !two.join("only-in-one").exists(),
+        "the sibling does not see it"
+    );
+    let app = std::path::PathBuf::from(s.ok(&["mount", "app"]).trim());
+    assert_eq!(std::fs::read(app.join("etc/hostname")).unwrap(), b"one\n");
+    assert!(
+        !app.join("only-in-one").exists(),
+        "the parent does not see it"
+    );
+    let changes = s.ok(&["changes", "one"]);
+    assert!(
+        changes.contains("C /etc/hostname") && changes.contains("A /only-in-one"),
+        "{changes}"
+    );
+    assert_eq!(s.ok(&["changes", "two"]), "");
+    for id in ["one", "two", "app"] {
+        s.ok(&["unmount", id]);
+    }
+});
