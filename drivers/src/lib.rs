@@ -22,3 +22,36 @@ pub mod copy;
 pub use graphdriver::mountinfo;
 pub mod overlay;
 pub mod vfs;
+
+/// Applies `diff` to the layer tree `tree` of layer `id` under `guard`, all or nothing (the
+/// apply both drivers use for a layer that is one plain directory): in place when the layer is
+/// fresh ([`graphdriver::ApplyGuard::is_fresh`]: nothing in it to keep, and the guard removes
+/// it if the apply fails), else into a hardlink copy of `tree` that replaces it in one exchange
+/// ([`graphdriver::ApplyGuard::replace_subdir`]). The copy may share inodes with `tree`: an
+/// apply replaces entries (unlink, then create) and never writes into an existing file, and
+/// directories are copied, not linked. Returns the bytes the apply wrote.
+fn apply_all_or_nothing(
+    guard: &graphdriver::ApplyGuard<'_>,
+    id: &graphdriver::LayerId,
+    tree: &std::path::Path,
+    diff: &mut dyn std::io::Read,
+    opts: &archive::ApplyOptions,
+) -> graphdriver::Result<u64> {
+    let apply = |dst: &std::path::Path| {
+        chrootarchive::apply_layer(dst, diff, opts).map_err(|e| graphdriver::Error::archive(id, e))
+    };
+    if guard.is_fresh() {
+        return apply(tree);
+    }
+    let name = tree.file_name().and_then(|n| n.to_str()).ok_or_else(|| {
+        graphdriver::Error::io(
+            "replace",
+            tree,
+            std::io::Error::from(std::io::ErrorKind::InvalidInput),
+        )
+    })?;
+    guard.replace_subdir(name, |stage| {
+        copy::copy_tree(tree, stage, copy::CopyMode::Hardlink)?;
+        apply(stage)
+    })
+}

@@ -1,5 +1,6 @@
-//! Failed applies: corrupt input and a full disk keep the layer they were given (never removed
-//! by the driver; the caller removes it) and leave the parent intact.
+//! Failed applies are all or nothing: a layer the driver just created for the apply (fresh) is
+//! removed again, a layer that existed before (created by another process) is kept exactly as
+//! it was; corrupt input and a full disk leave the parent intact and give the space back.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod common;
@@ -55,6 +56,7 @@ fn corrupt_apply_leaves_nothing(make: fn(&Path) -> Box<dyn Driver>) {
     base(&*d, t.path());
     let before = tree(&*d, "base");
     for (what, input) in corrupt_inputs(t.path()) {
+        // Fresh: created by this driver for the apply, so a failed apply removes it.
         d.create(&id("child"), Some(&id("base"))).unwrap();
         let err = d
             .apply_diff(&id("child"), Some(&id("base")), &mut &input[..])
@@ -64,14 +66,28 @@ fn corrupt_apply_leaves_nothing(make: fn(&Path) -> Box<dyn Driver>) {
             err.to_string().contains("child"),
             "{what}: error names the layer: {err}"
         );
-        // A failed apply never removes the layer it was given (it existed before the call);
-        // the caller that created it removes it.
-        assert!(d.exists(&id("child")), "{what}: the layer is kept");
-        d.remove(&id("child")).unwrap();
+        assert!(!d.exists(&id("child")), "{what}: a fresh layer is removed");
         assert!(
             !d.home().join("child").exists(),
             "{what}: no directory left"
         );
+        assert!(matches!(d.remove(&id("child")), Err(Error::NotFound(_))));
+        // Existing: created by another driver instance (another process), so kept as it was.
+        let other = make(d.home());
+        other.create(&id("old"), Some(&id("base"))).unwrap();
+        drop(other);
+        let old_before = tree(&*d, "old");
+        let err = d
+            .apply_diff(&id("old"), Some(&id("base")), &mut &input[..])
+            .unwrap_err();
+        assert!(matches!(err, Error::Archive { .. }), "{what}: {err}");
+        assert!(d.exists(&id("old")), "{what}: an existing layer is kept");
+        let diffs = differences(&old_before, &tree(&*d, "old"), &CompareOptions::default());
+        assert!(
+            diffs.is_empty(),
+            "{what}: the existing layer changed: {diffs:?}"
+        );
+        d.remove(&id("old")).unwrap();
         let diffs = differences(&before, &tree(&*d, "base"), &CompareOptions::default());
         assert!(diffs.is_empty(), "{what}: parent changed: {diffs:?}");
     }
@@ -127,11 +143,32 @@ fn enospc_is_clear(make: fn(&Path) -> Box<dyn Driver>) {
         .apply_diff(&id("child"), Some(&id("base")), &mut &tar[..])
         .unwrap_err();
     assert_eq!(err.errno(), Some(libc::ENOSPC), "{err}");
-    assert!(d.exists(&id("child")), "a failed apply keeps the layer");
-    d.remove(&id("child")).unwrap();
+    assert!(
+        !d.exists(&id("child")),
+        "a failed apply removes the fresh layer"
+    );
     assert!(!d.home().join("child").exists());
     let diffs = differences(&before, &tree(&*d, "base"), &CompareOptions::default());
     assert!(diffs.is_empty(), "parent changed: {diffs:?}");
+    assert!(
+        fsys.free_blocks() >= free,
+        "space returned: {} < {free}",
+        fsys.free_blocks()
+    );
+    // An existing layer (another instance made it): the staged copy fills the disk, and the
+    // layer, its tree and the free space are as before.
+    let other = make(d.home());
+    other.create(&id("old"), Some(&id("base"))).unwrap();
+    drop(other);
+    let old_before = tree(&*d, "old");
+    let free = fsys.free_blocks();
+    let err = d
+        .apply_diff(&id("old"), Some(&id("base")), &mut &tar[..])
+        .unwrap_err();
+    assert_eq!(err.errno(), Some(libc::ENOSPC), "{err}");
+    assert!(d.exists(&id("old")));
+    let diffs = differences(&old_before, &tree(&*d, "old"), &CompareOptions::default());
+    assert!(diffs.is_empty(), "the existing layer changed: {diffs:?}");
     assert!(
         fsys.free_blocks() >= free,
         "space returned: {} < {free}",

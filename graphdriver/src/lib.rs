@@ -63,7 +63,9 @@ pub use registry::{
     DriverOption, DriverOptions, InitFn, Registration, lookup, registered, registrations,
 };
 pub use select::{Selected, SelectedBy, open, prior_state};
-pub use store::{ApplyGuard, FileLock, Holder, LayerDetails, LayerStore, Recovery, VIEW_DIR};
+pub use store::{
+    APPLY_PREFIX, ApplyGuard, FileLock, Holder, LayerDetails, LayerStore, Recovery, VIEW_DIR,
+};
 
 #[doc(hidden)]
 pub use inventory;

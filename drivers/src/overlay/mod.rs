@@ -50,7 +50,12 @@ const UPPER: &str = "upper";
 const WORK: &str = "work";
 const MERGED: &str = "merged";
 const LOWER_ID: &str = "lower-id";
-const STAGING_ROOT: &str = "root-staging";
+/// Where a layer's new `root/` is built from its parent's (an `apply-*` name, so recovery
+/// removes it after a crash: see [`graphdriver::APPLY_PREFIX`]).
+const STAGING_ROOT: &str = "apply-root";
+/// The work directory and mount point of an apply into a read-write layer's staged upper.
+const STAGING_WORK: &str = "apply-work";
+const STAGING_MERGED: &str = "apply-merged";
 
 /// The kernel copies at most one page of mount data; the last byte is the terminating NUL.
 const MAX_MOUNT_DATA: usize = 4096;
@@ -237,11 +242,23 @@ impl Overlay {
     /// options, then (with `user_opts`) the overlay options of `mount_options` that [`mountopt`]
     /// allowed, then the mount label.
     fn mount_data(&self, lower: &Path, dir: &Path, opts: &MountOpts, user_opts: bool) -> String {
+        self.overlay_data(lower, &dir.join(UPPER), &dir.join(WORK), opts, user_opts)
+    }
+
+    /// Like [`Overlay::mount_data`], with the upper and work directories given.
+    fn overlay_data(
+        &self,
+        lower: &Path,
+        upper: &Path,
+        work: &Path,
+        opts: &MountOpts,
+        user_opts: bool,
+    ) -> String {
         let mut data = format!(
             "lowerdir={},upperdir={},workdir={}",
             lower.display(),
-            dir.join(UPPER).display(),
-            dir.join(WORK).display()
+            upper.display(),
+            work.display()
         );
         if self.index_param {
             data.push_str(",index=off");
@@ -351,10 +368,15 @@ impl Overlay {
     }
 
     /// Applies a diff to an overlay layer (read-write, or on a parent without `root/`) through a
-    /// private mount of it, under [`LayerStore::begin_apply`]: the layer counts as absent until the
-    /// apply ends; if it fails the layer stays with the part of the diff applied so far (see
-    /// [`LayerStore::begin_apply`]).
-    /// Overlay itself turns the diff's deletions into whiteouts in `upper/`.
+    /// private overlay mount, under [`LayerStore::begin_apply`]: the layer counts as absent until
+    /// the apply ends. Overlay itself turns the diff's deletions into whiteouts in the upper.
+    ///
+    /// All or nothing: a fresh layer ([`graphdriver::ApplyGuard::is_fresh`]) is applied in
+    /// place (removed if the apply fails); any other gets the diff in a hardlink copy of its
+    /// `upper/` (`apply-upper`, mounted with its own work directory at `apply-merged`), which
+    /// then replaces `upper/` in one exchange. The copy is safe to share inodes with: an apply
+    /// replaces entries and never writes into an existing file, and overlay copies up only
+    /// from the lower layer.
     fn apply_through_mount(
         &self,
         id: &LayerId,
@@ -368,13 +390,37 @@ impl Overlay {
         // stacked under ours: nobody can get the layer while it is being applied.
         Self::unmount_if_mounted(&merged)?;
         let lower = self.lower_root(id)?;
-        let data = self.mount_data(&lower, dir, &MountOpts::default(), true);
-        mountinfo::mount_with_flags("overlay", &merged, "overlay", self.mount_flags(true), &data)?;
-        // Declared after `guard`, so it unmounts before a failed guard unmarks the layer.
-        let mounted = UnmountOnDrop(&merged);
-        let bytes =
-            chrootarchive::apply_layer(&merged, diff, opts).map_err(|e| Error::archive(id, e))?;
-        mounted.unmount()?;
+        let apply = |upper: &Path, work: &Path, target: &Path| -> Result<u64> {
+            let data = self.overlay_data(&lower, upper, work, &MountOpts::default(), true);
+            mountinfo::mount_with_flags(
+                "overlay",
+                target,
+                "overlay",
+                self.mount_flags(true),
+                &data,
+            )?;
+            let mounted = UnmountOnDrop(target);
+            let bytes = chrootarchive::apply_layer(target, diff, opts)
+                .map_err(|e| Error::archive(id, e))?;
+            mounted.unmount()?;
+            Ok(bytes)
+        };
+        let bytes = if guard.is_fresh() {
+            apply(&dir.join(UPPER), &dir.join(WORK), &merged)?
+        } else {
+            let upper = self.subdir(id, UPPER)?;
+            guard.replace_subdir(UPPER, |stage| {
+                copy_tree(&upper, stage, CopyMode::Hardlink)?;
+                let (work, target) = (dir.join(STAGING_WORK), dir.join(STAGING_MERGED));
+                for d in [&work, &target] {
+                    fs::DirBuilder::new()
+                        .mode(0o700)
+                        .create(d)
+                        .ctx("create directory", d)?;
+                }
+                apply(stage, &work, &target)
+            })?
+        };
         guard.finish()?;
         Ok(NativeApply::Applied(bytes))
     }
@@ -652,8 +698,7 @@ impl ApplyDiffProtoDriver for Overlay {
         let opts = archive::ApplyOptions::default();
         if let Some(root) = self.store.layer_subdir(id, ROOT)? {
             let guard = self.store.begin_apply(id)?;
-            let bytes = chrootarchive::apply_layer(&root, diff, &opts)
-                .map_err(|e| Error::archive(id, e))?;
+            let bytes = crate::apply_all_or_nothing(&guard, id, &root, diff, &opts)?;
             guard.finish()?;
             return Ok(NativeApply::Applied(bytes));
         }

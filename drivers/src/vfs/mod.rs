@@ -152,12 +152,9 @@ impl ApplyDiffProtoDriver for Vfs {
         diff: &mut dyn Read,
     ) -> Result<NativeApply> {
         let guard = self.store.begin_apply(id)?;
-        let bytes = chrootarchive::apply_layer(
-            &self.checked_root(id)?,
-            diff,
-            &archive::ApplyOptions::default(),
-        )
-        .map_err(|e| Error::archive(id, e))?;
+        let root = self.checked_root(id)?;
+        let opts = archive::ApplyOptions::default();
+        let bytes = crate::apply_all_or_nothing(&guard, id, &root, diff, &opts)?;
         guard.finish()?;
         Ok(NativeApply::Applied(bytes))
     }

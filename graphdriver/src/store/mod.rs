@@ -16,6 +16,8 @@
 //!     parent              the parent's id (absent for a base layer)
 //!     rw                  present for read-write (container) layers
 //!     incomplete          present while a diff is applied; such a layer counts as absent
+//!     apply-*             an apply's staged tree and scratch entries (see [`APPLY_PREFIX`])
+//!     apply-fresh         present while a layer created for the apply is applied in place
 //!     committed           present once an apply into an image layer finished: the layer is
 //!                         immutable from then on (see [`LayerStore::is_committed`])
 //!     diff-id             the DiffID the layer was made from, if recorded (see
@@ -44,12 +46,12 @@
 //! [`LayerStore::create`] builds the layer in `.staging/` and renames it into place with
 //! `RENAME_NOREPLACE`: a layer is either complete or absent. [`LayerStore::begin_apply`] marks an
 //! existing layer incomplete while it is modified. A committed layer
-//! ([`LayerStore::is_committed`]) is never modified: an apply into it is refused. If an apply
-//! into an uncommitted layer fails, the layer is *not* removed (it existed before the apply; a
-//! caller that created it for this apply removes it itself, as `graphctl apply` does): its
-//! marker is dropped and it keeps whatever part of the diff was applied. Only if the process
-//! dies mid-apply does [`LayerStore::open`] remove the still-marked layer, which can only be an
-//! uncommitted one without children. Removal renames the layer into `.staging/`
+//! ([`LayerStore::is_committed`]) is never modified: an apply into it is refused. An apply into
+//! an uncommitted layer is all or nothing (see [`atomic`](self::atomic)): a layer this store
+//! has just created is applied in place and removed if the apply fails or its process dies
+//! (it was created for the apply); any other layer gets the diff in a staged copy of its tree
+//! that replaces the tree by one `RENAME_EXCHANGE`, so a failure or a crash leaves it exactly
+//! as it was ([`LayerStore::open`] removes the copy). Removal renames the layer into `.staging/`
 //! first, so the id disappears at once. [`LayerStore::open`] deletes leftovers of processes that
 //! died mid-way; work still in progress in another process is recognised by the flock its owner
 //! holds and left alone. No layer is copied from a half-applied one: an apply is refused while a
@@ -109,6 +111,7 @@
 //! or others can write is refused, see above), and layer directories are created 0700, so other
 //! users cannot reach into layers (and the setuid binaries they may hold).
 
+mod atomic;
 mod details;
 mod diff_id;
 mod mounts;
@@ -118,7 +121,7 @@ mod staging;
 mod tests;
 mod views;
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::fs::File;
 use std::io;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
@@ -128,6 +131,7 @@ use std::sync::{Arc, Mutex};
 use rustix::fs::{AtFlags, FileType, FlockOperation, Mode, OFlags, RenameFlags};
 use rustix::io::Errno;
 
+pub use atomic::APPLY_PREFIX;
 pub use details::LayerDetails;
 pub use mounts::Holder;
 use nofollow::{lstat_type, open_dir, open_dir_opt, unexpected};
@@ -145,7 +149,7 @@ const INCOMPLETE_FILE: &str = "incomplete";
 const COMMITTED_FILE: &str = "committed";
 
 /// The bookkeeping of one driver home. Cheap to share: clones share the home's descriptor and
-/// the process-owned mount references (see the [module docs](self#mount-references)).
+/// the process-owned mount references (see "Mount references" in `src/store/mod.rs`).
 #[derive(Debug, Clone)]
 pub struct LayerStore {
     home: PathBuf,
@@ -154,6 +158,9 @@ pub struct LayerStore {
     sync: bool,
     /// The process-owned references this store holds, by layer.
     held: Arc<Mutex<HashMap<LayerId, Vec<mounts::HeldRef>>>>,
+    /// Layers this store created (not read-write) and has neither handed out nor applied to
+    /// (see [`ApplyGuard::is_fresh`]).
+    fresh: Arc<Mutex<HashSet<LayerId>>>,
 }
 
 /// An exclusive or shared hold on a flock; released on drop.
@@ -230,8 +237,12 @@ impl FileLock {
 pub struct Recovery {
     /// Staging directories of interrupted creates and removals that were deleted.
     pub staging_removed: Vec<PathBuf>,
-    /// Layers left incomplete by an interrupted apply, now removed.
+    /// Fresh layers (created for the apply) left incomplete by an interrupted apply, now
+    /// removed.
     pub incomplete_removed: Vec<LayerId>,
+    /// Layers that existed before an interrupted apply, rolled back to their tree from before
+    /// it (the staged copy removed).
+    pub applies_rolled_back: Vec<LayerId>,
     /// Mount records of layers that no longer exist, dropped.
     pub stale_mount_records: Vec<String>,
     /// Layers whose process-owned mount references belonged to dead processes, with how many
@@ -248,6 +259,7 @@ impl Recovery {
     pub fn is_empty(&self) -> bool {
         self.staging_removed.is_empty()
             && self.incomplete_removed.is_empty()
+            && self.applies_rolled_back.is_empty()
             && self.stale_mount_records.is_empty()
             && self.dead_references.is_empty()
             && self.failed.is_empty()
@@ -261,7 +273,7 @@ impl LayerStore {
     /// Refused with an error naming the path and what is wrong when `home` or the directory
     /// above it (the storage root) is a symlink, is owned by another user (the root may be owned
     /// by root) or can be written by group or others; and when `.staging` or `.mounts` inside it
-    /// is not a directory. See the [module docs](self#trust).
+    /// is not a directory. See "Trust" in `src/store/mod.rs`.
     ///
     /// With `sync`, layer data is flushed to disk before a new layer becomes visible.
     pub fn open(home: &Path, sync: bool) -> Result<(LayerStore, Recovery)> {
@@ -271,6 +283,7 @@ impl LayerStore {
             dir: Arc::new(dir),
             sync,
             held: Arc::default(),
+            fresh: Arc::default(),
         };
         for name in [STAGING_DIR, MOUNTS_DIR] {
             let path = home.join(name);
@@ -581,6 +594,9 @@ impl LayerStore {
             Err(e) => return Err(Error::io("rename into place", &target, e.into())),
         }
         staging.committed();
+        if !read_write {
+            self.mark_fresh(id);
+        }
         if self.sync {
             fsync_dir(self.fd(), &self.home)?;
         }
@@ -588,8 +604,11 @@ impl LayerStore {
     }
 
     /// Marks complete layer `id` as being modified; until [`ApplyGuard::finish`] it counts as
-    /// absent. If the guard is dropped unfinished the layer stays (with its marker removed),
-    /// holding whatever part of the modification was done; it is never deleted.
+    /// absent. The driver then applies all or nothing: in place into a fresh layer
+    /// ([`ApplyGuard::is_fresh`]), else into a staged copy that replaces the tree at once
+    /// ([`ApplyGuard::replace_subdir`]). If the guard is dropped unfinished, a fresh layer is
+    /// removed (it held nothing but what this store created, and a half-applied layer must not
+    /// stay under its id); any other layer stays as it was, its staged entries removed.
     ///
     /// Refused with [`Error::WrongLayerKind`] naming the layer if it is committed
     /// ([`LayerStore::is_committed`]): a diff for it goes into a new layer on top.
@@ -646,12 +665,25 @@ impl LayerStore {
             Err(e) => return Err(Error::io("create marker", &marker, e.into())),
         };
         let lock = FileLock::try_exclusive(file).ok_or_else(in_progress)?;
+        let fresh = self.take_fresh(id) && {
+            // Written before anything changes: recovery after a crash removes the layer only
+            // when it finds this (a rolled-back apply keeps it).
+            let fresh_path = self.layer_dir(id).join(atomic::FRESH_FILE);
+            match nofollow::create_new_file(dir.as_fd(), atomic::FRESH_FILE, &fresh_path) {
+                Ok(_) => true,
+                Err(e) => {
+                    let _ = rustix::fs::unlinkat(&dir, INCOMPLETE_FILE, AtFlags::empty());
+                    return Err(e);
+                }
+            }
+        };
         Ok(ApplyGuard {
             store: self,
             id: id.clone(),
             dir,
             _lock: Some(lock),
             finished: false,
+            fresh,
         })
     }
 
@@ -860,9 +892,23 @@ impl LayerStore {
                 if !still_linked(&held, dir.as_fd(), INCOMPLETE_FILE) {
                     continue;
                 }
-                match self.discard_layer_dir(&id) {
-                    Ok(()) => rec.incomplete_removed.push(id),
-                    Err(e) => rec.failed.push(format!("incomplete layer {id}: {e}")),
+                let fresh = lstat_type(
+                    dir.as_fd(),
+                    atomic::FRESH_FILE,
+                    &self.layer_dir(&id).join(atomic::FRESH_FILE),
+                );
+                match fresh {
+                    // Created for this apply by the dead process: it goes.
+                    Ok(Some(_)) => match self.discard_layer_dir(&id) {
+                        Ok(()) => rec.incomplete_removed.push(id),
+                        Err(e) => rec.failed.push(format!("incomplete layer {id}: {e}")),
+                    },
+                    // It existed before: the apply went into a staged copy, which goes.
+                    Ok(None) => match self.roll_back_apply(&id, dir.as_fd()) {
+                        Ok(()) => rec.applies_rolled_back.push(id),
+                        Err(e) => rec.failed.push(format!("interrupted apply of {id}: {e}")),
+                    },
+                    Err(e) => rec.failed.push(e.to_string()),
                 }
             }
         }
@@ -880,6 +926,8 @@ pub struct ApplyGuard<'a> {
     dir: OwnedFd,
     _lock: Option<FileLock>,
     finished: bool,
+    /// See [`ApplyGuard::is_fresh`].
+    fresh: bool,
 }
 
 impl ApplyGuard<'_> {
@@ -899,6 +947,13 @@ impl ApplyGuard<'_> {
                 &path.join(COMMITTED_FILE),
             )?;
         }
+        if self.fresh {
+            nofollow::remove_entry(
+                self.dir.as_fd(),
+                atomic::FRESH_FILE,
+                &path.join(atomic::FRESH_FILE),
+            )?;
+        }
         rustix::fs::unlinkat(&self.dir, INCOMPLETE_FILE, AtFlags::empty())
             .map_err(|e| Error::io("remove marker", path.join(INCOMPLETE_FILE), e.into()))?;
         self.finished = true;
@@ -911,14 +966,27 @@ impl ApplyGuard<'_> {
 
 impl Drop for ApplyGuard<'_> {
     fn drop(&mut self) {
-        if !self.finished {
-            // The layer existed before this apply: keep it (never delete what the caller did
-            // not create), visible again with the partial result, as documented.
-            let path = self.store.layer_dir(&self.id).join(INCOMPLETE_FILE);
-            if let Err(e) = rustix::fs::unlinkat(&self.dir, INCOMPLETE_FILE, AtFlags::empty()) {
-                tracing::error!(layer = %self.id, path = %path.display(), error = %e,
-                    "could not remove the marker of a failed apply");
+        if self.finished {
+            return;
+        }
+        if self.fresh {
+            // Half-applied in place, and nothing in it predates this store's create: remove
+            // it. If that fails the marker stays, so the layer counts as absent and the next
+            // open removes it.
+            let removed = self
+                .store
+                .lock_exclusive()
+                .and_then(|_lock| self.store.discard_layer_dir(&self.id));
+            if let Err(e) = removed {
+                tracing::error!(layer = %self.id, error = %e,
+                    "could not remove a fresh layer whose apply failed; the next open removes it");
             }
+            return;
+        }
+        // The layer existed before this apply and its tree was not touched (the apply went
+        // into a staged copy): drop what is left of the copy and make it visible again.
+        if let Err(e) = self.store.roll_back_apply(&self.id, self.dir.as_fd()) {
+            tracing::error!(layer = %self.id, error = %e, "could not roll back a failed apply");
         }
     }
 }

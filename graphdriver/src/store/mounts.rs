@@ -198,6 +198,8 @@ impl LayerStore {
     ) -> Result<u32> {
         let _store = self.lock_shared()?;
         self.require(id)?;
+        // Handed out, so possibly written: no longer fresh (see `ApplyGuard::is_fresh`).
+        self.take_fresh(id);
         let mounts = self.mounts_fd()?;
         let refs = self
             .lock_refs(mounts.as_fd(), id, true)?

@@ -91,6 +91,8 @@ fn failed_populate_leaves_nothing() {
 fn failed_apply_keeps_the_layer() {
     let (_d, s) = store();
     s.create(&id("a"), None, false, |_| Ok(())).unwrap();
+    // Another store (another process): the layer is not fresh for it.
+    let (s, _) = LayerStore::open(s.home(), false).unwrap();
     {
         let _g = s.begin_apply(&id("a")).unwrap();
         assert!(!s.exists(&id("a")), "an applying layer counts as absent");
@@ -402,6 +404,7 @@ fn recovery_removes_leftovers_but_not_live_work() {
     // A dead process's staging dir and incomplete layer: nobody holds their locks.
     fs::create_dir(home.join(STAGING_DIR).join("new-x-1-1")).unwrap();
     fs::write(home.join("a").join(INCOMPLETE_FILE), "").unwrap();
+    fs::write(home.join("a").join(super::atomic::FRESH_FILE), "").unwrap();
     fs::write(home.join(MOUNTS_DIR).join("gone"), "1").unwrap();
     fs::create_dir(home.join(MOUNTS_DIR).join(".refs-gone")).unwrap();
     fs::write(home.join(MOUNTS_DIR).join(".refs-gone").join("ref-1-1"), "").unwrap();
@@ -1159,4 +1162,109 @@ fn a_live_builder_pins_its_parent_for_every_check() {
         Ok(())
     })
     .unwrap();
+}
+
+/// A layer with one file `f` holding `content` in its `root/`, created by a store other than
+/// `s` (so it is not fresh for `s`).
+fn layer_with_root(home: &Path, name: &str, content: &str) {
+    let (other, _) = LayerStore::open(home, false).unwrap();
+    other
+        .create(&id(name), None, false, |dir| {
+            fs::create_dir(dir.join("root")).unwrap();
+            fs::write(dir.join("root/f"), content).unwrap();
+            Ok(())
+        })
+        .unwrap();
+}
+
+#[test]
+fn a_staged_apply_replaces_the_tree_whole_or_not_at_all() {
+    let dir = tempfile::tempdir().unwrap();
+    let home = dir.path().join("home");
+    let (s, _) = LayerStore::open(&home, false).unwrap();
+    layer_with_root(&home, "a", "old");
+    let g = s.begin_apply(&id("a")).unwrap();
+    assert!(!g.is_fresh(), "created by another store");
+    // A failed build: the old tree is untouched and the staged entries are gone.
+    let err = g
+        .replace_subdir("root", |stage| {
+            fs::create_dir(stage).unwrap();
+            fs::write(stage.join("f"), "half").unwrap();
+            fs::create_dir(stage.with_file_name("apply-work")).unwrap();
+            Err::<(), _>(Error::NotFound(id("boom")))
+        })
+        .unwrap_err();
+    assert!(matches!(err, Error::NotFound(_)));
+    assert_eq!(fs::read_to_string(home.join("a/root/f")).unwrap(), "old");
+    assert!(!home.join("a/apply-root").exists() && !home.join("a/apply-work").exists());
+    // A good one replaces it.
+    let n = g
+        .replace_subdir("root", |stage| {
+            fs::create_dir(stage).unwrap();
+            fs::write(stage.join("f"), "new").unwrap();
+            Ok(7)
+        })
+        .unwrap();
+    assert_eq!(n, 7);
+    g.finish().unwrap();
+    assert_eq!(fs::read_to_string(home.join("a/root/f")).unwrap(), "new");
+    let names: Vec<_> = fs::read_dir(home.join("a"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .filter(|n| n.starts_with(APPLY_PREFIX))
+        .collect();
+    assert!(names.is_empty(), "{names:?}");
+}
+
+#[test]
+fn a_failed_apply_removes_a_fresh_layer_and_keeps_any_other() {
+    let dir = tempfile::tempdir().unwrap();
+    let home = dir.path().join("home");
+    let (s, _) = LayerStore::open(&home, false).unwrap();
+    // Fresh: created by this store, never handed out.
+    s.create(&id("fresh"), None, false, |_| Ok(())).unwrap();
+    let g = s.begin_apply(&id("fresh")).unwrap();
+    assert!(g.is_fresh());
+    drop(g);
+    assert!(
+        !s.exists(&id("fresh")),
+        "a failed fresh apply removes the layer"
+    );
+    assert!(!home.join("fresh").exists());
+    // Handed out once: no longer fresh, kept.
+    s.create(&id("got"), None, false, |_| Ok(())).unwrap();
+    s.acquire_ref(&id("got"), Holder::Process, || Ok(true), || Ok(()))
+        .unwrap();
+    s.release_ref(&id("got"), || Ok(())).unwrap();
+    let g = s.begin_apply(&id("got")).unwrap();
+    assert!(!g.is_fresh());
+    drop(g);
+    assert!(s.exists(&id("got")));
+    // Read-write layers are never fresh; a second apply is never fresh.
+    s.create(&id("rw"), None, true, |_| Ok(())).unwrap();
+    assert!(!s.begin_apply(&id("rw")).unwrap().is_fresh());
+    s.create(&id("twice"), None, false, |_| Ok(())).unwrap();
+    let g = s.begin_apply(&id("twice")).unwrap();
+    drop(g);
+    assert!(!s.exists(&id("twice")));
+}
+
+#[test]
+fn recovery_rolls_back_an_interrupted_apply_into_an_existing_layer() {
+    let dir = tempfile::tempdir().unwrap();
+    let home = dir.path().join("home");
+    layer_with_root(&home, "a", "old");
+    // What a process killed after staging left: marker, staged copy and scratch, no
+    // apply-fresh.
+    fs::write(home.join("a").join(INCOMPLETE_FILE), "").unwrap();
+    fs::create_dir(home.join("a/apply-root")).unwrap();
+    fs::write(home.join("a/apply-root/f"), "half").unwrap();
+    fs::create_dir(home.join("a/apply-work")).unwrap();
+    let (s, rec) = LayerStore::open(&home, false).unwrap();
+    assert_eq!(rec.applies_rolled_back, vec![id("a")], "{rec:?}");
+    assert!(rec.incomplete_removed.is_empty());
+    assert!(s.exists(&id("a")));
+    assert_eq!(fs::read_to_string(home.join("a/root/f")).unwrap(), "old");
+    assert!(!home.join("a/apply-root").exists() && !home.join("a/apply-work").exists());
+    assert!(!home.join("a").join(INCOMPLETE_FILE).exists());
 }
