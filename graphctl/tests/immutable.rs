@@ -51,11 +51,16 @@ driver_test!(a_failed_apply_keeps_existing_layers, |driver| {
     s.cmd(&["apply", "base", "-"]).stdin(truncated_tar()).err();
     assert_eq!(s.ok(&["ls"]), "app base\nbase -\n");
     assert_eq!(s.ok(&["changes", "app"]), changes);
-    // Onto an existing, uncommitted layer (created empty, no children): fails part-way, and the
-    // layer is still there.
+    // Onto an existing, uncommitted layer (created empty by an earlier command, no children):
+    // fails part-way, and the layer is still there, without any part of the diff.
     s.ok(&["create", "--parent", "app", "empty"]);
     s.cmd(&["apply", "empty", "-"]).stdin(truncated_tar()).err();
     assert!(s.ok(&["ls"]).contains("empty app\n"), "{}", s.ok(&["ls"]));
+    assert_eq!(s.ok(&["changes", "empty"]), "", "all or nothing");
+    s.cmd(&["apply", "empty", "-"])
+        .stdin(layer_tar(&[("a", b"good\n")]))
+        .ok();
+    assert_eq!(s.ok(&["changes", "empty"]), "A /a\n");
     // A layer the failed command created itself is gone again.
     s.cmd(&["apply", "--parent", "app", "fresh", "-"])
         .stdin(truncated_tar())
@@ -209,3 +214,50 @@ driver_test!(writes_in_a_read_write_layer_stay_in_it, |driver| {
         s.ok(&["unmount", id]);
     }
 });
+
+driver_test!(
+    an_apply_into_a_used_read_write_layer_is_all_or_nothing,
+    |driver| {
+        let s = Store::new(driver);
+        two_layers(&s);
+        s.ok(&["create", "--rw", "--parent", "app", "ctr"]);
+        let path = std::path::PathBuf::from(s.ok(&["mount", "ctr"]).trim());
+        std::fs::write(path.join("kept"), b"mine\n").unwrap();
+        std::fs::remove_file(path.join("etc/hostname")).unwrap();
+        std::fs::create_dir(path.join("app/more")).unwrap();
+        std::fs::write(path.join("app/more/x"), b"x\n").unwrap();
+        s.ok(&["unmount", "ctr"]);
+        let before = s.ok(&["changes", "ctr"]);
+        assert!(before.contains("D /etc/hostname"), "{before}");
+        // A tar that breaks off in the middle: nothing of it shows, nothing of the layer is lost.
+        let err = s.cmd(&["apply", "ctr", "-"]).stdin(truncated_tar()).err();
+        assert!(err.contains("ctr"), "{err}");
+        assert_eq!(s.ok(&["changes", "ctr"]), before);
+        let path = std::path::PathBuf::from(s.ok(&["mount", "ctr"]).trim());
+        assert_eq!(std::fs::read(path.join("kept")).unwrap(), b"mine\n");
+        assert!(!path.join("etc/hostname").exists(), "the deletion stays");
+        assert!(!path.join("a").exists(), "no entry of the broken tar");
+        s.ok(&["unmount", "ctr"]);
+        // A good one goes in whole, on top of what the layer had.
+        s.cmd(&["apply", "ctr", "-"])
+            .stdin(layer_tar(&[("added", b"y\n"), ("kept", b"theirs\n")]))
+            .ok();
+        let after = s.ok(&["changes", "ctr"]);
+        for line in ["A /added", "A /kept", "D /etc/hostname", "A /app/more"] {
+            assert!(after.contains(line), "{line} missing in {after}");
+        }
+        let path = std::path::PathBuf::from(s.ok(&["mount", "ctr"]).trim());
+        assert_eq!(std::fs::read(path.join("kept")).unwrap(), b"theirs\n");
+        assert_eq!(std::fs::read(path.join("app/more/x")).unwrap(), b"x\n");
+        s.ok(&["unmount", "ctr"]);
+        // The parents never changed, and no staged entry is left in the layer.
+        assert_eq!(s.ok(&["changes", "app"]), "A /app\nA /app/bin\n");
+        let home = s.root.join(driver).join("ctr");
+        let staged: Vec<_> = std::fs::read_dir(&home)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .filter(|n| n.starts_with("apply-"))
+            .collect();
+        assert!(staged.is_empty(), "{staged:?}");
+    }
+);

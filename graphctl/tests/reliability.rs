@@ -376,6 +376,119 @@ fn kill_apply_at(driver: &'static str, point: KillPoint) {
     s.ok(&["unmount", "big"]);
 }
 
+/// Streams the big layer into `graphctl apply ID -` for an existing layer and SIGKILLs it at
+/// `point` (after the layer is marked, except at `Start`); waits for its confined child too.
+fn kill_apply_into(s: &Store, id: &str, point: KillPoint) {
+    let mut child = s
+        .cmd(&["apply", id, "-"])
+        .cmd
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut stdin = child.stdin.take().unwrap();
+    let marker = home(s).join(id).join("incomplete");
+    let wrote = (|| -> std::io::Result<()> {
+        if !matches!(point, KillPoint::Start) {
+            stdin.write_all(&BigLayer::headers())?;
+        }
+        let files = match point {
+            KillPoint::Start | KillPoint::AfterHeaders => 0,
+            KillPoint::MidFile => 3,
+            KillPoint::BeforeEof => BigLayer::FILES,
+        };
+        for i in 0..files {
+            BigLayer::write_file(&mut stdin, i, None)?;
+        }
+        stdin.flush()
+    })();
+    wrote.unwrap_or_else(|e| panic!("graphctl stopped reading at {point:?}: {e}"));
+    if !matches!(point, KillPoint::Start) {
+        wait_until("the layer to be marked incomplete", || marker.exists());
+    }
+    let helpers = children_of(child.id());
+    child.kill().unwrap(); // SIGKILL
+    wait_or_fail(&mut child, "the killed graphctl");
+    drop(stdin);
+    for pid in helpers {
+        wait_until(&format!("the confined child {pid} to exit"), || !alive(pid));
+    }
+}
+
+/// The names starting with `apply-` in layer `id`'s directory (an apply's staged entries).
+fn staged_entries(s: &Store, id: &str) -> Vec<String> {
+    std::fs::read_dir(home(s).join(id))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .filter(|n| n.starts_with("apply-"))
+        .collect()
+}
+
+// A read-write layer in use (and an image layer created by an earlier command) existed before
+// the apply that was killed: after recovery it is exactly as it was, nothing staged is left,
+// no mount stays, and it still takes a complete apply.
+driver_test!(
+    sigkill_during_apply_into_an_existing_layer_rolls_back,
+    |driver| {
+        if driver == "overlay" {
+            need_root!();
+        }
+        for point in [
+            KillPoint::Start,
+            KillPoint::AfterHeaders,
+            KillPoint::MidFile,
+            KillPoint::BeforeEof,
+        ] {
+            let s = Store::new(driver);
+            s.cmd(&["apply", "base", "-"])
+                .stdin(layer_tar(&[("etc/", b""), ("etc/os", b"base\n")]))
+                .ok();
+            s.ok(&["create", "--rw", "--parent", "base", "ctr"]);
+            s.ok(&["create", "--parent", "base", "img"]);
+            let path = PathBuf::from(s.ok(&["mount", "ctr"]).trim());
+            std::fs::write(path.join("mine"), b"kept\n").unwrap();
+            std::fs::remove_file(path.join("etc/os")).unwrap();
+            s.ok(&["unmount", "ctr"]);
+            let before = s.ok(&["changes", "ctr"]);
+            for id in ["ctr", "img"] {
+                kill_apply_into(&s, id, point);
+                let out = s.cmd(&["exists", id]).output();
+                assert_eq!(out.status.code(), Some(0), "{point:?}: {id} was removed");
+                if !matches!(point, KillPoint::Start) {
+                    let stderr = String::from_utf8_lossy(&out.stderr);
+                    assert!(
+                        stderr.contains("applies_rolled_back") && stderr.contains(id),
+                        "{point:?}: the roll-back was not reported: {stderr}"
+                    );
+                }
+                assert!(
+                    staged_entries(&s, id).is_empty(),
+                    "{point:?}: {:?}",
+                    staged_entries(&s, id)
+                );
+                assert!(
+                    mounts_under(&s.root).is_empty(),
+                    "{point:?}: stray mounts {:?}",
+                    mounts_under(&s.root)
+                );
+            }
+            assert_eq!(s.ok(&["changes", "ctr"]), before, "{point:?}: ctr changed");
+            assert_eq!(s.ok(&["changes", "img"]), "", "{point:?}: img changed");
+            assert!(staging_entries(&s).is_empty(), "{:?}", staging_entries(&s));
+            // Still usable: a complete apply goes in.
+            s.cmd(&["apply", "ctr", "-"])
+                .stdin(layer_tar(&[("late", b"1\n")]))
+                .ok();
+            let after = s.ok(&["changes", "ctr"]);
+            assert!(
+                after.contains("A /late") && after.contains("A /mine"),
+                "{after}"
+            );
+        }
+    }
+);
+
 driver_test!(sigkill_during_apply, |driver| {
     if driver == "overlay" {
         need_root!();
@@ -991,3 +1104,133 @@ driver_test!(sync_option_is_accepted_and_layers_work, |driver| {
     let err = s.err(&["-o", "sync=maybe", "ls"]);
     assert!(err.contains("sync"), "{err}");
 });
+
+// === immutability under concurrency ===
+
+// Committed layers never change, whatever runs against them at the same time: applies of
+// other tars into them, `mount --rw`, writes through their views, children created, applied
+// and removed, and writes and applies into a read-write layer on top.
+driver_test!(
+    committed_layers_never_change_under_concurrent_writers,
+    |driver| {
+        need_root!();
+        const PROCS: u64 = 6;
+        const OPS: usize = 16;
+        let s = Store::new(driver);
+        s.cmd(&["apply", "base", "-"])
+            .stdin(layer_tar(&[("etc/", b""), ("etc/os", b"base\n")]))
+            .ok();
+        s.cmd(&["apply", "--parent", "base", "app", "-"])
+            .stdin(image_tar("app"))
+            .ok();
+        s.ok(&["create", "--rw", "--parent", "app", "ctr"]);
+        let rogue = s.scratch("rogue.tar");
+        std::fs::write(
+            &rogue,
+            layer_tar(&[("etc/os", b"rogue\n"), ("app/f", b"rogue\n"), ("new", b"x")]),
+        )
+        .unwrap();
+        let rogue = rogue.to_str().unwrap().to_string();
+        let take = |id: &str| {
+            let path = PathBuf::from(s.ok(&["mount", id]).trim());
+            let snap = snapshot(&path).unwrap();
+            s.ok(&["unmount", id]);
+            snap
+        };
+        let before = [("base", take("base")), ("app", take("app"))];
+
+        let failures = std::thread::scope(|scope| {
+            let workers: Vec<_> = (0..PROCS)
+                .map(|w| {
+                    let (s, rogue) = (&s, &rogue);
+                    scope.spawn(move || {
+                        let mut rng = Rng(0x5DEE_CE66_D1CE_F00D ^ (w + 1).wrapping_mul(0x9E37));
+                        let mut bad = Vec::new();
+                        let child = format!("c{w}");
+                        for _ in 0..OPS {
+                            let committed = ["base", "app"][rng.below(2)];
+                            let args: Vec<String> = match rng.below(8) {
+                                0 | 1 => vec!["apply".into(), committed.into(), rogue.clone()],
+                                2 => vec!["mount".into(), "--rw".into(), committed.into()],
+                                3 => {
+                                    // A view: every write fails.
+                                    let out = run(s.cmd(&["mount", committed]).cmd, "mount");
+                                    if out.status.success() {
+                                        let p =
+                                            String::from_utf8_lossy(&out.stdout).trim().to_string();
+                                        let p = PathBuf::from(p);
+                                        if std::fs::write(p.join("etc/os"), b"w").is_ok()
+                                            || std::fs::write(p.join("new"), b"w").is_ok()
+                                        {
+                                            bad.push(format!(
+                                                "wrote through the view of {committed}"
+                                            ));
+                                        }
+                                        run(s.cmd(&["unmount", committed]).cmd, "unmount");
+                                    }
+                                    continue;
+                                }
+                                4 => vec![
+                                    "apply".into(),
+                                    "--parent".into(),
+                                    "app".into(),
+                                    child.clone(),
+                                    rogue.clone(),
+                                ],
+                                5 => vec!["rm".into(), child.clone()],
+                                6 => vec!["apply".into(), "ctr".into(), rogue.clone()],
+                                _ => {
+                                    let out = run(s.cmd(&["mount", "ctr"]).cmd, "mount ctr");
+                                    if out.status.success() {
+                                        let p =
+                                            String::from_utf8_lossy(&out.stdout).trim().to_string();
+                                        let _ =
+                                            std::fs::write(PathBuf::from(p).join("etc/os"), b"c");
+                                        run(s.cmd(&["unmount", "ctr"]).cmd, "unmount ctr");
+                                    }
+                                    continue;
+                                }
+                            };
+                            let refs: Vec<&str> = args.iter().map(String::as_str).collect();
+                            let out = run(s.cmd(&refs).cmd, &format!("worker {w}: {args:?}"));
+                            let err = String::from_utf8_lossy(&out.stderr).into_owned();
+                            let writes_committed = refs.len() == 3
+                                && refs[0] == "apply"
+                                && (refs[1] == "base" || refs[1] == "app")
+                                || refs.get(1) == Some(&"--rw");
+                            if writes_committed && out.status.success() {
+                                bad.push(format!("{args:?} succeeded on a committed layer"));
+                            }
+                            if !out.status.success()
+                                && !EXPECTED_ERRORS.iter().any(|e| err.contains(e))
+                            {
+                                bad.push(format!("{args:?}: unexpected failure: {err}"));
+                            }
+                        }
+                        bad
+                    })
+                })
+                .collect();
+            workers
+                .into_iter()
+                .flat_map(|w| w.join().unwrap())
+                .collect::<Vec<_>>()
+        });
+        assert!(failures.is_empty(), "{failures:#?}");
+        let opts = CompareOptions::default();
+        for (id, snap) in &before {
+            let diffs = differences(snap, &take(id), &opts);
+            assert!(
+                diffs.is_empty(),
+                "committed layer {id} changed:\n{diffs:#?}"
+            );
+        }
+        assert!(staging_entries(&s).is_empty(), "{:?}", staging_entries(&s));
+        s.ok(&["cleanup"]);
+        assert!(
+            mounts_under(&s.root).is_empty(),
+            "{:?}",
+            mounts_under(&s.root)
+        );
+    }
+);
