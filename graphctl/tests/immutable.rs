@@ -67,8 +67,8 @@ driver_test!(a_failed_apply_keeps_existing_layers, |driver| {
         .err();
     assert!(!s.ok(&["ls"]).contains("fresh"));
     // The parent chain still mounts and unmounts.
-    s.ok(&["mount", "app"]);
-    s.ok(&["unmount", "app"]);
+    let (_, held) = s.look("app");
+    s.unlook(&held);
 });
 
 driver_test!(apply_into_a_fresh_read_write_layer_works, |driver| {
@@ -261,3 +261,31 @@ driver_test!(
         assert!(staged.is_empty(), "{staged:?}");
     }
 );
+
+driver_test!(a_dead_builders_staging_entry_pins_nothing, |driver| {
+    let s = Store::new(driver);
+    s.ok(&["create", "--rw", "p"]);
+    // A builder of child `c` of `p` that died mid-create: its pid is gone, nobody holds the
+    // entry's flock.
+    let dead = {
+        let mut c = std::process::Command::new("true").spawn().unwrap();
+        let pid = c.id();
+        c.wait().unwrap();
+        pid
+    };
+    let entry = s
+        .root
+        .join(driver)
+        .join(".staging")
+        .join(format!("new-c-{dead}-0"));
+    std::fs::create_dir_all(&entry).unwrap();
+    std::fs::write(entry.join("parent"), "p").unwrap();
+    // Neither apply nor remove of the parent is held up by it, and it is cleaned away.
+    s.cmd(&["apply", "p", "-"])
+        .stdin(layer_tar(&[("a", b"1\n")]))
+        .ok();
+    assert!(!entry.exists(), "the abandoned entry is removed");
+    assert_eq!(s.ok(&["changes", "p"]), "A /a\n");
+    s.ok(&["rm", "p"]);
+    assert_eq!(s.ok(&["ls"]), "");
+});

@@ -642,9 +642,9 @@ fn images_made_by_skopeo_import_and_equal_gnu_tar() {
         assert!(st.success(), "skopeo copy to {dest}");
         let s = Store::new("vfs");
         assert_eq!(s.ok(&["import", &spec]).trim(), ids[1], "{dest}");
-        let mounted = s.ok(&["mount", &ids[1]]);
-        assert_eq!(tree(Path::new(mounted.trim())), want, "{dest}");
-        s.ok(&["unmount", &ids[1]]);
+        let (mounted, held) = s.look(&ids[1]);
+        assert_eq!(tree(&mounted), want, "{dest}");
+        s.unlook(&held);
     }
     // A second image in the same layout: a name is needed.
     let st = std::process::Command::new(skopeo)

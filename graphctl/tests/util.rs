@@ -89,6 +89,31 @@ impl Store {
         self.cmd(args).err()
     }
 
+    /// A path showing layer `id`'s tree for the test to read, and the layer to [`Store::unlook`]
+    /// afterwards: the read-only view of `mount ID` as root; without root (no view can be
+    /// mounted, and `mount` of a committed layer is refused) a read-write layer `ID-look`
+    /// created on top and mounted (on vfs a plain copy).
+    #[allow(dead_code)]
+    pub fn look(&self, id: &str) -> (PathBuf, String) {
+        let held = if is_root() {
+            id.to_string()
+        } else {
+            let top = format!("{id}-look");
+            self.ok(&["create", "--rw", "--parent", id, &top]);
+            top
+        };
+        (PathBuf::from(self.ok(&["mount", &held]).trim()), held)
+    }
+
+    /// Releases what [`Store::look`] took (and removes its extra layer, if any).
+    #[allow(dead_code)]
+    pub fn unlook(&self, held: &str) {
+        self.ok(&["unmount", held]);
+        if held.ends_with("-look") {
+            self.ok(&["rm", held]);
+        }
+    }
+
     /// A path for scratch files that is not inside the store.
     pub fn scratch(&self, name: &str) -> PathBuf {
         self.dir.path().join(name)
