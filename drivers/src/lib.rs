@@ -55,3 +55,31 @@ fn apply_all_or_nothing(
         apply(stage)
     })
 }
+
+/// What a driver's `create_layer` makes: which [`graphdriver::LayerStore`] create it calls.
+#[derive(Clone, Copy, Debug)]
+enum Kind {
+    /// An image layer ([`graphdriver::ProtoDriver::create`]).
+    Image,
+    /// A read-write layer ([`graphdriver::ProtoDriver::create_read_write`]).
+    ReadWrite,
+    /// An image layer hidden until its first apply ([`graphdriver::ProtoDriver::create_pending`]).
+    Pending,
+}
+
+impl Kind {
+    /// Creates layer `id` of this kind in `store`, filled by `populate`.
+    fn create(
+        self,
+        store: &graphdriver::LayerStore,
+        id: &graphdriver::LayerId,
+        parent: Option<&graphdriver::LayerId>,
+        populate: impl FnOnce(&std::path::Path) -> graphdriver::Result<()>,
+    ) -> graphdriver::Result<()> {
+        match self {
+            Kind::Pending => store.create_pending(id, parent, populate),
+            Kind::Image => store.create(id, parent, false, populate),
+            Kind::ReadWrite => store.create(id, parent, true, populate),
+        }
+    }
+}

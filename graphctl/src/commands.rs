@@ -291,7 +291,9 @@ fn apply(s: &Selected, id: &LayerId, parent: Option<LayerId>, file: Option<&Path
     let created = if s.driver.exists(id) {
         false
     } else {
-        s.driver.create(id, parent.as_ref())?;
+        // Hidden from other processes until the apply finishes, removed if it does not: a
+        // killed apply never leaves a listed layer without its data.
+        s.driver.create_pending(id, parent.as_ref())?;
         true
     };
     let parent = parent_or_recorded(s, id, parent)?;

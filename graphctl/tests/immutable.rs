@@ -289,3 +289,48 @@ driver_test!(a_dead_builders_staging_entry_pins_nothing, |driver| {
     s.ok(&["rm", "p"]);
     assert_eq!(s.ok(&["ls"]), "");
 });
+
+/// Issue 16: with a home path long enough that the overlay mount data passes a page, `mount`
+/// and `apply` into a read-write layer fail with an error naming the mount options, and the
+/// read-write layer stays (it used to be deleted by the failed apply).
+#[test]
+fn a_too_long_home_fails_clearly_and_keeps_the_read_write_layer() {
+    if let Some(reason) = crate::util::skip_root_test() {
+        eprintln!("skipping: {reason}");
+        return;
+    }
+    let base = crate::util::test_tmp();
+    let dir = tempfile::tempdir_in(&base).unwrap();
+    // A home of 1,250 bytes: the driver's probe (short names) still fits in a page, the
+    // mount data of 100-byte layer ids does not.
+    let mut root = dir.path().to_path_buf();
+    let want = 1250 - "/overlay".len();
+    let mut i = 0;
+    while root.as_os_str().len() < want {
+        let left = want - root.as_os_str().len() - 1;
+        root.push(format!(
+            "{i}{}",
+            "x".repeat(left.min(200).saturating_sub(1))
+        ));
+        i += 1;
+    }
+    std::fs::create_dir_all(&root).unwrap();
+    let s = Store::at("overlay", root);
+    let long = "l".repeat(96);
+    s.cmd(&["apply", &long, "-"])
+        .stdin(layer_tar(&[("a", b"1\n")]))
+        .ok();
+    let ctr = format!("{long}-ctr");
+    s.ok(&["create", "--rw", "--parent", &long, &ctr]);
+    let err = s
+        .cmd(&["apply", &ctr, "-"])
+        .stdin(layer_tar(&[("b", b"2\n")]))
+        .err();
+    assert!(err.contains("one page") && err.contains(&ctr), "{err}");
+    assert!(s.ok(&["ls"]).contains(&ctr), "the read-write layer is kept");
+    // (Nothing that mounts the layer works under such a home; its upper is untouched.)
+    let upper = s.root.join("overlay").join(&ctr).join("upper");
+    assert_eq!(std::fs::read_dir(&upper).unwrap().count(), 0);
+    let err = s.err(&["mount", &ctr]);
+    assert!(err.contains("one page"), "{err}");
+}

@@ -137,6 +137,20 @@ pub trait ProtoDriver: Send + Sync {
     /// Creates read-write (container) layer `id` on `parent`; otherwise as [`create`](Self::create).
     fn create_read_write(&self, id: &LayerId, parent: Option<&LayerId>) -> Result<()>;
 
+    /// Creates image layer `id` like [`create`](Self::create), for the diff this process
+    /// applies into it next (moby's `Create` then `ApplyDiff`; what `graphctl apply` and
+    /// `import` do), promising that **no other process sees the layer before its data**: it
+    /// is absent for them until the first [`apply_diff`](crate::DiffDriver::apply_diff) into
+    /// it finishes, and removed if that apply fails or this process dies first, so an
+    /// interrupted import never leaves a listed layer without its files.
+    ///
+    /// The default calls [`create`](Self::create) (no such promise); drivers built on
+    /// [`LayerStore`](crate::LayerStore) keep it with
+    /// [`LayerStore::create_pending`](crate::LayerStore::create_pending).
+    fn create_pending(&self, id: &LayerId, parent: Option<&LayerId>) -> Result<()> {
+        self.create(id, parent)
+    }
+
     /// Removes layer `id` and everything stored for it.
     ///
     /// Refused with `InUse` while it is mounted (gets outnumber puts, in any process) and with
@@ -245,6 +259,9 @@ macro_rules! forward_proto {
             }
             fn create_read_write(&self, id: &LayerId, parent: Option<&LayerId>) -> Result<()> {
                 (**self).create_read_write(id, parent)
+            }
+            fn create_pending(&self, id: &LayerId, parent: Option<&LayerId>) -> Result<()> {
+                (**self).create_pending(id, parent)
             }
             fn remove(&self, id: &LayerId) -> Result<()> {
                 (**self).remove(id)

@@ -206,6 +206,9 @@ macro_rules! forward_proto_to {
         fn create_read_write(&self, id: &LayerId, parent: Option<&LayerId>) -> Result<()> {
             self.$field.create_read_write(id, parent)
         }
+        fn create_pending(&self, id: &LayerId, parent: Option<&LayerId>) -> Result<()> {
+            self.$field.create_pending(id, parent)
+        }
         fn remove(&self, id: &LayerId) -> Result<()> {
             self.$field.remove(id)
         }

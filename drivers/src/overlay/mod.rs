@@ -37,6 +37,7 @@ use graphdriver::{
 };
 use naive_diff::{ApplyDiffProtoDriver, NaiveDiffDriverWithApply, NativeApply};
 
+use crate::Kind;
 use crate::copy::{CopyMode, copy_tree};
 use crate::mountinfo;
 
@@ -323,8 +324,8 @@ impl Overlay {
         result.and(cleaned)
     }
 
-    fn create_layer(&self, id: &LayerId, parent: Option<&LayerId>, rw: bool) -> Result<()> {
-        self.store.create(id, parent, rw, |dir| {
+    fn create_layer(&self, id: &LayerId, parent: Option<&LayerId>, kind: Kind) -> Result<()> {
+        kind.create(&self.store, id, parent, |dir| {
             let Some(p) = parent else {
                 return mkdir(&dir.join(ROOT), 0o755);
             };
@@ -392,6 +393,7 @@ impl Overlay {
         let lower = self.lower_root(id)?;
         let apply = |upper: &Path, work: &Path, target: &Path| -> Result<u64> {
             let data = self.overlay_data(&lower, upper, work, &MountOpts::default(), true);
+            check_mount_data_len(target, &data)?;
             mountinfo::mount_with_flags(
                 "overlay",
                 target,
@@ -432,6 +434,22 @@ impl Overlay {
         }
         Ok(())
     }
+}
+
+/// Refuses mount data the kernel would truncate (it copies one page): a clear error naming the
+/// mount point and the options instead of a confusing `ENOENT` for a cut-off path.
+fn check_mount_data_len(target: &Path, data: &str) -> Result<()> {
+    if data.len() < MAX_MOUNT_DATA {
+        return Ok(());
+    }
+    Err(Error::Mount {
+        target: target.to_path_buf(),
+        options: data.to_string(),
+        source: io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!("expected mount options shorter than {MAX_MOUNT_DATA} bytes (one page)"),
+        ),
+    })
 }
 
 /// Unmounts a private mount when dropped, unless [`UnmountOnDrop::unmount`] already did.
@@ -569,10 +587,13 @@ impl ProtoDriver for Overlay {
         self.store.home()
     }
     fn create(&self, id: &LayerId, parent: Option<&LayerId>) -> Result<()> {
-        self.create_layer(id, parent, false)
+        self.create_layer(id, parent, Kind::Image)
     }
     fn create_read_write(&self, id: &LayerId, parent: Option<&LayerId>) -> Result<()> {
-        self.create_layer(id, parent, true)
+        self.create_layer(id, parent, Kind::ReadWrite)
+    }
+    fn create_pending(&self, id: &LayerId, parent: Option<&LayerId>) -> Result<()> {
+        self.create_layer(id, parent, Kind::Pending)
     }
     fn remove(&self, id: &LayerId) -> Result<()> {
         self.store.remove(id, |_| self.unmount_layer(id))
@@ -616,18 +637,7 @@ impl ProtoDriver for Overlay {
             let data = self.mount_data(&lower, &dir, opts, true);
             (merged, data, self.mount_flags(true))
         };
-        if data.len() >= MAX_MOUNT_DATA {
-            return Err(Error::Mount {
-                target,
-                options: data,
-                source: io::Error::new(
-                    io::ErrorKind::InvalidInput,
-                    format!(
-                        "expected mount options shorter than {MAX_MOUNT_DATA} bytes (one page)"
-                    ),
-                ),
-            });
-        }
+        check_mount_data_len(&target, &data)?;
         self.store.acquire_ref(
             id,
             opts.holder(),

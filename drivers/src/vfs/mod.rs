@@ -20,6 +20,7 @@ use graphdriver::{
 };
 use naive_diff::{ApplyDiffProtoDriver, NaiveDiffDriverWithApply, NativeApply};
 
+use crate::Kind;
 use crate::copy::{CopyMode, copy_tree};
 
 pub use plugin::init;
@@ -63,8 +64,8 @@ impl Vfs {
         })
     }
 
-    fn create_layer(&self, id: &LayerId, parent: Option<&LayerId>, rw: bool) -> Result<()> {
-        self.store.create(id, parent, rw, |dir| {
+    fn create_layer(&self, id: &LayerId, parent: Option<&LayerId>, kind: Kind) -> Result<()> {
+        kind.create(&self.store, id, parent, |dir| {
             let root = dir.join("root");
             match parent {
                 Some(p) => copy_tree(&self.checked_root(p)?, &root, CopyMode::Content),
@@ -85,10 +86,13 @@ impl ProtoDriver for Vfs {
         self.store.home()
     }
     fn create(&self, id: &LayerId, parent: Option<&LayerId>) -> Result<()> {
-        self.create_layer(id, parent, false)
+        self.create_layer(id, parent, Kind::Image)
     }
     fn create_read_write(&self, id: &LayerId, parent: Option<&LayerId>) -> Result<()> {
-        self.create_layer(id, parent, true)
+        self.create_layer(id, parent, Kind::ReadWrite)
+    }
+    fn create_pending(&self, id: &LayerId, parent: Option<&LayerId>) -> Result<()> {
+        self.create_layer(id, parent, Kind::Pending)
     }
     fn remove(&self, id: &LayerId) -> Result<()> {
         self.store.remove(id, |_| Ok(()))

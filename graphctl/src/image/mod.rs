@@ -322,7 +322,7 @@ fn apply_one(
     let (compressed, blob_state) = Hashing::new(reader, Some(bar.clone()));
     let plain = archive::decompress(compressed).with_context(|| format!("read blob {blob}"))?;
     let (mut plain, diff_state) = Hashing::new(plain, None);
-    driver.create(id, parent)?;
+    driver.create_pending(id, parent)?;
     created.push(id.clone());
     let applied = driver
         .apply_diff(id, parent, &mut plain)

@@ -161,6 +161,9 @@ pub struct LayerStore {
     /// Layers this store created (not read-write) and has neither handed out nor applied to
     /// (see [`ApplyGuard::is_fresh`]).
     fresh: Arc<Mutex<HashSet<LayerId>>>,
+    /// Layers this store created with [`LayerStore::create_pending`] whose first apply has not
+    /// finished: the flock on their `incomplete` marker, which hides them from other processes.
+    pending: Arc<Mutex<HashMap<LayerId, FileLock>>>,
 }
 
 /// An exclusive or shared hold on a flock; released on drop.
@@ -284,6 +287,7 @@ impl LayerStore {
             sync,
             held: Arc::default(),
             fresh: Arc::default(),
+            pending: Arc::default(),
         };
         for name in [STAGING_DIR, MOUNTS_DIR] {
             let path = home.join(name);
@@ -375,7 +379,18 @@ impl LayerStore {
 
     /// Layer `id`'s directory if it is complete; `None` if absent or being applied.
     fn complete_layer_fd(&self, id: &LayerId) -> Result<Option<OwnedFd>> {
-        Ok(self.layer_fd(id)?.filter(|fd| is_complete(fd.as_fd())))
+        Ok(self
+            .layer_fd(id)?
+            .filter(|fd| is_complete(fd.as_fd()) || self.is_pending_here(id)))
+    }
+
+    /// True if this store created `id` with [`LayerStore::create_pending`] and its first apply
+    /// has not finished: complete for this process, absent for every other.
+    fn is_pending_here(&self, id: &LayerId) -> bool {
+        self.pending
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .contains_key(id)
     }
 
     fn staging_fd(&self) -> Result<OwnedFd> {
@@ -561,6 +576,37 @@ impl LayerStore {
         read_write: bool,
         populate: impl FnOnce(&Path) -> Result<()>,
     ) -> Result<()> {
+        self.create_impl(id, parent, read_write, false, populate)
+    }
+
+    /// Creates image layer `id` like [`LayerStore::create`] for a diff this process applies
+    /// next (moby's `Create` + `ApplyDiff`), so that no other process ever sees it without its
+    /// data: it is renamed into place already marked incomplete, with the marker's flock held
+    /// by this store. Other processes see it as absent (and cannot create it); this store sees
+    /// it as present. The first apply into it ([`LayerStore::begin_apply`]) takes the marker
+    /// over and publishes the layer when it finishes; if that apply fails, or this process
+    /// dies first, the layer is removed (by the guard, or by the next [`LayerStore::open`]).
+    ///
+    /// Only for drivers whose `apply_diff` runs under [`LayerStore::begin_apply`]: a layer
+    /// applied any other way (through a get, as `naive_diff` does) would stay pending and be
+    /// removed when the process exits.
+    pub fn create_pending(
+        &self,
+        id: &LayerId,
+        parent: Option<&LayerId>,
+        populate: impl FnOnce(&Path) -> Result<()>,
+    ) -> Result<()> {
+        self.create_impl(id, parent, false, true, populate)
+    }
+
+    fn create_impl(
+        &self,
+        id: &LayerId,
+        parent: Option<&LayerId>,
+        read_write: bool,
+        pending: bool,
+        populate: impl FnOnce(&Path) -> Result<()>,
+    ) -> Result<()> {
         if lstat_type(self.fd(), id.as_str(), &self.layer_dir(id))?.is_some() {
             return Err(Error::AlreadyExists(id.clone()));
         }
@@ -572,6 +618,18 @@ impl LayerStore {
             nofollow::create_new_file(staging.fd.as_fd(), RW_FILE, &staging.path.join(RW_FILE))?;
         }
         populate(&staging.path)?;
+        let marker = if pending {
+            // The marker and its flock travel with the directory through the rename.
+            let fresh_path = staging.path.join(atomic::FRESH_FILE);
+            nofollow::create_new_file(staging.fd.as_fd(), atomic::FRESH_FILE, &fresh_path)?;
+            let path = staging.path.join(INCOMPLETE_FILE);
+            let file = nofollow::create_new_file(staging.fd.as_fd(), INCOMPLETE_FILE, &path)?;
+            Some(FileLock::try_exclusive(file).ok_or_else(|| {
+                Error::io("lock", &path, io::Error::from(io::ErrorKind::WouldBlock))
+            })?)
+        } else {
+            None
+        };
         if self.sync {
             sync_tree(staging.fd.as_fd(), &staging.path)?;
         }
@@ -596,6 +654,12 @@ impl LayerStore {
         staging.committed();
         if !read_write {
             self.mark_fresh(id);
+        }
+        if let Some(lock) = marker {
+            self.pending
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .insert(id.clone(), lock);
         }
         if self.sync {
             fsync_dir(self.fd(), &self.home)?;
@@ -649,6 +713,24 @@ impl LayerStore {
         // The content is about to change: the recorded DiffID no longer vouches for it. Done
         // before the marker, so a failure here changes nothing but the (now absent) record.
         diff_id::forget(dir.as_fd(), &self.layer_dir(id))?;
+        let pending = self
+            .pending
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(id);
+        if let Some(lock) = pending {
+            // Created pending by this store: its marker (and `apply-fresh`) are in place and
+            // held; nobody else has seen it, so it is applied in place and removed on failure.
+            self.take_fresh(id);
+            return Ok(ApplyGuard {
+                store: self,
+                id: id.clone(),
+                dir,
+                _lock: Some(lock),
+                finished: false,
+                fresh: true,
+            });
+        }
         let marker = self.layer_dir(id).join(INCOMPLETE_FILE);
         let in_progress = || Error::InUse {
             id: id.clone(),
@@ -704,6 +786,13 @@ impl LayerStore {
             let Some(fd) = self.layer_fd(id)? else {
                 return Err(Error::NotFound(id.clone()));
             };
+            // A layer this store created pending and never applied: ours to remove.
+            drop(
+                self.pending
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .remove(id),
+            );
             if apply_in_progress(fd.as_fd()) {
                 return Err(Error::InUse {
                     id: id.clone(),

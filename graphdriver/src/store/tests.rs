@@ -1268,3 +1268,51 @@ fn recovery_rolls_back_an_interrupted_apply_into_an_existing_layer() {
     assert!(!home.join("a/apply-root").exists() && !home.join("a/apply-work").exists());
     assert!(!home.join("a").join(INCOMPLETE_FILE).exists());
 }
+
+#[test]
+fn a_pending_layer_is_invisible_to_other_processes_until_its_apply_finishes() {
+    let dir = tempfile::tempdir().unwrap();
+    let home = dir.path().join("home");
+    let (s, _) = LayerStore::open(&home, false).unwrap();
+    let (other, _) = LayerStore::open(&home, false).unwrap();
+    s.create_pending(&id("p"), None, |d| {
+        fs::create_dir(d.join("root")).unwrap();
+        Ok(())
+    })
+    .unwrap();
+    // Present here, absent (and not creatable, not removable) everywhere else.
+    assert!(s.exists(&id("p")));
+    assert!(!other.exists(&id("p")));
+    assert!(other.list().unwrap().is_empty());
+    assert!(matches!(
+        other.create(&id("p"), None, false, |_| Ok(())),
+        Err(Error::AlreadyExists(_))
+    ));
+    assert!(other.remove(&id("p"), |_| Ok(())).is_err());
+    // Its first apply publishes it.
+    let g = s.begin_apply(&id("p")).unwrap();
+    assert!(g.is_fresh());
+    assert!(!other.exists(&id("p")));
+    g.finish().unwrap();
+    assert!(other.exists(&id("p")));
+    assert!(other.is_committed(&id("p")).unwrap());
+    assert!(!home.join("p").join(super::atomic::FRESH_FILE).exists());
+
+    // A failed first apply removes it.
+    s.create_pending(&id("q"), None, |_| Ok(())).unwrap();
+    drop(s.begin_apply(&id("q")).unwrap());
+    assert!(!s.exists(&id("q")) && !home.join("q").exists());
+
+    // A creator that goes away before applying: the next open removes the layer.
+    s.create_pending(&id("r"), None, |_| Ok(())).unwrap();
+    drop(s);
+    let (_s2, rec) = LayerStore::open(&home, false).unwrap();
+    assert_eq!(rec.incomplete_removed, vec![id("r")], "{rec:?}");
+    assert!(!home.join("r").exists());
+
+    // The creator itself may remove it unapplied.
+    let (s3, _) = LayerStore::open(&home, false).unwrap();
+    s3.create_pending(&id("t"), None, |_| Ok(())).unwrap();
+    s3.remove(&id("t"), |_| Ok(())).unwrap();
+    assert!(!home.join("t").exists());
+}
