@@ -334,3 +334,29 @@ fn a_too_long_home_fails_clearly_and_keeps_the_read_write_layer() {
     let err = s.err(&["mount", &ctr]);
     assert!(err.contains("one page"), "{err}");
 }
+
+// Issue 16: a crash that emptied one layer's `parent` file must not brick the store: `ls`,
+// `tree`, `apply` and `rm` of other layers work (the damaged layer is reported and left out)
+// and `rm` removes the damaged layer itself.
+driver_test!(one_damaged_layer_does_not_brick_the_store, |driver| {
+    let s = Store::new(driver);
+    two_layers(&s);
+    s.ok(&["create", "--rw", "--parent", "app", "ctr"]);
+    std::fs::write(s.root.join(driver).join("ctr").join("parent"), b"").unwrap();
+    let out = s.cmd(&["ls"]).output();
+    assert!(out.status.success(), "{out:?}");
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "app base\nbase -\n");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("ctr") && stderr.contains("damaged"),
+        "{stderr}"
+    );
+    s.ok(&["tree"]);
+    s.cmd(&["apply", "--parent", "app", "more", "-"])
+        .stdin(layer_tar(&[("m", b"m\n")]))
+        .ok();
+    s.ok(&["rm", "more"]);
+    s.ok(&["rm", "ctr"]);
+    assert!(!s.root.join(driver).join("ctr").exists());
+    assert_eq!(s.ok(&["ls"]), "app base\nbase -\n");
+});

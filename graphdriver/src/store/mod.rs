@@ -488,7 +488,17 @@ impl LayerStore {
             if !is_complete(fd.as_fd()) {
                 continue;
             }
-            let parent = read_parent(fd.as_fd(), &dir)?;
+            // One damaged layer (a crash emptied its `parent`) is reported and left out; it
+            // must not make the store unlistable. `rm` still removes it. Something planted
+            // there (a symlink) stays an error naming the path.
+            let parent = match read_parent(fd.as_fd(), &dir) {
+                Ok(p) => p,
+                Err(e) if is_damaged(&e) => {
+                    tracing::warn!(layer = %id, error = %e, "damaged layer left out; remove it with rm");
+                    continue;
+                }
+                Err(e) => return Err(e),
+            };
             out.push(LayerInfo {
                 read_write: lstat_type(fd.as_fd(), RW_FILE, &dir.join(RW_FILE))?.is_some(),
                 id,
@@ -526,8 +536,14 @@ impl LayerStore {
         for child in ids_in(self.fd(), &self.home)? {
             let dir = self.layer_dir(&child);
             let fd = open_dir(self.fd(), child.as_str(), &dir)?;
-            if read_parent(fd.as_fd(), &dir)?.as_ref() == Some(id) {
-                out.push(child);
+            match read_parent(fd.as_fd(), &dir) {
+                Ok(p) if p.as_ref() == Some(id) => out.push(child),
+                Ok(_) => {}
+                // Its parent cannot be known: it does not hold up other layers.
+                Err(e) if is_damaged(&e) => {
+                    tracing::warn!(layer = %child, error = %e, "damaged layer");
+                }
+                Err(e) => return Err(e),
             }
         }
         Ok(out)
@@ -896,8 +912,12 @@ impl LayerStore {
         if let Some(p) = parent {
             use std::io::Write;
             let path = staging.path.join(PARENT_FILE);
-            nofollow::create_new_file(staging.fd.as_fd(), PARENT_FILE, &path)?
-                .write_all(p.as_str().as_bytes())
+            // Synced whatever `sync` says: a layer renamed into place with an empty `parent`
+            // after a crash would be a child without its parent (moby writes its small
+            // metadata files durably for the same reason). One fsync of a few bytes.
+            let mut file = nofollow::create_new_file(staging.fd.as_fd(), PARENT_FILE, &path)?;
+            file.write_all(p.as_str().as_bytes())
+                .and_then(|()| file.sync_all())
                 .map_err(|e| Error::io("write", &path, e))?;
             self.require(p)?;
         }
@@ -1209,12 +1229,21 @@ fn read_parent(dir: BorrowedFd<'_>, path: &Path) -> Result<Option<LayerId>> {
     let path = path.join(PARENT_FILE);
     match nofollow::read_small(dir, PARENT_FILE, &path)? {
         Some(s) => LayerId::new(s.trim()).map(Some).map_err(|e| Error::Io {
-            op: "read parent id".into(),
+            op: READ_PARENT_ID.into(),
             path,
             source: io::Error::new(io::ErrorKind::InvalidData, e.to_string()),
         }),
         None => Ok(None),
     }
+}
+
+/// The operation named by [`read_parent`] when the file holds no valid id.
+const READ_PARENT_ID: &str = "read parent id";
+
+/// True for a `parent` file whose content is unreadable (empty or garbage after a crash), as
+/// opposed to something of the wrong type planted in its place (still a hard error).
+fn is_damaged(e: &Error) -> bool {
+    matches!(e, Error::Io { op, .. } if op == READ_PARENT_ID)
 }
 
 fn fsync_dir(dir: BorrowedFd<'_>, path: &Path) -> Result<()> {
