@@ -505,6 +505,45 @@ driver_test!(sigkill_during_apply, |driver| {
 
 // === ENOSPC ===
 
+// Issue 16: on a completely full filesystem the commands that only read or free space work
+// (no probe writes on the way), and freeing space makes the store usable again.
+driver_test!(a_full_disk_can_still_list_and_free_space, |driver| {
+    need_root!();
+    let tmp = tempfile::tempdir_in(test_tmp()).unwrap();
+    let mnt = TmpMount::tmpfs_with(tmp.path(), "size=8m,nr_inodes=2000");
+    let s = Store::at(driver, mnt.path.join("root"));
+    s.cmd(&["apply", "a", "-"])
+        .stdin(layer_tar(&[("a/", b""), ("a/f", b"a\n")]))
+        .ok();
+    s.ok(&["create", "--rw", "--parent", "a", "ctr"]);
+    let path = PathBuf::from(s.ok(&["mount", "ctr"]).trim());
+    s.ok(&["unmount", "ctr"]);
+    drop(path);
+    // Fill every block, then every inode (tmpfs directories take inodes, not blocks).
+    let filler = mnt.path.join("filler");
+    {
+        let mut f = std::fs::File::create(&filler).unwrap();
+        let chunk = vec![7u8; 1 << 12];
+        while f.write_all(&chunk).is_ok() {}
+    }
+    let inodes = mnt.path.join("inodes");
+    std::fs::create_dir(&inodes).unwrap();
+    for i in 0.. {
+        if std::fs::create_dir(inodes.join(i.to_string())).is_err() {
+            break;
+        }
+    }
+    assert_eq!(free_blocks(&mnt.path), 0, "the filesystem is full");
+    assert_eq!(s.ok(&["ls"]), "a -\nctr a\n");
+    s.ok(&["status"]);
+    s.ok(&["rm", "ctr"]);
+    s.ok(&["cleanup"]);
+    assert_eq!(s.ok(&["ls"]), "a -\n");
+    std::fs::remove_file(&filler).unwrap();
+    std::fs::remove_dir_all(&inodes).unwrap();
+    s.ok(&["create", "--rw", "--parent", "a", "again"]);
+});
+
 driver_test!(full_disk_during_apply, |driver| {
     need_root!();
     let tmp = tempfile::tempdir_in(test_tmp()).unwrap();

@@ -223,10 +223,15 @@ pub struct TmpMount {
 impl TmpMount {
     /// Mounts a tmpfs of `size` (e.g. `"1m"`) at a new directory under `parent`.
     pub fn tmpfs(parent: &Path, size: &str) -> TmpMount {
+        Self::tmpfs_with(parent, &format!("size={size}"))
+    }
+
+    /// Mounts a tmpfs with mount options `opts` (e.g. `"size=8m,nr_inodes=500"`).
+    pub fn tmpfs_with(parent: &Path, opts: &str) -> TmpMount {
         let path = parent.join("tmpfs");
         std::fs::create_dir_all(&path).unwrap();
         let st = Command::new("mount")
-            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
+            .args(["-t", "tmpfs", "-o", opts, "tmpfs"])
             .arg(&path)
             .status()
             .unwrap();

@@ -147,10 +147,16 @@ impl Overlay {
         // A read-only home (a snapshot, a read-only bind mount) can still be listed and read:
         // the checks that need to write are skipped, and every change fails with EROFS.
         let read_only = store.is_read_only();
-        if !read_only {
+        let index_param = Path::new("/sys/module/overlay/parameters/index").exists();
+        // The probes below write and mount in the home. Once they passed for this kernel,
+        // filesystem and options, a record says so and later starts skip them: every command
+        // is one mount cheaper, and a full disk can still run ls, rm and cleanup.
+        let probe_key = probe_key(magic, index_param, config.mount_options.as_deref());
+        let probed = read_only || probe_record_matches(home, &probe_key);
+        if !probed {
             remove_stale_scratch(home);
         }
-        if !read_only
+        if !probed
             && !supports_d_type(home).map_err(|e| fail(format!("checking d_type support: {e}")))?
         {
             return Err(Error::IncompatibleFs {
@@ -161,7 +167,6 @@ impl Overlay {
                     .to_string(),
             });
         }
-        let index_param = Path::new("/sys/module/overlay/parameters/index").exists();
         let driver = Overlay {
             store,
             config,
@@ -169,7 +174,7 @@ impl Overlay {
             index_param,
             user_opts,
         };
-        if !read_only {
+        if !probed {
             driver
                 .probe_mount(false)
                 .map_err(|e| fail(format!("a test overlay mount failed: {e}")))?;
@@ -187,6 +192,9 @@ impl Overlay {
                     reason: format!("a test overlay mount with {extra:?} failed: {e}"),
                 })?;
             }
+        }
+        if !probed {
+            write_probe_record(home, &probe_key);
         }
         // Mount counts are not trusted across reboots and manual umounts: mountinfo is.
         driver.store.repair_mounts(|id| {
@@ -553,6 +561,47 @@ fn incompatible(magic: i64) -> Option<&'static str> {
 }
 
 /// Creates a file in a scratch dir under `home` and checks that readdir reports its type.
+/// The record of passed init probes in the home (a dot-name: never a layer id).
+const PROBE_RECORD: &str = ".probed";
+
+/// What the init probes depend on: the running kernel, the backing filesystem, whether the
+/// `index` parameter exists and the user's mount options. A record with another key (a new
+/// kernel after a reboot, other options) makes the next start probe again.
+fn probe_key(magic: i64, index_param: bool, mount_options: Option<&str>) -> String {
+    let kernel = fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
+    format!(
+        "v1 kernel={} fs={magic:x} index={index_param} options={}",
+        kernel.trim(),
+        mount_options.unwrap_or("").trim()
+    )
+}
+
+/// True if the home's probe record holds `key` (read without following a symlink; anything
+/// unreadable counts as no record, so the probes run).
+fn probe_record_matches(home: &Path, key: &str) -> bool {
+    let Ok(fd) = rustix::fs::open(
+        home.join(PROBE_RECORD),
+        rustix::fs::OFlags::RDONLY | rustix::fs::OFlags::NOFOLLOW | rustix::fs::OFlags::CLOEXEC,
+        rustix::fs::Mode::empty(),
+    ) else {
+        return false;
+    };
+    let mut text = String::new();
+    let read = fs::File::from(fd).take(4096).read_to_string(&mut text);
+    read.is_ok() && text == key
+}
+
+/// Records that the probes passed for `key`: written to a new file and renamed into place,
+/// best effort (a failure only means the next start probes again).
+fn write_probe_record(home: &Path, key: &str) {
+    let tmp = home.join(format!("{PROBE_RECORD}-{}", std::process::id()));
+    let written = fs::write(&tmp, key).and_then(|()| fs::rename(&tmp, home.join(PROBE_RECORD)));
+    if let Err(e) = written {
+        let _ = fs::remove_file(&tmp);
+        tracing::debug!(home = %home.display(), error = %e, "could not record the init probes");
+    }
+}
+
 fn supports_d_type(home: &Path) -> io::Result<bool> {
     let scratch = home.join(format!(".dtype-{}", std::process::id()));
     let _ = archive::fs::remove_tree(&scratch);
