@@ -379,8 +379,13 @@ fn kill_apply_at(driver: &'static str, point: KillPoint) {
 /// Streams the big layer into `graphctl apply ID -` for an existing layer and SIGKILLs it at
 /// `point` (after the layer is marked, except at `Start`); waits for its confined child too.
 fn kill_apply_into(s: &Store, id: &str, point: KillPoint) {
+    kill_apply_with(s, &["apply", id, "-"], id, point);
+}
+
+/// Like [`kill_apply_into`] for any apply command `args` that applies into layer `id`.
+fn kill_apply_with(s: &Store, args: &[&str], id: &str, point: KillPoint) {
     let mut child = s
-        .cmd(&["apply", id, "-"])
+        .cmd(args)
         .cmd
         .stdin(Stdio::piped())
         .stdout(Stdio::null())
@@ -543,6 +548,42 @@ driver_test!(a_full_disk_can_still_list_and_free_space, |driver| {
     std::fs::remove_dir_all(&inodes).unwrap();
     s.ok(&["create", "--rw", "--parent", "a", "again"]);
 });
+
+// Issue 16: an apply through an overlay mount (a new layer on a read-write layer, applied in
+// place) killed mid-way leaves its mount; recovery unmounts it before it deletes the layer,
+// so nothing stays mounted in `.staging/` and the id can be applied again.
+#[test]
+fn a_killed_apply_through_a_mount_leaves_no_mount() {
+    need_root!();
+    let s = Store::new("overlay");
+    s.cmd(&["apply", "base", "-"])
+        .stdin(layer_tar(&[("etc/", b""), ("etc/os", b"base\n")]))
+        .ok();
+    s.ok(&["create", "--rw", "--parent", "base", "ctr"]);
+    kill_apply_with(
+        &s,
+        &["apply", "--parent", "ctr", "child", "-"],
+        "child",
+        KillPoint::MidFile,
+    );
+    let merged = home(&s).join("child").join("merged");
+    assert!(
+        util::is_mount_point(&merged),
+        "the killed apply left its mount (else this test tests nothing)"
+    );
+    assert!(!exists(&s, "child"), "the half-applied layer is not listed");
+    assert!(!home(&s).join("child").exists());
+    assert!(staging_entries(&s).is_empty(), "{:?}", staging_entries(&s));
+    assert!(
+        mounts_under(&s.root).is_empty(),
+        "{:?}",
+        mounts_under(&s.root)
+    );
+    s.cmd(&["apply", "--parent", "ctr", "child", "-"])
+        .stdin(layer_tar(&[("ok", b"1\n")]))
+        .ok();
+    assert!(s.ok(&["changes", "child"]).contains("A /ok"));
+}
 
 driver_test!(full_disk_during_apply, |driver| {
     need_root!();

@@ -861,9 +861,30 @@ impl LayerStore {
         })
     }
 
-    /// Renames `<home>/<id>` away and deletes it. No checks: callers have done them.
+    /// Renames `<home>/<id>` away and deletes it, after unmounting whatever a dead or failed
+    /// process left mounted inside it (an overlay `merged/`, a view), which the deletion would
+    /// otherwise stop at and leave mounted in `.staging/`. No checks: callers have done them.
     fn discard_layer_dir(&self, id: &LayerId) -> Result<()> {
+        self.unmount_all_inside(id)?;
         self.bury(id)?.delete()
+    }
+
+    /// Unmounts every mount point inside layer `id`'s directory, deepest first.
+    fn unmount_all_inside(&self, id: &LayerId) -> Result<()> {
+        let dir = self.layer_dir(id);
+        let dir = std::fs::canonicalize(&dir).unwrap_or(dir);
+        let mut inside: Vec<PathBuf> = crate::mountinfo::mount_points()?
+            .into_iter()
+            .filter(|m| m.starts_with(&dir) && *m != dir)
+            .collect();
+        inside.sort_by_key(|m| std::cmp::Reverse(m.components().count()));
+        inside.dedup();
+        for m in inside {
+            while crate::mountinfo::is_mountpoint(&m)? {
+                crate::mountinfo::unmount(&m)?;
+            }
+        }
+        Ok(())
     }
 
     /// A fresh, flocked staging directory for `id`, with its `parent` file. The parent is
