@@ -165,6 +165,7 @@ fn apply_all(
             let message = format!("layer {}/{}", n + 1, layers.len());
             let size = apply_one(
                 driver,
+                store,
                 source,
                 layer,
                 &id,
@@ -290,8 +291,10 @@ pub(crate) fn record_diff_id(home: &Path, id: &LayerId, plain: &mut impl Read, s
 }
 
 /// Creates layer `id` on `parent` and applies `layer`'s blob, verifying both digests.
+#[allow(clippy::too_many_arguments)]
 fn apply_one(
     driver: &dyn Driver,
+    store: &LayerStore,
     source: &Source,
     layer: &LayerRef,
     id: &LayerId,
@@ -324,6 +327,12 @@ fn apply_one(
     let (mut plain, diff_state) = Hashing::new(plain, None);
     driver.create_pending(id, parent)?;
     created.push(id.clone());
+    // Recorded while the layer is still pending (invisible to other processes), so it is
+    // published together with its DiffID: a concurrent import that finds it can check it, and
+    // one killed between the apply and the record does not leave a layer without one.
+    store
+        .set_diff_id(id, &layer.diff_id)
+        .with_context(|| format!("record the DiffID of layer {id}"))?;
     let applied = driver
         .apply_diff(id, parent, &mut plain)
         .with_context(|| format!("apply blob {blob} as layer {id}"))?;

@@ -161,9 +161,9 @@ pub struct LayerStore {
     /// Layers this store created (not read-write) and has neither handed out nor applied to
     /// (see [`ApplyGuard::is_fresh`]).
     fresh: Arc<Mutex<HashSet<LayerId>>>,
-    /// Layers this store created with [`LayerStore::create_pending`] whose first apply has not
-    /// finished: the flock on their `incomplete` marker, which hides them from other processes.
-    pending: Arc<Mutex<HashMap<LayerId, FileLock>>>,
+    /// The home's device and inode, and a scope that is 0 except in tests that play a second
+    /// process: the key of this home's entries in [`PENDING`].
+    home_key: (u64, u64, u64),
 }
 
 /// An exclusive or shared hold on a flock; released on drop.
@@ -287,7 +287,12 @@ impl LayerStore {
             sync,
             held: Arc::default(),
             fresh: Arc::default(),
-            pending: Arc::default(),
+            home_key: (0, 0, 0),
+        };
+        let st = rustix::fs::fstat(&*store.dir).map_err(|e| Error::io("stat", home, e.into()))?;
+        let store = LayerStore {
+            home_key: (st.st_dev, st.st_ino, 0),
+            ..store
         };
         for name in [STAGING_DIR, MOUNTS_DIR] {
             let path = home.join(name);
@@ -387,10 +392,21 @@ impl LayerStore {
     /// True if this store created `id` with [`LayerStore::create_pending`] and its first apply
     /// has not finished: complete for this process, absent for every other.
     fn is_pending_here(&self, id: &LayerId) -> bool {
-        self.pending
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .contains_key(id)
+        pending_map().contains_key(&(self.home_key, id.clone()))
+    }
+
+    /// This store as another process would see the home: its own pending layers apart.
+    #[cfg(test)]
+    pub(crate) fn into_other_process(mut self) -> LayerStore {
+        static SCOPE: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
+        self.home_key.2 = SCOPE.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        self
+    }
+
+    /// Takes (and so releases when dropped) the marker lock of pending layer `id`, if this
+    /// process created it pending and has not applied it yet.
+    fn take_pending(&self, id: &LayerId) -> Option<FileLock> {
+        pending_map().remove(&(self.home_key, id.clone()))
     }
 
     fn staging_fd(&self) -> Result<OwnedFd> {
@@ -672,10 +688,7 @@ impl LayerStore {
             self.mark_fresh(id);
         }
         if let Some(lock) = marker {
-            self.pending
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .insert(id.clone(), lock);
+            pending_map().insert((self.home_key, id.clone()), lock);
         }
         if self.sync {
             fsync_dir(self.fd(), &self.home)?;
@@ -726,17 +739,11 @@ impl LayerStore {
                 ),
             });
         }
-        // The content is about to change: the recorded DiffID no longer vouches for it. Done
-        // before the marker, so a failure here changes nothing but the (now absent) record.
-        diff_id::forget(dir.as_fd(), &self.layer_dir(id))?;
-        let pending = self
-            .pending
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .remove(id);
-        if let Some(lock) = pending {
-            // Created pending by this store: its marker (and `apply-fresh`) are in place and
+        if let Some(lock) = self.take_pending(id) {
+            // Created pending by this process: its marker (and `apply-fresh`) are in place and
             // held; nobody else has seen it, so it is applied in place and removed on failure.
+            // A DiffID recorded meanwhile (the one the importer expects) is kept: the layer
+            // is published with it, or removed.
             self.take_fresh(id);
             return Ok(ApplyGuard {
                 store: self,
@@ -747,6 +754,9 @@ impl LayerStore {
                 fresh: true,
             });
         }
+        // The content is about to change: the recorded DiffID no longer vouches for it. Done
+        // before the marker, so a failure here changes nothing but the (now absent) record.
+        diff_id::forget(dir.as_fd(), &self.layer_dir(id))?;
         let marker = self.layer_dir(id).join(INCOMPLETE_FILE);
         let in_progress = || Error::InUse {
             id: id.clone(),
@@ -802,13 +812,8 @@ impl LayerStore {
             let Some(fd) = self.layer_fd(id)? else {
                 return Err(Error::NotFound(id.clone()));
             };
-            // A layer this store created pending and never applied: ours to remove.
-            drop(
-                self.pending
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .remove(id),
-            );
+            // A layer this process created pending and never applied: ours to remove.
+            drop(self.take_pending(id));
             if apply_in_progress(fd.as_fd()) {
                 return Err(Error::InUse {
                     id: id.clone(),
@@ -1256,6 +1261,22 @@ fn read_parent(dir: BorrowedFd<'_>, path: &Path) -> Result<Option<LayerId>> {
         }),
         None => Ok(None),
     }
+}
+
+/// Layers this process created with [`LayerStore::create_pending`] whose first apply has not
+/// finished, by home (device, inode) and id: the flock on their `incomplete` marker, which
+/// hides them from other processes. Process-wide, because a pending layer is the process's,
+/// whichever of its stores (the driver's, the importer's) looks at it.
+type PendingKey = ((u64, u64, u64), LayerId);
+
+static PENDING: std::sync::OnceLock<Mutex<HashMap<PendingKey, FileLock>>> =
+    std::sync::OnceLock::new();
+
+fn pending_map() -> std::sync::MutexGuard<'static, HashMap<PendingKey, FileLock>> {
+    PENDING
+        .get_or_init(Mutex::default)
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
 }
 
 /// The operation named by [`read_parent`] when the file holds no valid id.

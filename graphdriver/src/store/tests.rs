@@ -1274,7 +1274,10 @@ fn a_pending_layer_is_invisible_to_other_processes_until_its_apply_finishes() {
     let dir = tempfile::tempdir().unwrap();
     let home = dir.path().join("home");
     let (s, _) = LayerStore::open(&home, false).unwrap();
-    let (other, _) = LayerStore::open(&home, false).unwrap();
+    let other = LayerStore::open(&home, false)
+        .unwrap()
+        .0
+        .into_other_process();
     s.create_pending(&id("p"), None, |d| {
         fs::create_dir(d.join("root")).unwrap();
         Ok(())
@@ -1303,9 +1306,11 @@ fn a_pending_layer_is_invisible_to_other_processes_until_its_apply_finishes() {
     drop(s.begin_apply(&id("q")).unwrap());
     assert!(!s.exists(&id("q")) && !home.join("q").exists());
 
-    // A creator that goes away before applying: the next open removes the layer.
+    // A creator that goes away before applying (its process dies: its marker locks go) —
+    // the next open removes the layer.
     s.create_pending(&id("r"), None, |_| Ok(())).unwrap();
     drop(s);
+    pending_map().retain(|(_, layer), _| *layer != id("r"));
     let (_s2, rec) = LayerStore::open(&home, false).unwrap();
     assert_eq!(rec.incomplete_removed, vec![id("r")], "{rec:?}");
     assert!(!home.join("r").exists());
