@@ -257,3 +257,38 @@ fn not_an_image() {
     assert!(msg.contains("/no/such/image"), "{msg}");
     assert_eq!(s.ok(&["ls"]), "");
 }
+
+// Issue 16: concurrent imports of images that share layers all finish, with the same layers
+// and correct trees: one builds each layer, the others wait for it and reuse it (no "already
+// exists" failure, no layer published without its data or DiffID).
+driver_test!(concurrent_imports_share_layers, |driver| {
+    let s = Store::new(driver);
+    s.ok(&["ls"]);
+    let img = sample_image();
+    let img = img.to_str().unwrap();
+    let outs: Vec<_> = std::thread::scope(|scope| {
+        let handles: Vec<_> = (0..4)
+            .map(|_| scope.spawn(|| s.cmd(&["import", img]).output()))
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    let mut tops = std::collections::BTreeSet::new();
+    for out in &outs {
+        assert!(
+            out.status.success(),
+            "an import failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        tops.insert(String::from_utf8_lossy(&out.stdout).trim().to_string());
+    }
+    assert_eq!(tops.len(), 1, "{tops:?}");
+    let top = tops.into_iter().next().unwrap();
+    // The same layers and the same diff as one import into a fresh store.
+    let alone = Store::new(driver);
+    assert_eq!(alone.ok(&["import", img]).trim(), top);
+    assert_eq!(s.ok(&["ls"]), alone.ok(&["ls"]));
+    let diff = |st: &Store| st.cmd(&["diff", &top]).output().stdout;
+    assert_eq!(diff(&s), diff(&alone), "the top layer's content differs");
+    let info = s.ok(&["info", &top]);
+    assert!(info.contains("diff_id:     sha256:"), "{info}");
+});

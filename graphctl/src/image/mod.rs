@@ -151,19 +151,11 @@ fn apply_all(
         };
         let id = LayerId::new(next.trim_start_matches("sha256:"))?;
         let parent = report.top.clone();
-        if driver.exists(&id) {
-            check_reuse(driver, store, &id, parent.as_ref(), &layer.diff_id)?;
-            tracing::info!(layer = %id, "already present with the same DiffID, reused");
-            report.layers.push(ImportedLayer {
-                id: id.clone(),
-                diff_id: layer.diff_id.clone(),
-                blob: layer.path.clone(),
-                applied: false,
-                size: 0,
-            });
+        let message = format!("layer {}/{}", n + 1, layers.len());
+        let applied = if driver.exists(&id) {
+            None
         } else {
-            let message = format!("layer {}/{}", n + 1, layers.len());
-            let size = apply_one(
+            apply_or_wait(
                 driver,
                 store,
                 source,
@@ -171,8 +163,10 @@ fn apply_all(
                 &id,
                 parent.as_ref(),
                 created,
-                message,
-            )?;
+                &message,
+            )?
+        };
+        if let Some(size) = applied {
             store
                 .set_diff_id(&id, &layer.diff_id)
                 .with_context(|| format!("record the DiffID of layer {id}"))?;
@@ -183,11 +177,84 @@ fn apply_all(
                 applied: true,
                 size,
             });
+        } else {
+            check_reuse(driver, store, &id, parent.as_ref(), &layer.diff_id)?;
+            tracing::info!(layer = %id, "already present with the same DiffID, reused");
+            report.layers.push(ImportedLayer {
+                id: id.clone(),
+                diff_id: layer.diff_id.clone(),
+                blob: layer.path.clone(),
+                applied: false,
+                size: 0,
+            });
         }
         chain = Some(next);
         report.top = Some(id);
     }
     Ok(report)
+}
+
+/// Applies `layer` as new layer `id`, or, when another process is building the same layer
+/// (a concurrent import of an image with a common base), waits until it is done: `Some(size)`
+/// if this process applied it, `None` if the other's finished layer is there to reuse. A
+/// layer another process left half-built when it died is removed and applied again.
+#[allow(clippy::too_many_arguments)]
+fn apply_or_wait(
+    driver: &dyn Driver,
+    store: &LayerStore,
+    source: &Source,
+    layer: &LayerRef,
+    id: &LayerId,
+    parent: Option<&LayerId>,
+    created: &mut Vec<LayerId>,
+    message: &str,
+) -> Result<Option<u64>> {
+    let mut said = false;
+    let mut abandoned = 0;
+    loop {
+        let err = match apply_one(
+            driver,
+            store,
+            source,
+            layer,
+            id,
+            parent,
+            created,
+            message.to_string(),
+        ) {
+            Ok(size) => return Ok(Some(size)),
+            Err(e) => e,
+        };
+        if !matches!(
+            err.downcast_ref::<graphdriver::Error>(),
+            Some(graphdriver::Error::AlreadyExists(_))
+        ) {
+            return Err(err);
+        }
+        // Taken meanwhile: finished, being built by another process, or abandoned.
+        loop {
+            if driver.exists(id) {
+                return Ok(None);
+            }
+            if !store.is_being_built(id)? {
+                break;
+            }
+            if !said {
+                eprintln!("waiting for another process that is building layer {id}");
+                said = true;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(100));
+        }
+        abandoned += 1;
+        if abandoned > 3 {
+            return Err(err.context(format!(
+                "layer {id} exists but is incomplete and could not be removed"
+            )));
+        }
+        if let Err(e) = driver.remove(id) {
+            tracing::warn!(layer = %id, error = %e, "could not remove an abandoned layer");
+        }
+    }
 }
 
 /// Fails unless existing layer `id` was made from `diff_id` on `parent`.

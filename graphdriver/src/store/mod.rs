@@ -463,6 +463,17 @@ impl LayerStore {
             .ok_or_else(|| Error::NotFound(id.clone()))
     }
 
+    /// True while another process builds layer `id`: its directory exists, it is not complete
+    /// and the builder holds its `incomplete` marker (a layer created pending, or being
+    /// applied). An importer that finds the id taken waits for this to end, then reuses the
+    /// finished layer. A layer left incomplete by a dead process is not being built.
+    pub fn is_being_built(&self, id: &LayerId) -> Result<bool> {
+        Ok(match self.layer_fd(id)? {
+            Some(fd) => !is_complete(fd.as_fd()) && apply_in_progress(fd.as_fd()),
+            None => false,
+        })
+    }
+
     /// The parent recorded for layer `id`.
     pub fn parent(&self, id: &LayerId) -> Result<Option<LayerId>> {
         let fd = self.require_fd(id)?;
