@@ -72,6 +72,7 @@
 #![deny(missing_docs)]
 
 mod child;
+mod fds;
 mod protocol;
 
 use std::ffi::CString;
@@ -90,6 +91,7 @@ use nix::sys::wait::{WaitStatus, waitpid};
 use nix::unistd::{ForkResult, Pid, fork, pipe2};
 
 #[doc(hidden)]
+pub use fds::{close_range_supported, force_close_range_missing};
 pub use protocol::ConfinedBy;
 use protocol::{MAX_MESSAGE, Message};
 
@@ -210,6 +212,8 @@ fn run(
     let mut input = archive::decompress(reader)?;
     let mut buf = vec![0u8; CHUNK];
     install_panic_hook();
+    // Probe close_range here, so the child inherits the answer (see `fds`).
+    fds::close_range_supported();
 
     let (in_r, in_w) =
         pipe2(OFlag::O_CLOEXEC).map_err(|e| confinement_err("create the input pipe", e))?;
