@@ -85,6 +85,9 @@ const EXIT_NO_RESULT_PIPE: i32 = 120;
 /// The child's whole life. Never returns.
 pub(crate) fn run(input: RawFd, result: RawFd, dest: &CStr, job: &Job<'_>, fault: &TestFault) -> ! {
     IN_CONFINED_CHILD.store(true, Ordering::SeqCst);
+    // The child has one thread: before Linux 6.13, xattrs of symlinks and special files may be
+    // set after an fchdir into their directory, which needs no /proc (gone after pivot_root).
+    archive::fs::declare_single_threaded();
     // If the caller dies (SIGKILL of a graphctl apply), the child must not go on writing into a
     // layer that recovery is about to delete: the kernel kills it with its parent. The second
     // getppid closes the window in which the parent died before the request was made.

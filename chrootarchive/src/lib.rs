@@ -212,8 +212,7 @@ fn run(
     let mut input = archive::decompress(reader)?;
     let mut buf = vec![0u8; CHUNK];
     install_panic_hook();
-    // Probe close_range here, so the child inherits the answer (see `fds`).
-    fds::close_range_supported();
+    probe_kernel();
 
     let (in_r, in_w) =
         pipe2(OFlag::O_CLOEXEC).map_err(|e| confinement_err("create the input pipe", e))?;
@@ -474,6 +473,18 @@ static HOOK_INSTALLED: AtomicBool = AtomicBool::new(false);
 /// Installs, once, a panic hook that reports a panic in a confined child over the result pipe
 /// and `_exit`s without unwinding, and delegates to the previous hook everywhere else. See
 /// `child.rs`, rule 3.
+/// Asks the kernel, once per process and before the first fork, which system calls with a
+/// fallback it lacks (`close_range`, `openat2`, the `*xattrat` calls, `fchmodat2`), so that
+/// every child inherits the answers and goes straight to the fallback instead of each
+/// learning it again from an `ENOSYS`.
+fn probe_kernel() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        fds::close_range_supported();
+        archive::fs::fallbacks();
+    });
+}
+
 fn install_panic_hook() {
     if std::thread::panicking() || HOOK_INSTALLED.swap(true, Ordering::SeqCst) {
         return;
