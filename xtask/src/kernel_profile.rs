@@ -136,3 +136,44 @@ pub fn run(version: &str, command: &[String]) -> Result<()> {
         .exec();
     Err(err).with_context(|| format!("kernel profile {version}: exec {prog}"))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn names(v: &str) -> Vec<&'static str> {
+        missing(parse_version(v).unwrap())
+            .into_iter()
+            .map(|(n, _)| n)
+            .collect()
+    }
+
+    #[test]
+    fn profiles_hide_exactly_the_newer_calls() {
+        let old = names("5.4");
+        for call in [
+            "close_range",
+            "openat2",
+            "faccessat2",
+            "mount_setattr",
+            "setxattrat",
+        ] {
+            assert!(old.contains(&call), "{call}");
+        }
+        for call in ["fsopen", "fsmount", "move_mount", "pidfd_open", "clone3"] {
+            assert!(!old.contains(&call), "{call} exists on 5.4");
+        }
+        assert!(!names("5.10").contains(&"close_range"));
+        assert!(names("6.8").contains(&"setxattrat"));
+        assert!(!names("6.8").contains(&"statmount"));
+        assert!(names("6.18").is_empty());
+        assert!(parse_version("5").is_err() && parse_version("x.4").is_err());
+    }
+
+    #[test]
+    fn every_profile_compiles_to_a_filter() {
+        for v in ["5.4", "5.10", "5.15", "6.1", "6.8", "6.12"] {
+            program(parse_version(v).unwrap()).unwrap();
+        }
+    }
+}
