@@ -53,7 +53,7 @@ use std::ffi::{CString, OsStr};
 use std::fs::File;
 use std::hash::{BuildHasher, RandomState};
 use std::io::{self, Read};
-use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
@@ -1256,62 +1256,18 @@ fn reopen_dir(parent: BorrowedFd<'_>, name: &OsStr) -> io::Result<OwnedFd> {
 
 /// Sets an xattr on `name` in `dir` without following it (it may be a symlink or device).
 ///
-/// Uses `setxattrat(2)` (Linux 6.13+) with `AT_SYMLINK_NOFOLLOW`; on older kernels falls back to
-/// `lsetxattr` on `/proc/self/fd/<dir>/<name>` (the magic link resolves to the directory itself,
-/// the last component is not followed).
+/// `setxattrat(2)` (Linux 6.13+) with `AT_SYMLINK_NOFOLLOW`; on older kernels `lsetxattr` on the
+/// one component, reached without `/proc` in the confined child (see
+/// [`crate::fs::declare_single_threaded`]).
 fn lsetxattr_at(
     dir: BorrowedFd<'_>,
     name: &OsStr,
     xname: &CString,
     value: &[u8],
 ) -> io::Result<()> {
-    /// `struct xattr_args` of `setxattrat(2)`.
-    #[repr(C)]
-    struct XattrArgs {
-        value: u64,
-        size: u32,
-        flags: u32,
-    }
-    /// The syscall number of `setxattrat`, the same on every architecture (new-style table).
-    const SYS_SETXATTRAT: libc::c_long = 463;
     let cname =
         CString::new(name.as_bytes()).map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))?;
-    let args = XattrArgs {
-        value: value.as_ptr() as u64,
-        size: u32::try_from(value.len()).map_err(|_| io::Error::from_raw_os_error(libc::E2BIG))?,
-        flags: 0,
-    };
-    // SAFETY: every pointer passed is valid for the duration of the call: `cname` and `xname`
-    // are NUL-terminated C strings we own, `args` points at a live, correctly laid out
-    // `struct xattr_args` whose `value` covers `value.len()` readable bytes; the kernel only
-    // reads from them. The fd is borrowed and open.
-    let rc = unsafe {
-        libc::syscall(
-            SYS_SETXATTRAT,
-            dir.as_raw_fd(),
-            cname.as_ptr(),
-            libc::AT_SYMLINK_NOFOLLOW,
-            xname.as_ptr(),
-            &args as *const XattrArgs,
-            std::mem::size_of::<XattrArgs>(),
-        )
-    };
-    if rc == 0 {
-        return Ok(());
-    }
-    let err = io::Error::last_os_error();
-    if err.raw_os_error() != Some(libc::ENOSYS) {
-        return Err(err);
-    }
-    let mut path = format!("/proc/self/fd/{}/", dir.as_raw_fd()).into_bytes();
-    path.extend_from_slice(name.as_bytes());
-    rustix::fs::lsetxattr(
-        OsStr::from_bytes(&path),
-        xname.as_c_str(),
-        value,
-        XattrFlags::empty(),
-    )
-    .map_err(io::Error::from)
+    crate::fs::set_xattr_at(dir, &cname, xname, value)
 }
 
 /// The most bytes read after a tar's end-of-archive marker: far more than any record padding

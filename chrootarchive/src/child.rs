@@ -9,8 +9,9 @@
 //! 1. **Descriptors first.** Another thread may have created its own pipes at the moment we
 //!    forked; a child that keeps those ends open keeps another apply's pipe alive and deadlocks
 //!    it (5 % of 800 concurrent applies). The first thing [`run`] does is move its two pipe ends
-//!    to fds 3 and 4, `close_range(5, ~0)` everything else and point 0–2 at `/dev/null` (so a
-//!    stray write to stderr can never land in a layer file opened on fd 2). The parent creates
+//!    to fds 3 and 4, `close_range(5, ~0)` everything else (before Linux 5.9: close each fd
+//!    listed in `/proc/self/fd`, without allocating, see `crate::fds`) and point 0–2 at
+//!    `/dev/null` (so a stray write to stderr can never land in a layer file opened on fd 2). The parent creates
 //!    every pipe `O_CLOEXEC` so fork+exec users elsewhere in the process never inherit them.
 //! 2. **No std locks.** No `print!`, `eprintln!`, `std::io::stdout/stderr`, `std::env`, no
 //!    logging (`tracing` subscribers take locks), no `set_hook`/`take_hook`. Another thread
@@ -84,6 +85,9 @@ const EXIT_NO_RESULT_PIPE: i32 = 120;
 /// The child's whole life. Never returns.
 pub(crate) fn run(input: RawFd, result: RawFd, dest: &CStr, job: &Job<'_>, fault: &TestFault) -> ! {
     IN_CONFINED_CHILD.store(true, Ordering::SeqCst);
+    // The child has one thread: before Linux 6.13, xattrs of symlinks and special files may be
+    // set after an fchdir into their directory, which needs no /proc (gone after pivot_root).
+    archive::fs::declare_single_threaded();
     // If the caller dies (SIGKILL of a graphctl apply), the child must not go on writing into a
     // layer that recovery is about to delete: the kernel kills it with its parent. The second
     // getppid closes the window in which the parent died before the request was made.
@@ -154,9 +158,8 @@ fn setup_fds(input: RawFd, result: RawFd) -> Result<(), (&'static str, Errno)> {
         if libc::dup2(out_hi, RESULT_FD) < 0 {
             return Err(("move the result pipe to fd 4", Errno::last()));
         }
-        if libc::syscall(libc::SYS_close_range, 5u32, u32::MAX, 0u32) < 0 {
-            return Err(("close_range", Errno::last()));
-        }
+        // close_range (5.9), or a listing of /proc/self/fd before 5.9: see `fds`.
+        crate::fds::close_from(5)?;
         let null = libc::open(c"/dev/null".as_ptr(), libc::O_RDWR);
         if null < 0 {
             return Err(("open /dev/null", Errno::last()));

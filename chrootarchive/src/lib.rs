@@ -72,6 +72,7 @@
 #![deny(missing_docs)]
 
 mod child;
+mod fds;
 mod protocol;
 
 use std::ffi::CString;
@@ -90,6 +91,7 @@ use nix::sys::wait::{WaitStatus, waitpid};
 use nix::unistd::{ForkResult, Pid, fork, pipe2};
 
 #[doc(hidden)]
+pub use fds::{close_range_supported, force_close_range_missing};
 pub use protocol::ConfinedBy;
 use protocol::{MAX_MESSAGE, Message};
 
@@ -210,6 +212,7 @@ fn run(
     let mut input = archive::decompress(reader)?;
     let mut buf = vec![0u8; CHUNK];
     install_panic_hook();
+    probe_kernel();
 
     let (in_r, in_w) =
         pipe2(OFlag::O_CLOEXEC).map_err(|e| confinement_err("create the input pipe", e))?;
@@ -470,6 +473,33 @@ static HOOK_INSTALLED: AtomicBool = AtomicBool::new(false);
 /// Installs, once, a panic hook that reports a panic in a confined child over the result pipe
 /// and `_exit`s without unwinding, and delegates to the previous hook everywhere else. See
 /// `child.rs`, rule 3.
+/// Every system call the confined apply has a fallback for: `close_range` (the child's fd
+/// cleanup) and those of [`archive::fs::fallbacks`]. Each is probed without effect and the
+/// answer recorded; the confined child inherits the parent's answers, so what this reports is
+/// what the next apply's child uses. Serves `graphctl status`.
+pub fn fallbacks() -> Vec<archive::fs::Fallback> {
+    let mut all = archive::fs::fallbacks();
+    all.push(archive::fs::Fallback {
+        call: "close_range",
+        since: "5.9",
+        available: close_range_supported(),
+        instead: "closing each fd listed in /proc/self/fd (before confinement), one by one",
+    });
+    all
+}
+
+/// Asks the kernel, once per process and before the first fork, which system calls with a
+/// fallback it lacks (`close_range`, `openat2`, the `*xattrat` calls, `fchmodat2`), so that
+/// every child inherits the answers and goes straight to the fallback instead of each
+/// learning it again from an `ENOSYS`.
+fn probe_kernel() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        fds::close_range_supported();
+        archive::fs::fallbacks();
+    });
+}
+
 fn install_panic_hook() {
     if std::thread::panicking() || HOOK_INSTALLED.swap(true, Ordering::SeqCst) {
         return;

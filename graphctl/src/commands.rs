@@ -203,8 +203,14 @@ fn selected_by(s: &Selected) -> &'static str {
 }
 
 /// `status`: the selected driver, its home and its status pairs.
+///
+/// It also reports which system calls the kernel lacks and the fallback used instead. These are
+/// probed here with calls that fail without effect (descriptor -1: `EBADF` where the call
+/// exists, `ENOSYS` where not); the confined apply child, which starts as a copy of the
+/// process, takes the same routes.
 fn status(s: &Selected, json: bool) -> Result<()> {
     let pairs = s.driver.status();
+    let fallbacks = chrootarchive::fallbacks();
     if json {
         let status: serde_json::Map<String, serde_json::Value> =
             pairs.iter().map(|(k, v)| (k.clone(), json!(v))).collect();
@@ -222,6 +228,20 @@ fn status(s: &Selected, json: bool) -> Result<()> {
             ),
         );
         obj.insert("status".into(), json!(status));
+        obj.insert(
+            "syscalls".into(),
+            json!(
+                fallbacks
+                    .iter()
+                    .map(|f| json!({
+                        "call": f.call,
+                        "since": f.since,
+                        "available": f.available,
+                        "fallback": f.instead,
+                    }))
+                    .collect::<Vec<_>>()
+            ),
+        );
         return print_json(&serde_json::Value::Object(obj));
     }
     let mut out = io::stdout().lock();
@@ -230,6 +250,17 @@ fn status(s: &Selected, json: bool) -> Result<()> {
     writeln!(out, "Selected by: {}", selected_by(s))?;
     for (k, v) in pairs {
         writeln!(out, "{k}: {v}")?;
+    }
+    for f in &fallbacks {
+        if f.available {
+            writeln!(out, "Syscall {}: yes", f.call)?;
+        } else {
+            writeln!(
+                out,
+                "Syscall {}: no (Linux {}+); instead: {}",
+                f.call, f.since, f.instead
+            )?;
+        }
     }
     Ok(())
 }

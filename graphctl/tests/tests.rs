@@ -18,6 +18,7 @@ mod immutable;
 mod import;
 mod import_confined;
 mod info;
+mod kernel_profile;
 mod one_driver;
 mod safety;
 mod store_trust;

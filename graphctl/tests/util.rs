@@ -129,10 +129,13 @@ impl Drop for Store {
     }
 }
 
-/// Where tests put their temporary directories: the target dir's filesystem (overlayfs does not
-/// accept every filesystem as upper, and /tmp may be one of those).
+/// Where tests put their temporary directories: `$GRAPHCTL_TEST_TMP` (CI's filesystem matrix
+/// points it at each loop-mounted filesystem), else the target dir's filesystem (overlayfs does
+/// not accept every filesystem as upper, and /tmp may be one of those).
 pub fn test_tmp() -> PathBuf {
-    let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).to_path_buf();
+    let dir = std::env::var_os("GRAPHCTL_TEST_TMP")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| Path::new(env!("CARGO_TARGET_TMPDIR")).to_path_buf());
     std::fs::create_dir_all(&dir).unwrap();
     dir
 }

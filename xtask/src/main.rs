@@ -2,6 +2,8 @@
 //!
 //! * `ci`: the same steps as `.ci/run` (format check, clippy, the test suite).
 //! * `sample-image`: regenerate the small OCI image under `examples/sample-image`.
+//! * `kernel-profile VERSION -- CMD...`: run a command as on an older kernel (seccomp answers
+//!   `ENOSYS` for newer system calls; see `kernel_profile.rs`).
 //! * `bench`: side-by-side benchmarks against GNU tar and cp (see `bench.rs`).
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
@@ -14,6 +16,7 @@ use drivers as _;
 
 mod bench;
 mod ci;
+mod kernel_profile;
 mod sample_image;
 
 #[derive(Parser)]
@@ -31,6 +34,14 @@ enum Command {
     SampleImage(sample_image::Args),
     /// Run the side-by-side benchmarks and write target/bench/report.{md,json}.
     Bench(bench::Args),
+    /// Run a command as on an older kernel: system calls newer than VERSION answer ENOSYS.
+    KernelProfile {
+        /// The kernel to imitate, MAJOR.MINOR (CI runs 5.4, 5.10, 5.15, 6.1, 6.8).
+        version: String,
+        /// The command and its arguments (after `--`).
+        #[arg(last = true, required = true)]
+        command: Vec<String>,
+    },
 }
 
 fn main() -> Result<()> {
@@ -38,5 +49,6 @@ fn main() -> Result<()> {
         Command::Ci => ci::run(),
         Command::SampleImage(args) => sample_image::run(args),
         Command::Bench(args) => bench::run(args),
+        Command::KernelProfile { version, command } => kernel_profile::run(&version, &command),
     }
 }

@@ -27,7 +27,6 @@ use std::io;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Component, Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
 
 use rustix::fs::{AtFlags, FileType, Mode, OFlags, ResolveFlags};
 
@@ -41,9 +40,6 @@ pub(crate) const SHORT_PATH: usize = 3072;
 
 /// How many `..` one `openat` climbs at most (`"../"` × this stays below `PATH_MAX`).
 const UP_CHUNK: usize = 1000;
-
-/// Set once `openat2` returned `ENOSYS`; lock-free, so it is safe after `fork`.
-static NO_OPENAT2: AtomicBool = AtomicBool::new(false);
 
 /// A directory's identity: device and inode.
 pub(crate) type Id = (u64, u64);
@@ -73,7 +69,7 @@ pub(crate) fn open_root(dest: &Path) -> io::Result<OwnedFd> {
 
 /// Whether `rel` can be resolved by one `openat2` call.
 fn short(rel: &Path) -> bool {
-    rel.as_os_str().len() < SHORT_PATH && !NO_OPENAT2.load(Ordering::Relaxed)
+    rel.as_os_str().len() < SHORT_PATH && crate::fs::openat2_supported()
 }
 
 /// Creates the directory `name` in `parent` with mode exactly 0755; an existing name is fine.
@@ -130,7 +126,7 @@ pub(crate) fn open_dir_beneath(
 
 /// One resolution of the short path `rel` beneath `root`, by `openat2` or the manual walk.
 fn open_beneath_once(root: BorrowedFd<'_>, rel: &Path) -> io::Result<OwnedFd> {
-    if !NO_OPENAT2.load(Ordering::Relaxed) {
+    if crate::fs::openat2_supported() {
         let path: &OsStr = if rel.as_os_str().is_empty() {
             OsStr::new(".")
         } else {
@@ -144,7 +140,7 @@ fn open_beneath_once(root: BorrowedFd<'_>, rel: &Path) -> io::Result<OwnedFd> {
             ResolveFlags::IN_ROOT | ResolveFlags::NO_MAGICLINKS,
         ) {
             Ok(fd) => return Ok(fd),
-            Err(rustix::io::Errno::NOSYS) => NO_OPENAT2.store(true, Ordering::Relaxed),
+            Err(rustix::io::Errno::NOSYS) => crate::fs::note_openat2_missing(),
             // openat2 may fail with EAGAIN under concurrent renames; the manual walk is exact.
             Err(rustix::io::Errno::AGAIN) => {}
             Err(e) => return Err(e.into()),

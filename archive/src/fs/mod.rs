@@ -41,14 +41,63 @@ mod walk;
 mod xattr;
 
 pub use dirs::{DirEntry, read_dir_sorted, readlink_at, stat_at};
+pub(crate) use open::note_openat2_missing;
 pub use open::{
-    changed_during_walk, describe, open_beneath, open_dir_at, open_dir_checked, open_file_checked,
-    open_root_dir, openat2_supported, same_inode,
+    changed_during_walk, describe, force_openat2_missing, open_beneath, open_dir_at,
+    open_dir_checked, open_file_checked, open_root_dir, openat2_supported, probe_openat2,
+    same_inode,
 };
-pub use remove::{remove_tree, remove_tree_at};
+pub use remove::{
+    fchmodat2_supported, force_fchmodat2_missing, probe_fchmodat2, remove_tree, remove_tree_at,
+};
 pub use stack::{DirStack, MAX_HELD_FDS};
 pub use walk::{Visitor, walk};
-pub use xattr::{XattrTarget, get_xattr, list_xattrs, xattr_at_supported};
+pub(crate) use xattr::set_xattr_at;
+pub use xattr::{
+    XattrTarget, declare_single_threaded, force_xattrat_missing, get_xattr, list_xattrs,
+    probe_xattr_at, xattr_at_supported,
+};
+
+/// A system call that older kernels lack, and what this crate does without it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Fallback {
+    /// The system call(s), e.g. `"openat2"`.
+    pub call: &'static str,
+    /// The first kernel that has it, e.g. `"5.6"`.
+    pub since: &'static str,
+    /// Whether it is used here (the kernel has it and it has not answered `ENOSYS`).
+    pub available: bool,
+    /// What is done instead where it is missing.
+    pub instead: &'static str,
+}
+
+/// Probes (without effect: each call is made on descriptor -1, which fails with `EBADF` where
+/// the call exists and `ENOSYS` where it does not) and reports every system call this crate
+/// has a fallback for. The answers are recorded, so later calls go straight to the fallback.
+pub fn fallbacks() -> Vec<Fallback> {
+    vec![
+        Fallback {
+            call: "openat2",
+            since: "5.6",
+            available: probe_openat2(),
+            instead: "an O_NOFOLLOW walk, one component at a time",
+        },
+        Fallback {
+            call: "setxattrat/getxattrat/listxattrat",
+            since: "6.13",
+            available: probe_xattr_at(),
+            instead: "l*xattr on one component: after fchdir in the confined child, \
+                      through /proc/self/fd elsewhere",
+        },
+        Fallback {
+            call: "fchmodat2",
+            since: "6.6",
+            available: probe_fchmodat2(),
+            instead: "chmod of an O_PATH-pinned directory: after fchdir in the confined child, \
+                      through /proc/self/fd elsewhere",
+        },
+    ]
+}
 
 /// The kind of an inode as far as tree readers care.
 pub use rustix::fs::FileType;

@@ -28,9 +28,37 @@ const FILE_FLAGS: OFlags = OFlags::RDONLY
 /// that answers like one): later calls go straight to the component walk.
 static OPENAT2: AtomicBool = AtomicBool::new(true);
 
-/// Whether [`open_beneath`] uses `openat2` (`false` once the kernel answered `ENOSYS`).
+/// Whether [`open_beneath`] (and the apply's path resolution) use `openat2` (`false` once the
+/// kernel answered `ENOSYS`).
 pub fn openat2_supported() -> bool {
     OPENAT2.load(Ordering::Relaxed)
+}
+
+/// Records that the kernel answered `ENOSYS` for `openat2`: every later call walks instead.
+pub(crate) fn note_openat2_missing() {
+    OPENAT2.store(false, Ordering::Relaxed);
+}
+
+/// Probes, without effect, whether the kernel has `openat2` (Linux 5.6): on descriptor -1 it
+/// fails with `EBADF` where it exists and `ENOSYS` where not. Records the answer.
+pub fn probe_openat2() -> bool {
+    // struct open_how: flags, mode, resolve (all u64), zeroed.
+    let how = [0u64; 3];
+    // SAFETY: a NUL-terminated constant path and a live, correctly sized `struct open_how`;
+    // the call fails on the bad descriptor before opening anything.
+    let r = unsafe {
+        libc::syscall(
+            libc::SYS_openat2,
+            -1,
+            c"x".as_ptr(),
+            how.as_ptr(),
+            std::mem::size_of_val(&how),
+        )
+    };
+    if r < 0 && io::Error::last_os_error().raw_os_error() == Some(libc::ENOSYS) {
+        note_openat2_missing();
+    }
+    openat2_supported()
 }
 
 /// The error for an entry that changed between being listed and being opened (a swapped
@@ -202,8 +230,8 @@ pub(crate) fn open_beneath_walk(
     rustix::fs::openat(base, *last, flags, Mode::empty()).map_err(io::Error::from)
 }
 
-/// Test hook: forget that `openat2` works, as on a kernel before 5.6.
-#[cfg(test)]
-pub(crate) fn force_openat2_missing() {
+/// Test hook: forget that `openat2` works, as on a kernel before 5.6. Not for normal use.
+#[doc(hidden)]
+pub fn force_openat2_missing() {
     OPENAT2.store(false, Ordering::Relaxed);
 }

@@ -5,6 +5,7 @@ use std::io;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
 use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use rustix::fs::{AtFlags, FileType, Mode, OFlags};
 
@@ -137,32 +138,25 @@ fn make_owner_rwx_fd(dir: BorrowedFd<'_>) -> rustix::io::Result<()> {
 }
 
 /// Adds `u+rwx` to the directory `name` in `dir` without following a symlink there.
-fn chmod_child_rwx(dir: BorrowedFd<'_>, name: &CStr) -> io::Result<()> {
+pub(crate) fn chmod_child_rwx(dir: BorrowedFd<'_>, name: &CStr) -> io::Result<()> {
     let st = stat_at(dir, name)?;
     if FileType::from_raw_mode(st.st_mode) != FileType::Directory {
         return Err(io::Error::from_raw_os_error(libc::ENOTDIR));
     }
     let mode = (st.st_mode & 0o7777) | 0o700;
-    // SAFETY: `name` is a NUL-terminated string valid for the call, `dir` an open descriptor;
-    // fchmodat2 only reads its arguments.
-    let r = unsafe {
-        libc::syscall(
-            libc::SYS_fchmodat2,
-            dir.as_raw_fd(),
-            name.as_ptr(),
-            mode as libc::c_uint,
-            libc::AT_SYMLINK_NOFOLLOW as libc::c_uint,
-        )
-    };
-    if r == 0 {
-        return Ok(());
-    }
-    let e = io::Error::last_os_error();
-    if e.raw_os_error() != Some(libc::ENOSYS) {
-        return Err(e);
+    if FCHMODAT2.load(Ordering::Relaxed) {
+        match fchmodat2(dir, name, mode) {
+            Err(e) if e.raw_os_error() == Some(libc::ENOSYS) => {
+                FCHMODAT2.store(false, Ordering::Relaxed);
+            }
+            r => return r,
+        }
     }
     // Before Linux 6.6: pin the inode with O_PATH (no permission needed, no link followed),
-    // check it is that directory, and chmod it through its /proc magic link.
+    // check it is that directory, and chmod it: as "." after an fchdir into it in a
+    // single-threaded process (the confined child, which has no /proc but may enter any
+    // directory of the tree: it is root, or root of its own user namespace owning the tree),
+    // else through its /proc magic link.
     let fd = rustix::fs::openat(
         dir,
         name,
@@ -176,8 +170,59 @@ fn chmod_child_rwx(dir: BorrowedFd<'_>, name: &CStr) -> io::Result<()> {
             FileType::from_raw_mode(now.st_mode),
         ));
     }
+    let mode = Mode::from_raw_mode(mode);
+    if super::xattr::single_threaded() {
+        return super::xattr::in_dir(fd.as_fd(), || {
+            rustix::fs::chmod(c".", mode).map_err(io::Error::from)
+        });
+    }
     let proc = format!("/proc/self/fd/{}", fd.as_raw_fd());
-    rustix::fs::chmod(proc.as_str(), Mode::from_raw_mode(mode)).map_err(io::Error::from)
+    rustix::fs::chmod(proc.as_str(), mode).map_err(io::Error::from)
+}
+
+/// Cleared after the first `ENOSYS` from `fchmodat2` (kernels before 6.6).
+static FCHMODAT2: AtomicBool = AtomicBool::new(true);
+
+/// Whether `fchmodat2` is used (`false` once the kernel answered `ENOSYS`).
+pub fn fchmodat2_supported() -> bool {
+    FCHMODAT2.load(Ordering::Relaxed)
+}
+
+/// Probes, without effect, whether the kernel has `fchmodat2` (Linux 6.6): on descriptor -1 it
+/// fails with `EBADF` where it exists and `ENOSYS` where not. Records the answer.
+pub fn probe_fchmodat2() -> bool {
+    // SAFETY: a NUL-terminated constant path; the call fails before touching anything.
+    let r = unsafe { libc::syscall(libc::SYS_fchmodat2, -1, c"x".as_ptr(), 0, 0) };
+    if r < 0 && io::Error::last_os_error().raw_os_error() == Some(libc::ENOSYS) {
+        FCHMODAT2.store(false, Ordering::Relaxed);
+    }
+    fchmodat2_supported()
+}
+
+/// Test hook: forget that `fchmodat2` works, as on a kernel before 6.6. Not for normal use.
+#[doc(hidden)]
+pub fn force_fchmodat2_missing() {
+    FCHMODAT2.store(false, Ordering::Relaxed);
+}
+
+/// `fchmodat2(dir, name, mode, AT_SYMLINK_NOFOLLOW)`.
+fn fchmodat2(dir: BorrowedFd<'_>, name: &CStr, mode: u32) -> io::Result<()> {
+    // SAFETY: `name` is a NUL-terminated string valid for the call, `dir` an open descriptor;
+    // fchmodat2 only reads its arguments.
+    let r = unsafe {
+        libc::syscall(
+            libc::SYS_fchmodat2,
+            dir.as_raw_fd(),
+            name.as_ptr(),
+            mode as libc::c_uint,
+            libc::AT_SYMLINK_NOFOLLOW as libc::c_uint,
+        )
+    };
+    if r == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
 }
 
 struct Level {

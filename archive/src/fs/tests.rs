@@ -376,3 +376,147 @@ fn large_xattr_values_are_read_in_full() {
         assert_eq!(get_xattr(target, c"user.big").unwrap(), Some(big.clone()));
     }
 }
+
+/// Runs `f` in a forked child and asserts it exits 0 (`f` returns whether it succeeded).
+fn in_forked_child(f: impl FnOnce() -> bool) {
+    // SAFETY: the child runs `f` (raw file system calls and glibc's fork-safe malloc) and
+    // leaves with `_exit`, never returning into the test harness.
+    let pid = unsafe { libc::fork() };
+    assert!(pid >= 0);
+    if pid == 0 {
+        let ok = std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)).unwrap_or(false);
+        // SAFETY: ends the forked child without running the harness's destructors.
+        unsafe { libc::_exit(if ok { 0 } else { 1 }) };
+    }
+    let mut status = 0;
+    // SAFETY: waiting for the child forked above.
+    assert_eq!(unsafe { libc::waitpid(pid, &mut status, 0) }, pid);
+    assert!(libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0);
+}
+
+fn lget(path: &Path, attr: &str) -> Option<Vec<u8>> {
+    let mut buf = vec![0u8; 64];
+    let n = rustix::fs::lgetxattr(path, attr, &mut buf).ok()?;
+    buf.truncate(n);
+    Some(buf)
+}
+
+/// Before Linux 6.13, xattrs of symlinks are set through `/proc/self/fd` in an ordinary
+/// process and after an `fchdir` (cwd restored, no `/proc` needed) in a single-threaded one;
+/// a name that is not one component is refused on both routes.
+#[test]
+fn xattrs_of_symlinks_are_set_on_both_routes_without_xattrat() {
+    if !is_root() {
+        assert_ne!(
+            std::env::var("CI").as_deref(),
+            Ok("true"),
+            "CI runs as root"
+        );
+        eprintln!("skipping: trusted.* xattrs on symlinks need root");
+        return;
+    }
+    super::xattr::force_xattrat_missing();
+    let t = tempfile::tempdir().unwrap();
+    symlink("nowhere", t.path().join("l1")).unwrap();
+    symlink("nowhere", t.path().join("l2")).unwrap();
+    let root = root_fd(t.path());
+    set_xattr_at(root.as_fd(), c"l1", c"trusted.r", b"proc").unwrap();
+    assert_eq!(
+        lget(&t.path().join("l1"), "trusted.r").as_deref(),
+        Some(&b"proc"[..])
+    );
+    for bad in [c"..", c".", c"a/b", c""] {
+        assert!(set_xattr_at(root.as_fd(), bad, c"trusted.r", b"x").is_err());
+    }
+    let path = t.path().to_path_buf();
+    in_forked_child(|| {
+        declare_single_threaded();
+        let cwd = std::env::current_dir().unwrap();
+        let set = set_xattr_at(root.as_fd(), c"l2", c"trusted.r", b"fchdir").is_ok();
+        let read = get_xattr(XattrTarget::At(root.as_fd(), c"l2"), c"trusted.r")
+            .ok()
+            .flatten();
+        let names = list_xattrs(XattrTarget::At(root.as_fd(), c"l2")).unwrap_or_default();
+        let refused = set_xattr_at(root.as_fd(), c"..", c"trusted.r", b"x").is_err();
+        set && read.as_deref() == Some(&b"fchdir"[..])
+            && names == [CString::new("trusted.r").unwrap()]
+            && refused
+            && std::env::current_dir().unwrap() == cwd
+            && lget(&path.join("l2"), "trusted.r").as_deref() == Some(&b"fchdir"[..])
+    });
+    assert!(!xattr_at_supported());
+}
+
+/// The probes have no effect and agree with what the kernel (or a kernel profile) has.
+#[test]
+fn probes_report_what_the_kernel_has() {
+    let profile = std::env::var("GRAPHDRIVER_KERNEL_PROFILE")
+        .ok()
+        .and_then(|v| {
+            let (a, b) = v.split_once('.')?;
+            Some((a.parse::<u32>().ok()?, b.parse::<u32>().ok()?))
+        });
+    let report = fallbacks();
+    assert_eq!(report.len(), 3);
+    if let Some(p) = profile {
+        let want = |since: (u32, u32)| p >= since;
+        assert_eq!(report[0].available, want((5, 6)), "openat2 under {p:?}");
+        assert_eq!(report[1].available, want((6, 13)), "xattrat under {p:?}");
+        assert_eq!(report[2].available, want((6, 6)), "fchmodat2 under {p:?}");
+        assert_eq!(openat2_supported(), want((5, 6)));
+    }
+}
+
+/// Before Linux 6.6, a mode-000 directory is made removable by chmod of its O_PATH-pinned
+/// inode: through `/proc/self/fd` in an ordinary process (shown by an unprivileged user
+/// removing such a tree), as `.` after an `fchdir` in a single-threaded one (which, like the
+/// confined child, may enter it: root here).
+#[test]
+fn mode_000_directories_are_chmodded_without_fchmodat2() {
+    if !is_root() {
+        assert_ne!(
+            std::env::var("CI").as_deref(),
+            Ok("true"),
+            "CI runs as root"
+        );
+        eprintln!("skipping: needs root to switch to an unprivileged user");
+        return;
+    }
+    super::remove::force_fchmodat2_missing();
+    const NOBODY: u32 = 65534;
+    let mode = |m| std::os::unix::fs::PermissionsExt::from_mode(m);
+    let t = tempfile::tempdir().unwrap();
+    let x = t.path().join("x");
+    fs::create_dir_all(x.join("locked/inner")).unwrap();
+    fs::write(x.join("locked/inner/f"), "f").unwrap();
+    for p in [t.path(), &x, &x.join("locked"), &x.join("locked/inner")] {
+        std::os::unix::fs::chown(p, Some(NOBODY), Some(NOBODY)).unwrap();
+    }
+    std::os::unix::fs::chown(x.join("locked/inner/f"), Some(NOBODY), Some(NOBODY)).unwrap();
+    fs::set_permissions(t.path(), mode(0o755)).unwrap();
+    fs::set_permissions(x.join("locked"), mode(0o000)).unwrap();
+    in_forked_child(|| {
+        // SAFETY: plain credential calls in the forked child.
+        let dropped = unsafe {
+            libc::setgroups(0, std::ptr::null()) == 0
+                && libc::setresgid(NOBODY, NOBODY, NOBODY) == 0
+                && libc::setresuid(NOBODY, NOBODY, NOBODY) == 0
+        };
+        dropped && remove_tree(&x).is_ok() && !x.exists()
+    });
+    assert!(!x.exists());
+
+    fs::create_dir(&x).unwrap();
+    fs::create_dir(x.join("locked")).unwrap();
+    fs::set_permissions(x.join("locked"), mode(0o000)).unwrap();
+    let dir = root_fd(&x);
+    in_forked_child(|| {
+        declare_single_threaded();
+        super::remove::chmod_child_rwx(dir.as_fd(), c"locked").is_ok()
+    });
+    let m = std::os::unix::fs::PermissionsExt::mode(
+        &fs::metadata(x.join("locked")).unwrap().permissions(),
+    );
+    assert_eq!(m & 0o777, 0o700);
+    assert!(!fchmodat2_supported());
+}

@@ -1,9 +1,26 @@
-//! Reading extended attributes without following links and without opening special files.
+//! Extended attributes of entries reached through their parent directory: never following a
+//! symlink, never opening a special file, never resolving a path outside the directory.
+//!
+//! Linux 6.13 has `*xattrat(2)` with `AT_SYMLINK_NOFOLLOW`, which do exactly that. Before 6.13
+//! (the `ENOSYS` is remembered after the first call; [`xattr_at_supported`]) one of two routes
+//! is taken, both ending in an `l*xattr` call on a single component that is not followed:
+//!
+//! * **A single-threaded process** (the confined apply child, which declared itself with
+//!   [`declare_single_threaded`]): `fchdir` to the directory, `l*xattr(name)` relative to the
+//!   working directory, `fchdir` back. `/proc` is not needed (there is none after the child's
+//!   `pivot_root`), and a name that is one component (no `/`, not `.` or `..`) cannot leave
+//!   the directory. The working directory is per process, so this route is taken only where no
+//!   other thread can observe it.
+//! * **Any other process**: `l*xattr("/proc/self/fd/<dir>/<name>")`, where the kernel resolves
+//!   the descriptor's magic link to the directory itself (not through any path in the tree) and
+//!   then looks up the one component. This needs `/proc`, which an ordinary host process has.
 
 use std::ffi::{CStr, CString};
 use std::io;
-use std::os::fd::{AsRawFd, BorrowedFd};
+use std::os::fd::{AsRawFd, BorrowedFd, RawFd};
 use std::sync::atomic::{AtomicBool, Ordering};
+
+use rustix::fs::{Mode, OFlags};
 
 /// Where [`list_xattrs`] and [`get_xattr`] read from.
 #[derive(Clone, Copy, Debug)]
@@ -21,6 +38,32 @@ pub enum XattrTarget<'a> {
 /// Cleared after the first `ENOSYS` from the `*xattrat` calls (kernels before 6.13).
 static XATTRAT: AtomicBool = AtomicBool::new(true);
 
+/// Set by [`declare_single_threaded`]: the `fchdir` route is safe in this process.
+static SINGLE_THREADED: AtomicBool = AtomicBool::new(false);
+
+/// Declares that this process has exactly one thread and will not start another (a child
+/// right after `fork`, such as `chrootarchive`'s confined apply process). On kernels without
+/// the `*xattrat` calls, xattrs of symlinks and special files are then read and written after
+/// an `fchdir` into their directory (restored afterwards) instead of through `/proc/self/fd`,
+/// which a process confined by `pivot_root` or `chroot` does not have.
+///
+/// Calling it in a multi-threaded process would briefly move every thread's working directory.
+pub fn declare_single_threaded() {
+    SINGLE_THREADED.store(true, Ordering::Relaxed);
+}
+
+/// Probes, without effect, whether the kernel has the `*xattrat` calls (Linux 6.13): a
+/// `getxattrat` on descriptor -1 fails with `EBADF` where it exists and `ENOSYS` where not.
+/// Records the answer as the first real call would.
+pub fn probe_xattr_at() -> bool {
+    let mut buf = [0u8; 1];
+    let present = !matches!(getxattrat_raw(-1, c"x", c"user.x", &mut buf), Err(e) if is_nosys(&e));
+    if !present {
+        XATTRAT.store(false, Ordering::Relaxed);
+    }
+    present && XATTRAT.load(Ordering::Relaxed)
+}
+
 /// Whether the `*xattrat` system calls are used (`false` once the kernel answered `ENOSYS`).
 pub fn xattr_at_supported() -> bool {
     XATTRAT.load(Ordering::Relaxed)
@@ -28,6 +71,7 @@ pub fn xattr_at_supported() -> bool {
 
 // The `*xattrat` calls have one number on every architecture (they postdate the unified table);
 // libc does not name them yet.
+const SYS_SETXATTRAT: libc::c_long = 463;
 const SYS_GETXATTRAT: libc::c_long = 464;
 const SYS_LISTXATTRAT: libc::c_long = 465;
 
@@ -56,6 +100,10 @@ fn listxattrat(dir: BorrowedFd<'_>, name: &CStr, buf: &mut [u8]) -> io::Result<u
 }
 
 fn getxattrat(dir: BorrowedFd<'_>, name: &CStr, attr: &CStr, buf: &mut [u8]) -> io::Result<usize> {
+    getxattrat_raw(dir.as_raw_fd(), name, attr, buf)
+}
+
+fn getxattrat_raw(dir: RawFd, name: &CStr, attr: &CStr, buf: &mut [u8]) -> io::Result<usize> {
     let mut args = XattrArgs {
         value: buf.as_mut_ptr() as u64,
         size: u32::try_from(buf.len()).unwrap_or(u32::MAX),
@@ -67,7 +115,7 @@ fn getxattrat(dir: BorrowedFd<'_>, name: &CStr, attr: &CStr, buf: &mut [u8]) -> 
     let r = unsafe {
         libc::syscall(
             SYS_GETXATTRAT,
-            dir.as_raw_fd(),
+            dir,
             name.as_ptr(),
             libc::AT_SYMLINK_NOFOLLOW as libc::c_uint,
             attr.as_ptr(),
@@ -95,6 +143,89 @@ fn proc_path(dir: BorrowedFd<'_>, name: &CStr) -> CString {
     CString::new(p).unwrap_or_default()
 }
 
+/// Runs `call` on a path naming the entry `name` of `dir` without the `*xattrat` calls: after
+/// an `fchdir` into `dir` in a single-threaded process, else through `/proc/self/fd` (see the
+/// module documentation). `name` must be one component: no `/`, not `.` or `..`.
+fn fallback<T>(
+    dir: BorrowedFd<'_>,
+    name: &CStr,
+    call: impl FnOnce(&CStr) -> io::Result<T>,
+) -> io::Result<T> {
+    let bytes = name.to_bytes();
+    if bytes.is_empty() || bytes == b"." || bytes == b".." || bytes.contains(&b'/') {
+        return Err(io::Error::from_raw_os_error(libc::EINVAL));
+    }
+    if !single_threaded() {
+        return call(proc_path(dir, name).as_c_str());
+    }
+    in_dir(dir, || call(name))
+}
+
+/// Whether [`declare_single_threaded`] was called in this process.
+pub(crate) fn single_threaded() -> bool {
+    SINGLE_THREADED.load(Ordering::Relaxed)
+}
+
+/// Runs `f` with `dir` as the working directory, then returns to the previous one. Only for a
+/// single-threaded process ([`single_threaded`]): the working directory is per process.
+pub(crate) fn in_dir<T>(dir: BorrowedFd<'_>, f: impl FnOnce() -> io::Result<T>) -> io::Result<T> {
+    let saved = rustix::fs::open(
+        c".",
+        OFlags::PATH | OFlags::DIRECTORY | OFlags::CLOEXEC,
+        Mode::empty(),
+    )?;
+    rustix::process::fchdir(dir)?;
+    let result = f();
+    // Going back can only fail if `saved` stopped being a directory we may enter, which the
+    // kernel does not allow for an open descriptor of one; report it all the same.
+    rustix::process::fchdir(&saved)?;
+    result
+}
+
+/// Sets the xattr `attr` of the entry `name` of `dir` (a symlink, device node, FIFO or socket
+/// is neither followed nor opened): `setxattrat(2)` where the kernel has it, else the route
+/// described in the module documentation.
+pub(crate) fn set_xattr_at(
+    dir: BorrowedFd<'_>,
+    name: &CStr,
+    attr: &CStr,
+    value: &[u8],
+) -> io::Result<()> {
+    if XATTRAT.load(Ordering::Relaxed) {
+        match setxattrat(dir, name, attr, value) {
+            Err(e) if is_nosys(&e) => XATTRAT.store(false, Ordering::Relaxed),
+            r => return r,
+        }
+    }
+    fallback(dir, name, |path| {
+        rustix::fs::lsetxattr(path, attr, value, rustix::fs::XattrFlags::empty())
+            .map_err(io::Error::from)
+    })
+}
+
+fn setxattrat(dir: BorrowedFd<'_>, name: &CStr, attr: &CStr, value: &[u8]) -> io::Result<()> {
+    let args = XattrArgs {
+        value: value.as_ptr() as u64,
+        size: u32::try_from(value.len()).map_err(|_| io::Error::from_raw_os_error(libc::E2BIG))?,
+        flags: 0,
+    };
+    // SAFETY: both strings are NUL-terminated and live across the call; `args` is a correctly
+    // laid out `struct xattr_args` whose `value` covers `value.len()` readable bytes, passed
+    // with its size; the kernel only reads from them. The fd is borrowed and open.
+    let r = unsafe {
+        libc::syscall(
+            SYS_SETXATTRAT,
+            dir.as_raw_fd(),
+            name.as_ptr(),
+            libc::AT_SYMLINK_NOFOLLOW as libc::c_uint,
+            attr.as_ptr(),
+            &args as *const XattrArgs,
+            std::mem::size_of::<XattrArgs>(),
+        )
+    };
+    ret(r).map(|_| ())
+}
+
 fn is_nosys(e: &io::Error) -> bool {
     e.raw_os_error() == Some(libc::ENOSYS)
 }
@@ -110,7 +241,9 @@ fn list_into(t: XattrTarget<'_>, buf: &mut [u8]) -> io::Result<usize> {
                     r => return r,
                 }
             }
-            rustix::fs::llistxattr(proc_path(dir, name).as_c_str(), buf).map_err(io::Error::from)
+            fallback(dir, name, |path| {
+                rustix::fs::llistxattr(path, &mut *buf).map_err(io::Error::from)
+            })
         }
     }
 }
@@ -125,8 +258,9 @@ fn get_into(t: XattrTarget<'_>, attr: &CStr, buf: &mut [u8]) -> io::Result<usize
                     r => return r,
                 }
             }
-            rustix::fs::lgetxattr(proc_path(dir, name).as_c_str(), attr, buf)
-                .map_err(io::Error::from)
+            fallback(dir, name, |path| {
+                rustix::fs::lgetxattr(path, attr, &mut *buf).map_err(io::Error::from)
+            })
         }
     }
 }
@@ -187,8 +321,9 @@ pub fn get_xattr(target: XattrTarget<'_>, attr: &CStr) -> io::Result<Option<Vec<
     }
 }
 
-/// Test hook: forget that the `*xattrat` calls work, as on a kernel before 6.13.
-#[cfg(test)]
-pub(crate) fn force_xattrat_missing() {
+/// Test hook: forget that the `*xattrat` calls work, as on a kernel before 6.13. Not for
+/// normal use.
+#[doc(hidden)]
+pub fn force_xattrat_missing() {
     XATTRAT.store(false, Ordering::Relaxed);
 }
