@@ -1,9 +1,11 @@
 //! `reflink`: a graph driver written outside the framework, against its public API only.
 //!
 //! Every layer is a full copy of its parent, like `vfs`, but file contents are cloned with the
-//! `FICLONE` ioctl (btrfs, XFS with reflink, bcachefs…: instant, copy-on-write), falling back to
-//! a plain byte copy where the filesystem cannot clone (ext4, tmpfs). The author writes only
-//! the tree copy and the [`ProtoDriver`] glue:
+//! `FICLONE` ioctl (btrfs, XFS with reflink, bcachefs…: instant, copy-on-write). Where the
+//! filesystem cannot clone (ext4, tmpfs) init refuses with [`graphdriver::Error::NotSupported`]
+//! naming the filesystem, so automatic selection moves on (to vfs, which copies honestly),
+//! unless the option `copy_fallback = true` asks for plain byte copies there. The author writes
+//! only the tree copy and the [`ProtoDriver`] glue:
 //!
 //! * [`LayerStore`] does the bookkeeping: parents, atomic creation, crash recovery, mount
 //!   reference counts, removal checks;
@@ -31,11 +33,43 @@ pub const NAME: &str = "reflink";
 
 graphdriver::register_driver!("reflink", init);
 
-/// Starts the driver in `home`. Option: `sync` (bool): flush layers before they become visible.
+/// Starts the driver in `home`. Options: `sync` (bool): flush layers before they become
+/// visible; `copy_fallback` (bool, default false): on a filesystem that cannot clone, copy the
+/// bytes instead of refusing.
 pub fn init(home: &Path, options: &DriverOptions) -> Result<Box<dyn Driver>> {
-    options.reject_unknown(NAME, &["sync"])?;
+    options.reject_unknown(NAME, &["sync", "copy_fallback"])?;
     let sync = options.get_bool(NAME, "sync", false)?;
-    Ok(Box::new(NaiveDiffDriver::new(Reflink::new(home, sync)?)))
+    let copy_fallback = options.get_bool(NAME, "copy_fallback", false)?;
+    let driver = Reflink::new(home, sync)?;
+    if !copy_fallback && !driver.store.is_read_only() {
+        if let Err(e) = can_clone(home) {
+            return Err(graphdriver::Error::NotSupported {
+                driver: NAME.to_string(),
+                reason: format!(
+                    "the filesystem of {} cannot clone files (FICLONE: {e}); use XFS with \
+                     reflink or btrfs, the vfs driver, or the option copy_fallback = true",
+                    home.display()
+                ),
+            });
+        }
+    }
+    Ok(Box::new(NaiveDiffDriver::new(driver)))
+}
+
+/// Clones a small probe file in `home` with `FICLONE`; the error if the filesystem cannot.
+/// The probe files are removed again.
+fn can_clone(home: &Path) -> io::Result<()> {
+    let src_path = home.join(format!(".clone-probe-{}", std::process::id()));
+    let dst_path = home.join(format!(".clone-probe-{}-copy", std::process::id()));
+    let result = (|| {
+        fs::write(&src_path, [7u8; 4096])?;
+        let src = fs::File::open(&src_path)?;
+        let dst = fs::File::create(&dst_path)?;
+        rustix::fs::ioctl_ficlone(&dst, &src).map_err(io::Error::from)
+    })();
+    let _ = fs::remove_file(&src_path);
+    let _ = fs::remove_file(&dst_path);
+    result
 }
 
 /// The driver's state: its store and how file contents were copied so far.

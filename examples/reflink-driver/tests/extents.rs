@@ -1,6 +1,7 @@
 //! The point of the driver: where the filesystem can clone (XFS with reflink, btrfs), a child
 //! layer's files share their parent's extents (FIEMAP reports them `SHARED`); elsewhere (ext4,
-//! tmpfs) the driver copies the bytes and says so in its status. CI runs this on each
+//! tmpfs) init refuses, naming FICLONE, and with `copy_fallback = true` the driver copies the
+//! bytes and says so in its status. CI runs this on each
 //! filesystem of its matrix with `GRAPHDRIVER_EXPECT_REFLINK` set to `1` or `0`; without it the
 //! test checks only that whatever the driver reports as cloned really shares its extents.
 
@@ -87,10 +88,46 @@ fn layer_tar(data: &[u8]) -> Vec<u8> {
     b.into_inner().unwrap()
 }
 
+/// Options with `copy_fallback = true`.
+fn copy_fallback() -> DriverOptions {
+    let text = "[storage]\n[storage.options.reflink]\ncopy_fallback = true\n";
+    graphdriver::Config::from_toml(text, Path::new("test.toml"))
+        .unwrap()
+        .options_for("reflink")
+}
+
 #[test]
 fn child_layers_share_extents_where_the_filesystem_clones() {
     let tmp = tempfile::tempdir().unwrap();
-    let d = reflink_driver::init(&tmp.path().join("reflink"), &DriverOptions::default()).unwrap();
+    let home = tmp.path().join("reflink");
+    // By default the driver refuses a filesystem that cannot clone, naming why.
+    let d = match reflink_driver::init(&home, &DriverOptions::default()) {
+        Ok(d) => {
+            let expect = std::env::var("GRAPHDRIVER_EXPECT_REFLINK");
+            assert_ne!(
+                expect.as_deref(),
+                Ok("0"),
+                "init must refuse where it cannot clone"
+            );
+            d
+        }
+        Err(graphdriver::Error::NotSupported { reason, .. }) => {
+            eprintln!("refused as expected: {reason}");
+            assert!(
+                reason.contains("FICLONE") && reason.contains("copy_fallback"),
+                "{reason}"
+            );
+            let expect = std::env::var("GRAPHDRIVER_EXPECT_REFLINK");
+            assert_ne!(
+                expect.as_deref(),
+                Ok("1"),
+                "this filesystem should clone: {reason}"
+            );
+            // With the fallback it copies (checked below: nothing shared).
+            reflink_driver::init(&home, &copy_fallback()).unwrap()
+        }
+        Err(e) => panic!("init: {e}"),
+    };
     let (base, child) = (
         LayerId::new("base").unwrap(),
         LayerId::new("child").unwrap(),
