@@ -650,14 +650,9 @@ impl ProtoDriver for Overlay {
     fn get(&self, id: &LayerId, opts: &MountOpts) -> Result<PathBuf> {
         let dir = self.store.require(id)?;
         if let Some(root) = self.store.layer_subdir(id, ROOT)? {
-            if opts.read_only {
-                return self
-                    .store
-                    .acquire_bind_view(NAME, id, &root, opts, self.mount_flags(true));
-            }
-            self.store
-                .acquire_ref(id, opts.holder(), || Ok(true), || Ok(()))?;
-            return Ok(root);
+            return self
+                .store
+                .acquire_tree(NAME, id, &root, opts, self.mount_flags(true));
         }
         let merged = self.checked_overlay_dirs(id)?;
         if let Some(label) = opts.mount_label.as_deref().filter(|s| !s.is_empty()) {

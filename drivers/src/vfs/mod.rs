@@ -100,18 +100,8 @@ impl ProtoDriver for Vfs {
     fn get(&self, id: &LayerId, opts: &MountOpts) -> Result<PathBuf> {
         self.store.require(id)?;
         let root = self.checked_root(id)?;
-        if opts.read_only {
-            return self.store.acquire_bind_view(
-                NAME,
-                id,
-                &root,
-                opts,
-                rustix::mount::MountFlags::empty(),
-            );
-        }
         self.store
-            .acquire_ref(id, opts.holder(), || Ok(true), || Ok(()))?;
-        Ok(root)
+            .acquire_tree(NAME, id, &root, opts, rustix::mount::MountFlags::empty())
     }
     fn put(&self, id: &LayerId) -> Result<()> {
         self.store.release_ref(id, || Ok(())).map(|_| ())

@@ -28,6 +28,25 @@ impl LayerStore {
             .ok_or_else(|| Error::io("open", &path, io::Error::from(io::ErrorKind::NotFound)))
     }
 
+    /// A get of layer `id` whose tree is the plain directory `tree` (vfs, the reflink example,
+    /// overlay's image layers): with [`MountOpts::read_only`] the read-only view of
+    /// [`LayerStore::acquire_bind_view`] (with the extra mount `flags`); otherwise a reference
+    /// like [`LayerStore::acquire_ref`] takes, with nothing to mount, and `tree` itself.
+    pub fn acquire_tree(
+        &self,
+        driver: &str,
+        id: &LayerId,
+        tree: &Path,
+        opts: &MountOpts,
+        flags: rustix::mount::MountFlags,
+    ) -> Result<PathBuf> {
+        if opts.read_only {
+            return self.acquire_bind_view(driver, id, tree, opts, flags);
+        }
+        self.acquire_ref(id, opts.holder(), || Ok(true), || Ok(()))?;
+        Ok(tree.to_path_buf())
+    }
+
     /// A get of layer `id` as a read-only view of its directory `tree` (for drivers whose
     /// layers are plain directories, such as vfs): a reference like
     /// [`LayerStore::acquire_ref`] takes (owned as `opts` says), and a read-only bind mount of
