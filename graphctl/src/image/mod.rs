@@ -140,6 +140,11 @@ fn apply_all(
         top: None,
         layers: Vec::new(),
     };
+    let target = Target {
+        driver,
+        store,
+        source,
+    };
     let mut chain: Option<String> = None;
     for (n, layer) in layers.iter().enumerate() {
         let next = match &chain {
@@ -155,16 +160,7 @@ fn apply_all(
         let applied = if driver.exists(&id) {
             None
         } else {
-            apply_or_wait(
-                driver,
-                store,
-                source,
-                layer,
-                &id,
-                parent.as_ref(),
-                created,
-                &message,
-            )?
+            target.apply_or_wait(layer, &id, parent.as_ref(), created, &message)?
         };
         if let Some(size) = applied {
             store
@@ -194,66 +190,143 @@ fn apply_all(
     Ok(report)
 }
 
-/// Applies `layer` as new layer `id`, or, when another process is building the same layer
-/// (a concurrent import of an image with a common base), waits until it is done: `Some(size)`
-/// if this process applied it, `None` if the other's finished layer is there to reuse. A
-/// layer another process left half-built when it died is removed and applied again.
-#[allow(clippy::too_many_arguments)]
-fn apply_or_wait(
-    driver: &dyn Driver,
-    store: &LayerStore,
-    source: &Source,
-    layer: &LayerRef,
-    id: &LayerId,
-    parent: Option<&LayerId>,
-    created: &mut Vec<LayerId>,
-    message: &str,
-) -> Result<Option<u64>> {
-    let mut said = false;
-    let mut abandoned = 0;
-    loop {
-        let err = match apply_one(
+/// Where an import writes: the driver, its bookkeeping (DiffID records) and the image read.
+#[derive(Clone, Copy)]
+struct Target<'a> {
+    driver: &'a dyn Driver,
+    store: &'a LayerStore,
+    source: &'a Source,
+}
+
+impl Target<'_> {
+    /// Applies `layer` as new layer `id`, or, when another process is building the same layer
+    /// (a concurrent import of an image with a common base), waits until it is done: `Some(size)`
+    /// if this process applied it, `None` if the other's finished layer is there to reuse. A
+    /// layer another process left half-built when it died is removed and applied again.
+    fn apply_or_wait(
+        &self,
+        layer: &LayerRef,
+        id: &LayerId,
+        parent: Option<&LayerId>,
+        created: &mut Vec<LayerId>,
+        message: &str,
+    ) -> Result<Option<u64>> {
+        let Target { driver, store, .. } = *self;
+        let mut said = false;
+        let mut abandoned = 0;
+        loop {
+            let err = match self.apply_one(layer, id, parent, created, message.to_string()) {
+                Ok(size) => return Ok(Some(size)),
+                Err(e) => e,
+            };
+            if !matches!(
+                err.downcast_ref::<graphdriver::Error>(),
+                Some(graphdriver::Error::AlreadyExists(_))
+            ) {
+                return Err(err);
+            }
+            // Taken meanwhile: finished, being built by another process, or abandoned.
+            loop {
+                if driver.exists(id) {
+                    return Ok(None);
+                }
+                if !store.is_being_built(id)? {
+                    break;
+                }
+                if !said {
+                    eprintln!("waiting for another process that is building layer {id}");
+                    said = true;
+                }
+                std::thread::sleep(std::time::Duration::from_millis(100));
+            }
+            abandoned += 1;
+            if abandoned > 3 {
+                return Err(err.context(format!(
+                    "layer {id} exists but is incomplete and could not be removed"
+                )));
+            }
+            if let Err(e) = driver.remove(id) {
+                tracing::warn!(layer = %id, error = %e, "could not remove an abandoned layer");
+            }
+        }
+    }
+
+    /// Creates layer `id` on `parent` and applies `layer`'s blob, verifying both digests.
+    fn apply_one(
+        &self,
+        layer: &LayerRef,
+        id: &LayerId,
+        parent: Option<&LayerId>,
+        created: &mut Vec<LayerId>,
+        message: String,
+    ) -> Result<u64> {
+        let Target {
             driver,
             store,
             source,
-            layer,
-            id,
-            parent,
-            created,
-            message.to_string(),
-        ) {
-            Ok(size) => return Ok(Some(size)),
-            Err(e) => e,
+        } = *self;
+        let blob = &layer.path;
+        let declared = layer.digest.as_ref().and_then(|(d, s)| s.map(|s| (d, s)));
+        let opened = source.open(blob)?;
+        let len = opened.len;
+        let reader: Box<dyn Read + Send> = match declared {
+            Some((digest, size)) => {
+                if len > size {
+                    bail!(
+                        "blob {digest} ({blob}): longer than its declared size of {size} bytes (the file has {len} bytes)"
+                    );
+                }
+                Box::new(Limited::new(
+                    opened.reader,
+                    size,
+                    format!("{digest} ({blob})"),
+                ))
+            }
+            None => opened.reader,
         };
-        if !matches!(
-            err.downcast_ref::<graphdriver::Error>(),
-            Some(graphdriver::Error::AlreadyExists(_))
-        ) {
-            return Err(err);
-        }
-        // Taken meanwhile: finished, being built by another process, or abandoned.
-        loop {
-            if driver.exists(id) {
-                return Ok(None);
+        let bar = crate::commands::progress_bar(Some(len), message);
+        let (compressed, blob_state) = Hashing::new(reader, Some(bar.clone()));
+        let plain = archive::decompress(compressed).with_context(|| format!("read blob {blob}"))?;
+        let (mut plain, diff_state) = Hashing::new(plain, None);
+        driver.create_pending(id, parent)?;
+        created.push(id.clone());
+        // Recorded while the layer is still pending (invisible to other processes), so it is
+        // published together with its DiffID: a concurrent import that finds it can check it, and
+        // one killed between the apply and the record does not leave a layer without one.
+        store
+            .set_diff_id(id, &layer.diff_id)
+            .with_context(|| format!("record the DiffID of layer {id}"))?;
+        let applied = driver
+            .apply_diff(id, parent, &mut plain)
+            .with_context(|| format!("apply blob {blob} as layer {id}"))?;
+        // The tar may end before the stream does (padding): hash all of it.
+        io::copy(&mut plain, &mut io::sink()).with_context(|| format!("read blob {blob}"))?;
+        drop(plain);
+        bar.finish_and_clear();
+        crate::commands::warn_skipped();
+        if let Some((want, want_size)) = &layer.digest {
+            let (got, size) = finish(&blob_state)?;
+            if let Some(want_size) = want_size
+                && *want_size != size
+            {
+                bail!(
+                    "blob {want} ({blob}): size mismatch: declared {want_size} bytes, found {size}"
+                );
             }
-            if !store.is_being_built(id)? {
-                break;
+            if &got != want {
+                bail!(
+                    "blob {blob}: digest mismatch: expected {want}, found {got}; the image is corrupt"
+                );
             }
-            if !said {
-                eprintln!("waiting for another process that is building layer {id}");
-                said = true;
-            }
-            std::thread::sleep(std::time::Duration::from_millis(100));
         }
-        abandoned += 1;
-        if abandoned > 3 {
-            return Err(err.context(format!(
-                "layer {id} exists but is incomplete and could not be removed"
-            )));
+        let (got, _) = finish(&diff_state)?;
+        if got != layer.diff_id {
+            bail!(
+                "blob {blob}: uncompressed digest (DiffID) mismatch: expected {} from the image config, found {got}; the image is corrupt",
+                layer.diff_id
+            );
         }
-        if let Err(e) = driver.remove(id) {
-            tracing::warn!(layer = %id, error = %e, "could not remove an abandoned layer");
-        }
+        Ok(applied)
     }
 }
 
@@ -355,80 +428,6 @@ pub(crate) fn record_diff_id(home: &Path, id: &LayerId, plain: &mut impl Read, s
     if let Err(e) = result {
         tracing::warn!(layer = %id, error = %e, "could not record the layer's DiffID");
     }
-}
-
-/// Creates layer `id` on `parent` and applies `layer`'s blob, verifying both digests.
-#[allow(clippy::too_many_arguments)]
-fn apply_one(
-    driver: &dyn Driver,
-    store: &LayerStore,
-    source: &Source,
-    layer: &LayerRef,
-    id: &LayerId,
-    parent: Option<&LayerId>,
-    created: &mut Vec<LayerId>,
-    message: String,
-) -> Result<u64> {
-    let blob = &layer.path;
-    let declared = layer.digest.as_ref().and_then(|(d, s)| s.map(|s| (d, s)));
-    let opened = source.open(blob)?;
-    let len = opened.len;
-    let reader: Box<dyn Read + Send> = match declared {
-        Some((digest, size)) => {
-            if len > size {
-                bail!(
-                    "blob {digest} ({blob}): longer than its declared size of {size} bytes (the file has {len} bytes)"
-                );
-            }
-            Box::new(Limited::new(
-                opened.reader,
-                size,
-                format!("{digest} ({blob})"),
-            ))
-        }
-        None => opened.reader,
-    };
-    let bar = crate::commands::progress_bar(Some(len), message);
-    let (compressed, blob_state) = Hashing::new(reader, Some(bar.clone()));
-    let plain = archive::decompress(compressed).with_context(|| format!("read blob {blob}"))?;
-    let (mut plain, diff_state) = Hashing::new(plain, None);
-    driver.create_pending(id, parent)?;
-    created.push(id.clone());
-    // Recorded while the layer is still pending (invisible to other processes), so it is
-    // published together with its DiffID: a concurrent import that finds it can check it, and
-    // one killed between the apply and the record does not leave a layer without one.
-    store
-        .set_diff_id(id, &layer.diff_id)
-        .with_context(|| format!("record the DiffID of layer {id}"))?;
-    let applied = driver
-        .apply_diff(id, parent, &mut plain)
-        .with_context(|| format!("apply blob {blob} as layer {id}"))?;
-    // The tar may end before the stream does (padding): hash all of it.
-    io::copy(&mut plain, &mut io::sink()).with_context(|| format!("read blob {blob}"))?;
-    drop(plain);
-    bar.finish_and_clear();
-    crate::commands::warn_skipped();
-    if let Some((want, want_size)) = &layer.digest {
-        let (got, size) = finish(&blob_state)?;
-        if let Some(want_size) = want_size
-            && *want_size != size
-        {
-            bail!("blob {want} ({blob}): size mismatch: declared {want_size} bytes, found {size}");
-        }
-        if &got != want {
-            bail!(
-                "blob {blob}: digest mismatch: expected {want}, found {got}; the image is corrupt"
-            );
-        }
-    }
-    let (got, _) = finish(&diff_state)?;
-    if got != layer.diff_id {
-        bail!(
-            "blob {blob}: uncompressed digest (DiffID) mismatch: expected {} from the image config, found {got}; the image is corrupt",
-            layer.diff_id
-        );
-    }
-    Ok(applied)
 }
 
 fn hex(bytes: &[u8]) -> String {
