@@ -243,6 +243,14 @@ enum KillPoint {
     BeforeEof,
 }
 
+/// Every kill point, in stream order.
+const KILL_POINTS: [KillPoint; 4] = [
+    KillPoint::Start,
+    KillPoint::AfterHeaders,
+    KillPoint::MidFile,
+    KillPoint::BeforeEof,
+];
+
 /// Children of process `pid` (from `/proc/*/stat`).
 fn children_of(pid: u32) -> Vec<u32> {
     let mut out = Vec::new();
@@ -439,12 +447,7 @@ driver_test!(
         if driver == "overlay" {
             need_root!();
         }
-        for point in [
-            KillPoint::Start,
-            KillPoint::AfterHeaders,
-            KillPoint::MidFile,
-            KillPoint::BeforeEof,
-        ] {
+        for point in KILL_POINTS {
             let s = Store::new(driver);
             s.cmd(&["apply", "base", "-"])
                 .stdin(layer_tar(&[("etc/", b""), ("etc/os", b"base\n")]))
@@ -498,12 +501,7 @@ driver_test!(sigkill_during_apply, |driver| {
     if driver == "overlay" {
         need_root!();
     }
-    for point in [
-        KillPoint::Start,
-        KillPoint::AfterHeaders,
-        KillPoint::MidFile,
-        KillPoint::BeforeEof,
-    ] {
+    for point in KILL_POINTS {
         kill_apply_at(driver, point);
     }
 });
