@@ -308,6 +308,21 @@ fn is_root() -> bool {
     rustix::process::geteuid().is_root()
 }
 
+/// True as root. Otherwise prints why the test is skipped (`why`) and returns false, after
+/// checking that this is not CI, where the tests that need root must run.
+pub(crate) fn root_or_skip(why: &str) -> bool {
+    if is_root() {
+        return true;
+    }
+    assert_ne!(
+        std::env::var("CI").as_deref(),
+        Ok("true"),
+        "CI=true: this test must run as root"
+    );
+    eprintln!("skipping: {why}");
+    false
+}
+
 #[test]
 fn xattrs_of_symlinks_and_fifos_are_read_through_the_parent_on_every_kernel() {
     let t = tempfile::tempdir().unwrap();
@@ -406,13 +421,7 @@ fn lget(path: &Path, attr: &str) -> Option<Vec<u8>> {
 /// a name that is not one component is refused on both routes.
 #[test]
 fn xattrs_of_symlinks_are_set_on_both_routes_without_xattrat() {
-    if !is_root() {
-        assert_ne!(
-            std::env::var("CI").as_deref(),
-            Ok("true"),
-            "CI runs as root"
-        );
-        eprintln!("skipping: trusted.* xattrs on symlinks need root");
+    if !root_or_skip("trusted.* xattrs on symlinks need root") {
         return;
     }
     super::xattr::force_xattrat_missing();
@@ -473,13 +482,7 @@ fn probes_report_what_the_kernel_has() {
 /// confined child, may enter it: root here).
 #[test]
 fn mode_000_directories_are_chmodded_without_fchmodat2() {
-    if !is_root() {
-        assert_ne!(
-            std::env::var("CI").as_deref(),
-            Ok("true"),
-            "CI runs as root"
-        );
-        eprintln!("skipping: needs root to switch to an unprivileged user");
+    if !root_or_skip("needs root to switch to an unprivileged user") {
         return;
     }
     super::remove::force_fchmodat2_missing();

@@ -187,13 +187,7 @@ fn locked_out_tree_is_removed(work: &Path) {
 /// mounted) is refused, and nothing on it is removed.
 #[test]
 fn does_not_remove_below_a_mount_point() {
-    if !rustix::process::geteuid().is_root() {
-        assert_ne!(
-            std::env::var("CI").as_deref(),
-            Ok("true"),
-            "CI=true: this test must run as root"
-        );
-        eprintln!("skipping: mounting a tmpfs needs root");
+    if !crate::fs::tests::root_or_skip("mounting a tmpfs needs root") {
         return;
     }
     let t = tempfile::tempdir().unwrap();
