@@ -108,7 +108,7 @@ fn vfs_deep_child(then: Then) {
     limit_fds();
     let t = tempfile::tempdir().unwrap();
     let home = t.path().join("vfs");
-    let d = drivers::vfs::Vfs::driver(&home, false).unwrap();
+    let d = drivers::vfs::Vfs::driver(&home, graphdriver::Durability::None).unwrap();
     let (base, child) = (id("base"), id("child"));
     d.create(&base, None).unwrap();
     let root = d.get(&base, &MountOpts::default()).unwrap();
@@ -203,7 +203,8 @@ const GIB: u64 = 1 << 30;
 #[test]
 fn vfs_child_of_a_sparse_file_stays_sparse() {
     let t = tempfile::tempdir().unwrap();
-    let d = drivers::vfs::Vfs::driver(&t.path().join("vfs"), false).unwrap();
+    let d =
+        drivers::vfs::Vfs::driver(&t.path().join("vfs"), graphdriver::Durability::None).unwrap();
     let (base, child) = (id("base"), id("child"));
     d.create(&base, None).unwrap();
     let root = d.get(&base, &MountOpts::default()).unwrap();

@@ -82,8 +82,9 @@ fn write_through(d: &dyn Driver, l: &LayerId, edits: &BTreeMap<usize, Option<u8>
 }
 
 fn run(steps: &[Step], tmp: &Path) {
-    let vfs: Box<dyn Driver> =
-        Box::new(drivers::vfs::Vfs::driver(&tmp.join("vfs"), false).unwrap());
+    let vfs: Box<dyn Driver> = Box::new(
+        drivers::vfs::Vfs::driver(&tmp.join("vfs"), graphdriver::Durability::None).unwrap(),
+    );
     let ovl: Box<dyn Driver> = Box::new(
         drivers::overlay::Overlay::driver(&tmp.join("overlay"), Default::default()).unwrap(),
     );

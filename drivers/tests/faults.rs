@@ -13,7 +13,7 @@ use common::{id, root_or_skip, tar_of, write_files};
 use graphdriver::{Driver, Error};
 
 fn vfs(home: &Path) -> Box<dyn Driver> {
-    Box::new(drivers::vfs::Vfs::driver(home, false).unwrap())
+    Box::new(drivers::vfs::Vfs::driver(home, graphdriver::Durability::None).unwrap())
 }
 
 fn overlay(home: &Path) -> Box<dyn Driver> {

@@ -13,7 +13,8 @@ use graphdriver::{DiffDriver, Error, MountOpts, ProtoDriver};
 #[test]
 fn layers_are_full_independent_copies() {
     let t = tempfile::tempdir().unwrap();
-    let d = drivers::vfs::Vfs::driver(&t.path().join("vfs"), false).unwrap();
+    let d =
+        drivers::vfs::Vfs::driver(&t.path().join("vfs"), graphdriver::Durability::None).unwrap();
     let src = t.path().join("src");
     write_files(&src, &[("a", "1"), ("dir/b", "2")]);
     d.create(&id("base"), None).unwrap();

@@ -110,7 +110,7 @@ fn print_json(value: &serde_json::Value) -> Result<()> {
 /// `mount`: a read-only view of a committed layer, a writable mount of a read-write layer
 /// without children; `--rw` on a committed layer is refused before anything is mounted.
 fn mount(s: &Selected, id: &LayerId, rw: bool, json: bool) -> Result<()> {
-    let (store, _) = graphdriver::LayerStore::open(&s.home, false)?;
+    let (store, _) = graphdriver::LayerStore::open(&s.home, graphdriver::Durability::default())?;
     let committed = store
         .is_committed(id)
         .with_context(|| format!("mount layer {id}"))?;
@@ -545,7 +545,8 @@ fn ls(s: &Selected, json: bool) -> Result<()> {
     let list = s.driver.list()?;
     if json {
         // The driver's bookkeeping, for the records (a second handle on the same home).
-        let (store, _) = graphdriver::LayerStore::open(&s.home, false)?;
+        let (store, _) =
+            graphdriver::LayerStore::open(&s.home, graphdriver::Durability::default())?;
         let v = list
             .iter()
             .map(|l| Ok(details_json(&store.details(&l.id)?, None)))
@@ -585,7 +586,7 @@ fn kind_name(read_write: bool) -> &'static str {
 
 /// `info`: one layer's bookkeeping and the size of its diff against its parent.
 fn info(s: &Selected, id: &LayerId, json: bool) -> Result<()> {
-    let (store, _) = graphdriver::LayerStore::open(&s.home, false)?;
+    let (store, _) = graphdriver::LayerStore::open(&s.home, graphdriver::Durability::default())?;
     let d = store.details(id)?;
     let size = s.driver.diff_size(id, d.parent.as_ref())?;
     if json {
@@ -681,7 +682,7 @@ fn tree(s: &Selected) -> Result<()> {
 /// `import`: applies an image's layers and prints the top layer's id.
 fn import(s: &Selected, path: &Path, json: bool) -> Result<()> {
     // The driver's bookkeeping, for the DiffID records (a second handle on the same home).
-    let (store, _) = graphdriver::LayerStore::open(&s.home, false)?;
+    let (store, _) = graphdriver::LayerStore::open(&s.home, graphdriver::Durability::default())?;
     let report = image::import(s.driver.as_ref() as &dyn Driver, &store, path)
         .with_context(|| format!("import {}", path.display()))?;
     if json {

@@ -64,7 +64,8 @@ pub use registry::{
 };
 pub use select::{Selected, SelectedBy, open, prior_state};
 pub use store::{
-    APPLY_PREFIX, ApplyGuard, FileLock, Holder, LayerDetails, LayerStore, Recovery, VIEW_DIR,
+    APPLY_PREFIX, ApplyGuard, Durability, FileLock, Holder, LayerDetails, LayerStore, Recovery,
+    VIEW_DIR,
 };
 
 #[doc(hidden)]

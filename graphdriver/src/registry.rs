@@ -176,6 +176,24 @@ impl DriverOptions {
         }
     }
 
+    /// The `sync` option as a [`Durability`](crate::Durability) (`none`, `layers`, `full`, or a
+    /// boolean: `false` is `none`, `true` is `full`); the default mode if absent.
+    pub fn get_durability(&self, driver: &str) -> Result<crate::Durability> {
+        let Some(opt) = self.get("sync") else {
+            return Ok(crate::Durability::default());
+        };
+        crate::Durability::parse(&opt.value).ok_or_else(|| {
+            invalid(
+                driver,
+                opt,
+                format!(
+                    "expected none, layers or full (or true/false), found {:?}",
+                    opt.value
+                ),
+            )
+        })
+    }
+
     /// The value of `key` as an unsigned integer, `default` if absent.
     pub fn get_u64(&self, driver: &str, key: &str, default: u64) -> Result<u64> {
         let Some(opt) = self.get(key) else {

@@ -9,7 +9,7 @@ use std::sync::atomic::{AtomicI64, Ordering};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use archive::compare::{CompareOptions, assert_same_tree};
-use graphdriver::{ChangeKind, IoContext, LayerStore};
+use graphdriver::{ChangeKind, Durability, IoContext, LayerStore};
 
 use super::*;
 
@@ -53,7 +53,7 @@ fn copy_dir(src: &Path, dst: &Path) {
 impl Fake {
     fn new(home: &Path) -> Fake {
         Fake {
-            store: LayerStore::open(home, false).unwrap().0,
+            store: LayerStore::open(home, Durability::None).unwrap().0,
             outstanding: AtomicI64::new(0),
             fail_get: Mutex::new(None),
             native: Mutex::new(Native::Apply),

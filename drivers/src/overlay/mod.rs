@@ -67,8 +67,9 @@ pub struct OverlayConfig {
     /// Extra mount options for every overlay mount (`mount_options`): mount flags and the
     /// overlay options [`mountopt`] allows, checked by [`Overlay::new`].
     pub mount_options: Option<String>,
-    /// Flush layers to disk before they become visible (`sync`).
-    pub sync: bool,
+    /// What is flushed to disk (`sync`: `none`, `layers` (default) or `full`; see
+    /// [`graphdriver::Durability`]).
+    pub durability: graphdriver::Durability,
 }
 
 /// The overlay driver's state: its store, its settings and what the init probe found.
@@ -131,7 +132,7 @@ impl Overlay {
                 home.display()
             )));
         }
-        let (store, _recovery) = LayerStore::open(home, config.sync)?;
+        let (store, _recovery) = LayerStore::open(home, config.durability)?;
         let magic = rustix::fs::statfs(home)
             .map_err(|e| fail(format!("statfs {}: {e}", home.display())))?
             .f_type as i64;

@@ -32,7 +32,7 @@ pub fn init(home: &Path, options: &DriverOptions) -> Result<Box<dyn Driver>> {
     }
     let config = OverlayConfig {
         mount_options: options.get_str("mount_options").map(str::to_string),
-        sync: options.get_bool(NAME, "sync", false)?,
+        durability: options.get_durability(NAME)?,
     };
     Ok(Box::new(Overlay::driver(home, config)?))
 }

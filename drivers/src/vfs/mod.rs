@@ -35,16 +35,19 @@ pub struct Vfs {
 }
 
 impl Vfs {
-    /// Opens (creating) the driver home `home`; with `sync`, layers are flushed to disk before
-    /// they become visible.
-    pub fn new(home: &Path, sync: bool) -> Result<Vfs> {
-        let (store, _recovery) = LayerStore::open(home, sync)?;
+    /// Opens (creating) the driver home `home`; `durability` says what is flushed to disk (see
+    /// [`graphdriver::Durability`]).
+    pub fn new(home: &Path, durability: graphdriver::Durability) -> Result<Vfs> {
+        let (store, _recovery) = LayerStore::open(home, durability)?;
         Ok(Vfs { store })
     }
 
     /// The vfs driver as a complete [`graphdriver::Driver`].
-    pub fn driver(home: &Path, sync: bool) -> Result<NaiveDiffDriverWithApply<Vfs>> {
-        Ok(NaiveDiffDriverWithApply::new(Vfs::new(home, sync)?))
+    pub fn driver(
+        home: &Path,
+        durability: graphdriver::Durability,
+    ) -> Result<NaiveDiffDriverWithApply<Vfs>> {
+        Ok(NaiveDiffDriverWithApply::new(Vfs::new(home, durability)?))
     }
 
     /// The tree of layer `id` (whether or not it exists).

@@ -33,14 +33,14 @@ pub const NAME: &str = "reflink";
 
 graphdriver::register_driver!("reflink", init);
 
-/// Starts the driver in `home`. Options: `sync` (bool): flush layers before they become
-/// visible; `copy_fallback` (bool, default false): on a filesystem that cannot clone, copy the
+/// Starts the driver in `home`. Options: `sync` (`none`, `layers` (default) or `full`: what is
+/// flushed to disk, see [`graphdriver::Durability`]); `copy_fallback` (bool, default false): on a filesystem that cannot clone, copy the
 /// bytes instead of refusing.
 pub fn init(home: &Path, options: &DriverOptions) -> Result<Box<dyn Driver>> {
     options.reject_unknown(NAME, &["sync", "copy_fallback"])?;
-    let sync = options.get_bool(NAME, "sync", false)?;
+    let durability = options.get_durability(NAME)?;
     let copy_fallback = options.get_bool(NAME, "copy_fallback", false)?;
-    let driver = Reflink::new(home, sync)?;
+    let driver = Reflink::new(home, durability)?;
     if !copy_fallback && !driver.store.is_read_only() {
         if let Err(e) = can_clone(home) {
             return Err(graphdriver::Error::NotSupported {
@@ -81,9 +81,9 @@ pub struct Reflink {
 }
 
 impl Reflink {
-    /// Opens (creating) the home `home`.
-    pub fn new(home: &Path, sync: bool) -> Result<Reflink> {
-        let (store, _recovery) = LayerStore::open(home, sync)?;
+    /// Opens (creating) the home `home`, flushing to disk as `durability` says.
+    pub fn new(home: &Path, durability: graphdriver::Durability) -> Result<Reflink> {
+        let (store, _recovery) = LayerStore::open(home, durability)?;
         Ok(Reflink {
             store,
             cloned: AtomicU64::new(0),

@@ -424,7 +424,11 @@ pub(crate) fn record_diff_id(home: &Path, id: &LayerId, plain: &mut impl Read, s
             }
             finish(state)
         })
-        .and_then(|(d, _)| Ok(LayerStore::open(home, false)?.0.set_diff_id(id, &d)?));
+        .and_then(|(d, _)| {
+            Ok(LayerStore::open(home, graphdriver::Durability::default())?
+                .0
+                .set_diff_id(id, &d)?)
+        });
     if let Err(e) = result {
         tracing::warn!(layer = %id, error = %e, "could not record the layer's DiffID");
     }

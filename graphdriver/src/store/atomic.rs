@@ -97,8 +97,8 @@ impl ApplyGuard<'_> {
     /// absent when called; typically a hardlink copy of the old tree with the diff applied)
     /// and may create other `apply-*` scratch entries beside it. If `build` fails, everything
     /// it made is removed and the old tree is untouched. If it succeeds, the new tree takes
-    /// the old one's place in one `renameat2(RENAME_EXCHANGE)` (after a sync when the store
-    /// syncs) and the old tree is deleted. A crash at any point leaves either the old tree or
+    /// the old one's place in one `renameat2(RENAME_EXCHANGE)` (after a `syncfs` unless the
+    /// store's [`Durability`](super::Durability) is `None`) and the old tree is deleted. A crash at any point leaves either the old tree or
     /// the new one under `name`; recovery removes the rest.
     pub fn replace_subdir<T>(
         &self,
@@ -130,7 +130,7 @@ impl ApplyGuard<'_> {
                 return Err(e);
             }
         };
-        if self.store.sync {
+        if self.store.durability.flush_before_publish(false) {
             sync_tree(self.dir.as_fd(), &layer)?;
         }
         rustix::fs::renameat_with(

@@ -117,7 +117,8 @@ mod tests {
 
     fn store() -> (tempfile::TempDir, LayerStore) {
         let dir = tempfile::tempdir().unwrap();
-        let (s, _) = LayerStore::open(&dir.path().join("home"), false).unwrap();
+        let (s, _) =
+            LayerStore::open(&dir.path().join("home"), super::super::Durability::None).unwrap();
         (dir, s)
     }
 

@@ -57,6 +57,14 @@
 //! holds and left alone. No layer is copied from a half-applied one: an apply is refused while a
 //! child of the layer is being created or applied or its parent is being applied.
 //!
+//! # Durability
+//!
+//! What reaches the disk before a layer becomes visible is the store's [`Durability`] (the
+//! drivers' `sync` option). By default the filesystem is flushed (`syncfs`) after a layer's
+//! content is complete and before the rename or marker removal that publishes it, so a power
+//! cut never leaves a listed layer with empty or short files; only the newest layers may be
+//! missing after the reboot.
+//!
 //! # Mount references
 //!
 //! A get of a layer is a *reference* to it; the layer cannot be removed or applied to while
@@ -114,6 +122,7 @@
 mod atomic;
 mod details;
 mod diff_id;
+mod durability;
 mod mounts;
 mod nofollow;
 mod staging;
@@ -133,6 +142,7 @@ use rustix::io::Errno;
 
 pub use atomic::APPLY_PREFIX;
 pub use details::LayerDetails;
+pub use durability::Durability;
 pub use mounts::Holder;
 use nofollow::{lstat_type, open_dir, open_dir_opt, unexpected};
 use staging::{Kind, StagingName};
@@ -155,7 +165,7 @@ pub struct LayerStore {
     home: PathBuf,
     /// The home, opened once (after its checks); everything inside is opened relative to it.
     dir: Arc<OwnedFd>,
-    sync: bool,
+    durability: Durability,
     /// The process-owned references this store holds, by layer.
     held: Arc<Mutex<HashMap<LayerId, Vec<mounts::HeldRef>>>>,
     /// Layers this store created (not read-write) and has neither handed out nor applied to
@@ -278,13 +288,14 @@ impl LayerStore {
     /// by root) or can be written by group or others; and when `.staging` or `.mounts` inside it
     /// is not a directory. See "Trust" in `src/store/mod.rs`.
     ///
-    /// With `sync`, layer data is flushed to disk before a new layer becomes visible.
-    pub fn open(home: &Path, sync: bool) -> Result<(LayerStore, Recovery)> {
+    /// `durability` says what is flushed to disk, and so what a power cut can cost (see
+    /// [`Durability`]; `Durability::default()` unless the user configured `sync`).
+    pub fn open(home: &Path, durability: Durability) -> Result<(LayerStore, Recovery)> {
         let dir = nofollow::open_home(home)?;
         let store = LayerStore {
             home: home.to_path_buf(),
             dir: Arc::new(dir),
-            sync,
+            durability,
             held: Arc::default(),
             fresh: Arc::default(),
             home_key: (0, 0, 0),
@@ -673,7 +684,8 @@ impl LayerStore {
         } else {
             None
         };
-        if self.sync {
+        // A pending layer's content comes with its apply, which flushes before it publishes.
+        if !pending && self.durability.flush_before_publish(read_write) {
             sync_tree(staging.fd.as_fd(), &staging.path)?;
         }
         let _lock = self.lock_exclusive()?;
@@ -701,7 +713,7 @@ impl LayerStore {
         if let Some(lock) = marker {
             pending_map().insert((self.home_key, id.clone()), lock);
         }
-        if self.sync {
+        if self.durability.flush_after_publish() {
             fsync_dir(self.fd(), &self.home)?;
         }
         Ok(())
@@ -1077,11 +1089,12 @@ pub struct ApplyGuard<'a> {
 }
 
 impl ApplyGuard<'_> {
-    /// The modification succeeded: sync if configured, mark an image layer committed
-    /// ([`LayerStore::is_committed`]) and make the layer visible again.
+    /// The modification succeeded: flush the layer unless the store's [`Durability`] is `None`,
+    /// mark an image layer committed ([`LayerStore::is_committed`]) and make the layer visible
+    /// again (flushing that step too under [`Durability::Full`]).
     pub fn finish(mut self) -> Result<()> {
         let path = self.store.layer_dir(&self.id);
-        if self.store.sync {
+        if self.store.durability.flush_before_publish(false) {
             sync_tree(self.dir.as_fd(), &path)?;
         }
         if lstat_type(self.dir.as_fd(), RW_FILE, &path.join(RW_FILE))?.is_none()
@@ -1103,7 +1116,7 @@ impl ApplyGuard<'_> {
         rustix::fs::unlinkat(&self.dir, INCOMPLETE_FILE, AtFlags::empty())
             .map_err(|e| Error::io("remove marker", path.join(INCOMPLETE_FILE), e.into()))?;
         self.finished = true;
-        if self.store.sync {
+        if self.store.durability.flush_after_publish() {
             fsync_dir(self.dir.as_fd(), &path)?;
         }
         Ok(())

@@ -9,7 +9,7 @@ fn id(s: &str) -> LayerId {
 
 fn store() -> (tempfile::TempDir, LayerStore) {
     let dir = tempfile::tempdir().unwrap();
-    let (s, rec) = LayerStore::open(&dir.path().join("home"), false).unwrap();
+    let (s, rec) = LayerStore::open(&dir.path().join("home"), Durability::None).unwrap();
     assert!(rec.is_empty());
     (dir, s)
 }
@@ -92,7 +92,7 @@ fn failed_apply_keeps_the_layer() {
     let (_d, s) = store();
     s.create(&id("a"), None, false, |_| Ok(())).unwrap();
     // Another store (another process): the layer is not fresh for it.
-    let (s, _) = LayerStore::open(s.home(), false).unwrap();
+    let (s, _) = LayerStore::open(s.home(), Durability::None).unwrap();
     {
         let _g = s.begin_apply(&id("a")).unwrap();
         assert!(!s.exists(&id("a")), "an applying layer counts as absent");
@@ -273,11 +273,11 @@ fn no_layer_is_copied_from_a_half_applied_one() {
 fn a_removal_in_progress_is_not_recovered_by_another_opener() {
     let dir = tempfile::tempdir().unwrap();
     let home = dir.path().join("home");
-    let (s, _) = LayerStore::open(&home, false).unwrap();
+    let (s, _) = LayerStore::open(&home, Durability::None).unwrap();
     s.create(&id("a"), None, false, |_| Ok(())).unwrap();
     let grave = s.bury(&id("a")).unwrap();
     assert!(!s.exists(&id("a")));
-    let (_s2, rec) = LayerStore::open(&home, false).unwrap();
+    let (_s2, rec) = LayerStore::open(&home, Durability::None).unwrap();
     assert!(rec.staging_removed.is_empty(), "{rec:?}");
     assert!(grave.path.exists());
     grave.delete().unwrap();
@@ -293,7 +293,7 @@ fn an_undeletable_leftover_does_not_brick_the_store() {
     }
     let dir = tempfile::tempdir().unwrap();
     let home = dir.path().join("home");
-    let (s, _) = LayerStore::open(&home, false).unwrap();
+    let (s, _) = LayerStore::open(&home, Durability::None).unwrap();
     s.create(&id("a"), None, false, |_| Ok(())).unwrap();
     // A dead process's staging dir with something mounted inside.
     let stale = home.join(STAGING_DIR).join("new-x-1-1");
@@ -306,14 +306,14 @@ fn an_undeletable_leftover_does_not_brick_the_store() {
         None,
     )
     .unwrap();
-    let opened = LayerStore::open(&home, false);
+    let opened = LayerStore::open(&home, Durability::None);
     rustix::mount::unmount(stale.join("m"), rustix::mount::UnmountFlags::empty()).unwrap();
     let (s2, rec) = opened.unwrap();
     assert_eq!(rec.failed.len(), 1, "{rec:?}");
     assert!(rec.failed[0].contains("new-x-1-1"), "{rec:?}");
     assert!(s2.exists(&id("a")));
     // The next open retries and succeeds.
-    let (_, rec) = LayerStore::open(&home, false).unwrap();
+    let (_, rec) = LayerStore::open(&home, Durability::None).unwrap();
     assert_eq!(rec.staging_removed, vec![stale]);
 }
 
@@ -324,21 +324,21 @@ fn home_is_made_private() {
     let home = dir.path().join("home");
     fs::create_dir(&home).unwrap();
     fs::set_permissions(&home, fs::Permissions::from_mode(0o755)).unwrap();
-    let (s, _) = LayerStore::open(&home, false).unwrap();
+    let (s, _) = LayerStore::open(&home, Durability::None).unwrap();
     let mode = |p: &Path| fs::metadata(p).unwrap().permissions().mode() & 0o7777;
     assert_eq!(mode(&home), 0o700);
     s.create(&id("a"), None, false, |_| Ok(())).unwrap();
     assert_eq!(mode(&s.layer_dir(&id("a"))), 0o700);
     // 0710 (group traversal for a remapped root) is a deliberate choice and kept.
     fs::set_permissions(&home, fs::Permissions::from_mode(0o710)).unwrap();
-    LayerStore::open(&home, false).unwrap();
+    LayerStore::open(&home, Durability::None).unwrap();
     assert_eq!(mode(&home), 0o710);
 }
 
 #[test]
 fn sync_stores_work() {
     let dir = tempfile::tempdir().unwrap();
-    let (s, _) = LayerStore::open(&dir.path().join("home"), true).unwrap();
+    let (s, _) = LayerStore::open(&dir.path().join("home"), Durability::Full).unwrap();
     s.create(&id("a"), None, false, |p| {
         fs::write(p.join("f"), "x").ctx("write", p)
     })
@@ -398,7 +398,7 @@ fn concurrent_threads_keep_counts_and_layers_consistent() {
 fn recovery_removes_leftovers_but_not_live_work() {
     let dir = tempfile::tempdir().unwrap();
     let home = dir.path().join("home");
-    let (s, _) = LayerStore::open(&home, false).unwrap();
+    let (s, _) = LayerStore::open(&home, Durability::None).unwrap();
     s.create(&id("a"), None, false, |_| Ok(())).unwrap();
     s.create(&id("b"), None, false, |_| Ok(())).unwrap();
     // A dead process's staging dir and incomplete layer: nobody holds their locks.
@@ -410,7 +410,7 @@ fn recovery_removes_leftovers_but_not_live_work() {
     fs::write(home.join(MOUNTS_DIR).join(".refs-gone").join("ref-1-1"), "").unwrap();
     // Live work: a guard held by "another process" (same effect: the flock is held).
     let live = s.begin_apply(&id("b")).unwrap();
-    let (_s2, rec) = LayerStore::open(&home, false).unwrap();
+    let (_s2, rec) = LayerStore::open(&home, Durability::None).unwrap();
     assert_eq!(rec.staging_removed.len(), 1);
     assert_eq!(rec.incomplete_removed, vec![id("a")]);
     let mut stale = rec.stale_mount_records.clone();
@@ -483,7 +483,11 @@ fn a_symlinked_home_is_refused() {
     let canary = Canary::new(t.path());
     let home = t.path().join("home");
     std::os::unix::fs::symlink(&canary.dir, &home).unwrap();
-    assert_refused(LayerStore::open(&home, false), &home, FOUND_SYMLINK);
+    assert_refused(
+        LayerStore::open(&home, Durability::None),
+        &home,
+        FOUND_SYMLINK,
+    );
     canary.assert_intact();
 }
 
@@ -495,7 +499,7 @@ fn a_symlinked_root_is_refused() {
     let root = t.path().join("root");
     std::os::unix::fs::symlink(&real, &root).unwrap();
     assert_refused(
-        LayerStore::open(&root.join("home"), false),
+        LayerStore::open(&root.join("home"), Durability::None),
         &root,
         FOUND_SYMLINK,
     );
@@ -514,16 +518,20 @@ fn a_writable_home_or_root_is_refused() {
     fs::create_dir_all(&home).unwrap();
     fs::set_permissions(&root, fs::Permissions::from_mode(0o777)).unwrap();
     assert_refused(
-        LayerStore::open(&home, false),
+        LayerStore::open(&home, Durability::None),
         &root,
         "writable by group/others (mode 0777)",
     );
     fs::set_permissions(&root, fs::Permissions::from_mode(0o1777)).unwrap();
-    assert_refused(LayerStore::open(&home, false), &root, "mode 1777");
+    assert_refused(
+        LayerStore::open(&home, Durability::None),
+        &root,
+        "mode 1777",
+    );
     fs::set_permissions(&root, fs::Permissions::from_mode(0o755)).unwrap();
     fs::set_permissions(&home, fs::Permissions::from_mode(0o770)).unwrap();
     assert_refused(
-        LayerStore::open(&home, false),
+        LayerStore::open(&home, Durability::None),
         &home,
         "writable by group/others (mode 0770)",
     );
@@ -531,7 +539,7 @@ fn a_writable_home_or_root_is_refused() {
     let mode = fs::metadata(&home).unwrap().permissions().mode() & 0o7777;
     assert_eq!(mode, 0o770);
     fs::set_permissions(&home, fs::Permissions::from_mode(0o700)).unwrap();
-    LayerStore::open(&home, false).unwrap();
+    LayerStore::open(&home, Durability::None).unwrap();
 }
 
 #[test]
@@ -540,7 +548,7 @@ fn a_missing_home_is_created_private() {
     let t = tempfile::tempdir().unwrap();
     let home = t.path().join("home");
     // Whatever the umask lets through, the new home is 0700.
-    LayerStore::open(&home, false).unwrap();
+    LayerStore::open(&home, Durability::None).unwrap();
     assert_eq!(
         fs::metadata(&home).unwrap().permissions().mode() & 0o7777,
         0o700
@@ -560,14 +568,14 @@ fn a_home_or_root_owned_by_another_user_is_refused() {
     fs::create_dir_all(&home).unwrap();
     rustix::fs::chown(&home, Some(nobody), None).unwrap();
     assert_refused(
-        LayerStore::open(&home, false),
+        LayerStore::open(&home, Durability::None),
         &home,
         "expected owner uid 0, found uid 65534",
     );
     rustix::fs::chown(&home, Some(rustix::fs::Uid::ROOT), None).unwrap();
     rustix::fs::chown(&root, Some(nobody), None).unwrap();
     assert_refused(
-        LayerStore::open(&home, false),
+        LayerStore::open(&home, Durability::None),
         &root,
         "expected owner uid 0, found uid 65534",
     );
@@ -600,10 +608,18 @@ fn an_unprivileged_user_cannot_plant_a_home_in_a_shared_root() {
         .status()
         .unwrap();
     assert!(st.success());
-    assert_refused(LayerStore::open(&home, false), &root, "mode 1777");
+    assert_refused(
+        LayerStore::open(&home, Durability::None),
+        &root,
+        "mode 1777",
+    );
     // Even with the root fixed, the planted link is refused, not followed.
     fs::set_permissions(&root, fs::Permissions::from_mode(0o755)).unwrap();
-    assert_refused(LayerStore::open(&home, false), &home, FOUND_SYMLINK);
+    assert_refused(
+        LayerStore::open(&home, Durability::None),
+        &home,
+        FOUND_SYMLINK,
+    );
     // And a real directory the attacker made is not the caller's.
     fs::remove_file(&home).unwrap();
     fs::set_permissions(&root, fs::Permissions::from_mode(0o1777)).unwrap();
@@ -616,7 +632,7 @@ fn an_unprivileged_user_cannot_plant_a_home_in_a_shared_root() {
     assert!(st.success());
     fs::set_permissions(&root, fs::Permissions::from_mode(0o755)).unwrap();
     assert_refused(
-        LayerStore::open(&home, false),
+        LayerStore::open(&home, Durability::None),
         &home,
         "expected owner uid 0, found uid 65534",
     );
@@ -628,11 +644,11 @@ fn a_symlinked_staging_dir_is_refused_and_never_cleaned_through() {
     let t = tempfile::tempdir().unwrap();
     let canary = Canary::new(t.path());
     let home = t.path().join("home");
-    LayerStore::open(&home, false).unwrap();
+    LayerStore::open(&home, Durability::None).unwrap();
     fs::remove_dir(home.join(STAGING_DIR)).unwrap();
     std::os::unix::fs::symlink(&canary.dir, home.join(STAGING_DIR)).unwrap();
     assert_refused(
-        LayerStore::open(&home, false),
+        LayerStore::open(&home, Durability::None),
         &home.join(STAGING_DIR),
         FOUND_SYMLINK,
     );
@@ -642,7 +658,7 @@ fn a_symlinked_staging_dir_is_refused_and_never_cleaned_through() {
     fs::remove_dir_all(home.join(MOUNTS_DIR)).unwrap();
     std::os::unix::fs::symlink(&canary.dir, home.join(MOUNTS_DIR)).unwrap();
     assert_refused(
-        LayerStore::open(&home, false),
+        LayerStore::open(&home, Durability::None),
         &home.join(MOUNTS_DIR),
         FOUND_SYMLINK,
     );
@@ -654,11 +670,11 @@ fn symlinks_planted_in_staging_are_reported_not_followed() {
     let t = tempfile::tempdir().unwrap();
     let canary = Canary::new(t.path());
     let home = t.path().join("home");
-    let (s, _) = LayerStore::open(&home, false).unwrap();
+    let (s, _) = LayerStore::open(&home, Durability::None).unwrap();
     s.create(&id("p"), None, false, |_| Ok(())).unwrap();
     let planted = home.join(STAGING_DIR).join("new-x-1-1");
     std::os::unix::fs::symlink(&canary.dir, &planted).unwrap();
-    let (s, rec) = LayerStore::open(&home, false).unwrap();
+    let (s, rec) = LayerStore::open(&home, Durability::None).unwrap();
     assert!(
         rec.failed
             .iter()
@@ -676,13 +692,13 @@ fn a_symlinked_layer_is_refused_by_every_operation() {
     let t = tempfile::tempdir().unwrap();
     let canary = Canary::new(t.path());
     let home = t.path().join("home");
-    let (s, _) = LayerStore::open(&home, false).unwrap();
+    let (s, _) = LayerStore::open(&home, Durability::None).unwrap();
     s.create(&id("ok"), None, false, |_| Ok(())).unwrap();
     let layer = home.join("evil");
     std::os::unix::fs::symlink(&canary.dir, &layer).unwrap();
     // The canary looks like an abandoned apply: recovery must not delete it.
     fs::write(canary.dir.join(INCOMPLETE_FILE), "").unwrap();
-    let (s2, rec) = LayerStore::open(&home, false).unwrap();
+    let (s2, rec) = LayerStore::open(&home, Durability::None).unwrap();
     fs::remove_file(canary.dir.join(INCOMPLETE_FILE)).unwrap();
     assert!(
         rec.failed
@@ -726,7 +742,7 @@ fn symlinks_inside_a_layer_are_refused() {
     let t = tempfile::tempdir().unwrap();
     let canary = Canary::new(t.path());
     let home = t.path().join("home");
-    let (s, _) = LayerStore::open(&home, false).unwrap();
+    let (s, _) = LayerStore::open(&home, Durability::None).unwrap();
     s.create(&id("p"), None, false, |_| Ok(())).unwrap();
     s.create(&id("c"), None, false, |p| {
         fs::create_dir(p.join("upper")).ctx("mkdir", p)
@@ -759,7 +775,7 @@ fn symlinks_inside_a_layer_are_refused() {
     // <id>/incomplete as a link: the layer counts as busy, nothing is deleted through it.
     fs::remove_file(&parent).unwrap();
     std::os::unix::fs::symlink(canary.file(), dir.join(INCOMPLETE_FILE)).unwrap();
-    let (_, rec) = LayerStore::open(&home, false).unwrap();
+    let (_, rec) = LayerStore::open(&home, Durability::None).unwrap();
     assert!(rec.incomplete_removed.is_empty(), "{rec:?}");
     assert!(matches!(
         s.remove(&id("c"), |_| Ok(())),
@@ -782,11 +798,11 @@ fn a_symlinked_mount_record_is_refused() {
     let t = tempfile::tempdir().unwrap();
     let canary = Canary::new(t.path());
     let home = t.path().join("home");
-    let (s, _) = LayerStore::open(&home, false).unwrap();
+    let (s, _) = LayerStore::open(&home, Durability::None).unwrap();
     s.create(&id("a"), None, false, |_| Ok(())).unwrap();
     let record = home.join(MOUNTS_DIR).join("a");
     std::os::unix::fs::symlink(canary.file(), &record).unwrap();
-    let (s, rec) = LayerStore::open(&home, false).unwrap();
+    let (s, rec) = LayerStore::open(&home, Durability::None).unwrap();
     assert!(
         rec.failed
             .iter()
@@ -824,7 +840,7 @@ fn a_symlinked_mount_record_is_refused() {
 fn process_references_pair_with_puts_and_durable_ones_outlive_the_store() {
     let dir = tempfile::tempdir().unwrap();
     let home = dir.path().join("home");
-    let (s, _) = LayerStore::open(&home, false).unwrap();
+    let (s, _) = LayerStore::open(&home, Durability::None).unwrap();
     s.create(&id("a"), None, false, |_| Ok(())).unwrap();
     s.acquire_ref(&id("a"), Holder::Durable, || Ok(true), || Ok(()))
         .unwrap();
@@ -836,7 +852,7 @@ fn process_references_pair_with_puts_and_durable_ones_outlive_the_store() {
         2
     );
     // Another opener (as another process would) sees both.
-    let (other, _) = LayerStore::open(&home, false).unwrap();
+    let (other, _) = LayerStore::open(&home, Durability::None).unwrap();
     assert_eq!(other.mount_count(&id("a")).unwrap(), 2);
     // Dropping every clone of the holder releases its process reference, not the durable one.
     drop(s);
@@ -937,7 +953,7 @@ fn helper_process() {
     let (Ok(mode), Ok(home)) = (std::env::var(HELPER_ENV), std::env::var(HELPER_HOME_ENV)) else {
         return;
     };
-    let (s, _) = LayerStore::open(Path::new(&home), false).unwrap();
+    let (s, _) = LayerStore::open(Path::new(&home), Durability::None).unwrap();
     let mut out = std::io::stdout();
     match mode.as_str() {
         "process" => {
@@ -1019,7 +1035,7 @@ fn spawn_helper(mode: &str, home: &Path) -> (Helper, HelperLines) {
 fn a_killed_holder_leaks_no_reference() {
     let dir = tempfile::tempdir().unwrap();
     let home = dir.path().join("home");
-    let (s, _) = LayerStore::open(&home, false).unwrap();
+    let (s, _) = LayerStore::open(&home, Durability::None).unwrap();
     s.create(&id("a"), None, false, |_| Ok(())).unwrap();
     let (mut child, mut lines) = spawn_helper("process", &home);
     let ready = lines.find(|l| l == "held");
@@ -1054,7 +1070,7 @@ fn a_killed_holder_leaks_no_reference() {
 fn open_reclaims_the_references_of_dead_processes() {
     let dir = tempfile::tempdir().unwrap();
     let home = dir.path().join("home");
-    let (s, _) = LayerStore::open(&home, false).unwrap();
+    let (s, _) = LayerStore::open(&home, Durability::None).unwrap();
     s.create(&id("a"), None, false, |_| Ok(())).unwrap();
     let (mut child, mut lines) = spawn_helper("process", &home);
     assert!(
@@ -1062,7 +1078,7 @@ fn open_reclaims_the_references_of_dead_processes() {
         "the helper did not take its reference"
     );
     child.kill();
-    let (_, rec) = LayerStore::open(&home, false).unwrap();
+    let (_, rec) = LayerStore::open(&home, Durability::None).unwrap();
     assert_eq!(rec.dead_references, vec![(id("a"), 1)]);
     s.remove(&id("a"), |_| Ok(())).unwrap();
 }
@@ -1071,7 +1087,7 @@ fn open_reclaims_the_references_of_dead_processes() {
 fn a_killed_durable_writer_never_leaves_an_empty_or_zero_count() {
     let dir = tempfile::tempdir().unwrap();
     let home = dir.path().join("home");
-    let (s, _) = LayerStore::open(&home, false).unwrap();
+    let (s, _) = LayerStore::open(&home, Durability::None).unwrap();
     s.create(&id("a"), None, false, |_| Ok(())).unwrap();
     let record = home.join(MOUNTS_DIR).join("a");
     // Kill the writer after different numbers of writes: wherever the kill lands, the count
@@ -1132,7 +1148,7 @@ fn a_dead_builders_staging_entry_pins_nothing_and_every_check_agrees() {
         guard.finish().unwrap();
         s.remove(&id("p"), |_| Ok(())).unwrap();
         // And recovery cleans the entry up.
-        let (_s2, rec) = LayerStore::open(s.home(), false).unwrap();
+        let (_s2, rec) = LayerStore::open(s.home(), Durability::None).unwrap();
         assert_eq!(rec.staging_removed, vec![entry], "pid {pid}");
     }
 }
@@ -1157,7 +1173,7 @@ fn a_live_builder_pins_its_parent_for_every_check() {
             Err(Error::HasChildren { .. })
         ));
         // Recovery in another opener leaves live work alone.
-        let (_s2, rec) = LayerStore::open(s.home(), false).unwrap();
+        let (_s2, rec) = LayerStore::open(s.home(), Durability::None).unwrap();
         assert!(rec.staging_removed.is_empty(), "{rec:?}");
         Ok(())
     })
@@ -1167,7 +1183,7 @@ fn a_live_builder_pins_its_parent_for_every_check() {
 /// A layer with one file `f` holding `content` in its `root/`, created by a store other than
 /// `s` (so it is not fresh for `s`).
 fn layer_with_root(home: &Path, name: &str, content: &str) {
-    let (other, _) = LayerStore::open(home, false).unwrap();
+    let (other, _) = LayerStore::open(home, Durability::None).unwrap();
     other
         .create(&id(name), None, false, |dir| {
             fs::create_dir(dir.join("root")).unwrap();
@@ -1181,7 +1197,7 @@ fn layer_with_root(home: &Path, name: &str, content: &str) {
 fn a_staged_apply_replaces_the_tree_whole_or_not_at_all() {
     let dir = tempfile::tempdir().unwrap();
     let home = dir.path().join("home");
-    let (s, _) = LayerStore::open(&home, false).unwrap();
+    let (s, _) = LayerStore::open(&home, Durability::None).unwrap();
     layer_with_root(&home, "a", "old");
     let g = s.begin_apply(&id("a")).unwrap();
     assert!(!g.is_fresh(), "created by another store");
@@ -1220,7 +1236,7 @@ fn a_staged_apply_replaces_the_tree_whole_or_not_at_all() {
 fn a_failed_apply_removes_a_fresh_layer_and_keeps_any_other() {
     let dir = tempfile::tempdir().unwrap();
     let home = dir.path().join("home");
-    let (s, _) = LayerStore::open(&home, false).unwrap();
+    let (s, _) = LayerStore::open(&home, Durability::None).unwrap();
     // Fresh: created by this store, never handed out.
     s.create(&id("fresh"), None, false, |_| Ok(())).unwrap();
     let g = s.begin_apply(&id("fresh")).unwrap();
@@ -1260,7 +1276,7 @@ fn recovery_rolls_back_an_interrupted_apply_into_an_existing_layer() {
     fs::create_dir(home.join("a/apply-root")).unwrap();
     fs::write(home.join("a/apply-root/f"), "half").unwrap();
     fs::create_dir(home.join("a/apply-work")).unwrap();
-    let (s, rec) = LayerStore::open(&home, false).unwrap();
+    let (s, rec) = LayerStore::open(&home, Durability::None).unwrap();
     assert_eq!(rec.applies_rolled_back, vec![id("a")], "{rec:?}");
     assert!(rec.incomplete_removed.is_empty());
     assert!(s.exists(&id("a")));
@@ -1273,8 +1289,8 @@ fn recovery_rolls_back_an_interrupted_apply_into_an_existing_layer() {
 fn a_pending_layer_is_invisible_to_other_processes_until_its_apply_finishes() {
     let dir = tempfile::tempdir().unwrap();
     let home = dir.path().join("home");
-    let (s, _) = LayerStore::open(&home, false).unwrap();
-    let other = LayerStore::open(&home, false)
+    let (s, _) = LayerStore::open(&home, Durability::None).unwrap();
+    let other = LayerStore::open(&home, Durability::None)
         .unwrap()
         .0
         .into_other_process();
@@ -1311,12 +1327,12 @@ fn a_pending_layer_is_invisible_to_other_processes_until_its_apply_finishes() {
     s.create_pending(&id("r"), None, |_| Ok(())).unwrap();
     drop(s);
     pending_map().retain(|(_, layer), _| *layer != id("r"));
-    let (_s2, rec) = LayerStore::open(&home, false).unwrap();
+    let (_s2, rec) = LayerStore::open(&home, Durability::None).unwrap();
     assert_eq!(rec.incomplete_removed, vec![id("r")], "{rec:?}");
     assert!(!home.join("r").exists());
 
     // The creator itself may remove it unapplied.
-    let (s3, _) = LayerStore::open(&home, false).unwrap();
+    let (s3, _) = LayerStore::open(&home, Durability::None).unwrap();
     s3.create_pending(&id("t"), None, |_| Ok(())).unwrap();
     s3.remove(&id("t"), |_| Ok(())).unwrap();
     assert!(!home.join("t").exists());

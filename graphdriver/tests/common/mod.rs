@@ -6,8 +6,8 @@ use std::io::Read;
 use std::path::{Path, PathBuf};
 
 use graphdriver::{
-    Change, DiffDriver, Driver, DriverOptions, Error, LayerId, LayerInfo, LayerStore, MountOpts,
-    ProtoDriver, Result,
+    Change, DiffDriver, Driver, DriverOptions, Durability, Error, LayerId, LayerInfo, LayerStore,
+    MountOpts, ProtoDriver, Result,
 };
 
 pub struct DirDriver {
@@ -18,7 +18,7 @@ pub struct DirDriver {
 impl DirDriver {
     pub fn init(name: &'static str, home: &Path, opts: &DriverOptions) -> Result<Box<dyn Driver>> {
         opts.reject_unknown(name, &["flavour"])?;
-        let (store, _) = LayerStore::open(home, false)?;
+        let (store, _) = LayerStore::open(home, Durability::None)?;
         Ok(Box::new(DirDriver { name, store }))
     }
 }
