@@ -265,8 +265,25 @@ impl LayerStore {
         }
         let left = total.saturating_sub(1);
         if left == 0 {
-            deactivate()?;
-            self.unmount_view(id)?;
+            // A process still working in the mount (its cwd or open files there) makes the
+            // unmount fail with EBUSY: the reference stays, and the error says so.
+            let busy = |e: Error| match &e {
+                Error::Mount { target, source, .. }
+                    if source.raw_os_error() == Some(libc_ebusy()) =>
+                {
+                    Error::InUse {
+                        id: id.clone(),
+                        reason: format!(
+                            "a process is using its mount at {} (its working directory or open \
+                             files are there), so it stays mounted; stop that process and retry",
+                            target.display()
+                        ),
+                    }
+                }
+                _ => e,
+            };
+            deactivate().map_err(busy)?;
+            self.unmount_view(id).map_err(busy)?;
         }
         match own {
             Some(name) => {
@@ -513,4 +530,9 @@ fn remove_durable(mounts: BorrowedFd<'_>, path: &Path, id: &LayerId) -> Result<(
         Ok(()) | Err(Errno::NOENT) => Ok(()),
         Err(e) => Err(Error::io("remove", path, e.into())),
     }
+}
+
+/// EBUSY as the raw OS error number `std::io::Error` carries.
+fn libc_ebusy() -> i32 {
+    Errno::BUSY.raw_os_error()
 }
