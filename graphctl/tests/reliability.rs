@@ -2,6 +2,26 @@
 //! killed mid-apply, a full disk, a read-only root, a parent removed under a child, many
 //! processes on one root at once, permissions, and `sync = true`.
 //!
+//! Each finding of issue 16's fault-injection campaign has a named regression test:
+//!
+//! | finding | test |
+//! |---------|------|
+//! | `mount` killed while writing the count: `rm` deletes a layer under its holders | `syscall_faults::mount` (kills at every write, rename and fsync of the count), `store_trust::graphctl_mount_is_durable_until_unmount` |
+//! | `apply` killed after `create`: a listed layer without the diff | `sigkill_during_apply` (kill points from the start on), `syscall_faults::apply_new` |
+//! | `import` killed there, re-run skips the half layer | `syscall_faults::import` (the re-run equals an uninterrupted import) |
+//! | concurrent imports of images sharing a base: a wrong top layer | `import::concurrent_imports_share_layers` |
+//! | `apply` into a layer whose child is mounted | `immutable::apply_into_a_committed_layer_is_refused` |
+//! | power cut mid-`apply`/`import`: a listed partial layer | `crash` (all of it), under both `sync` modes |
+//! | one crash bricks the store ("read parent id") | `immutable::one_damaged_layer_does_not_brick_the_store`, `crash` (`ls`/`tree`/`rm`/`apply` after every cut) |
+//! | a long home: `apply` deletes the read-write layer | `immutable::a_too_long_home_fails_clearly_and_keeps_the_read_write_layer` |
+//! | a killed `diff`/`changes` leaks references | `store_trust::rm_works_after_a_killed_changes`, `store_trust::cleanup_unmounts_what_a_killed_changes_left`, `syscall_faults::diff` |
+//! | overlay: an apply killed at the confined child's fork leaves a mount | `a_killed_apply_through_a_mount_leaves_no_mount`, `syscall_faults::apply_into_read_write` (kill at `clone`) |
+//! | a `mount` killed between mount(2) and the count | `syscall_faults::mount` (kills after the `mount` call), `store_trust::cleanup_unmounts_what_a_killed_changes_left` |
+//! | a full filesystem fails every command in the overlay probe | `a_full_disk_can_still_list_and_free_space`, `full_disk_during_apply` |
+//! | read-only remount during `rm` leaves a staging entry | `a_filesystem_turning_read_only_during_rm_breaks_nothing_after`, `read_only_root` |
+//! | `diff -o /dev/null` deletes the device | `safety::diff_output_leaves_a_device_node_alone`, `safety::diff_output_refuses_fifos_symlinks_and_directories` |
+//! | storms: unexpected errors and reads that did not match | `concurrent_processes_keep_the_store_consistent` (reads through mounts checked against the oracle), `unmount_of_a_mount_in_use_keeps_it_and_says_why` |
+//!
 //! Tests that need root run when root or when `CI=true`, and print why they skip otherwise.
 //! Nothing here measures time: deadlines only detect hangs (a deadlock fails with a message).
 
@@ -1390,3 +1410,87 @@ driver_test!(unmount_of_a_mount_in_use_keeps_it_and_says_why, |driver| {
     assert!(mounts_under(&home(&s).join("ctr")).is_empty());
     s.ok(&["rm", "ctr"]);
 });
+
+driver_test!(
+    a_filesystem_turning_read_only_during_rm_breaks_nothing_after,
+    |driver| {
+        // Issue 16: a filesystem remounted read-only during `rm` left a staging entry that later
+        // commands tripped on. The deletion is failed with EROFS at its 200th unlink (strace
+        // --inject: deterministic), then the filesystem really goes read-only and back.
+        need_root!();
+        let tmp = tempfile::tempdir_in(test_tmp()).unwrap();
+        let mnt = TmpMount::tmpfs(tmp.path(), "256m");
+        let s = Store::at(driver, mnt.path.join("root"));
+        let files: Vec<(String, Vec<u8>)> = (0..1000)
+            .map(|i| (format!("d{}/f{i}", i % 10), vec![b'x'; 64]))
+            .collect();
+        let entries: Vec<(&str, &[u8])> = files
+            .iter()
+            .map(|(p, d)| (p.as_str(), d.as_slice()))
+            .collect();
+        let tar = s.scratch("big.tar");
+        std::fs::write(&tar, layer_tar(&entries)).unwrap();
+        s.ok(&["apply", "big", tar.to_str().unwrap()]);
+        s.ok(&["apply", "--parent", "big", "top", tar.to_str().unwrap()]);
+        s.ok(&["rm", "top"]);
+        s.ok(&["apply", "--parent", "big", "top", tar.to_str().unwrap()]);
+
+        let mut rm = s.cmd(&["rm", "top"]).cmd;
+        let mut traced = Command::new("strace");
+        traced
+            .args(["-f", "-qq", "-o", "/dev/null", "-e", "trace=unlinkat"])
+            .args(["-e", "inject=unlinkat:error=EROFS:when=200"])
+            .arg("--")
+            .arg(rm.get_program())
+            .args(rm.get_args());
+        for (k, v) in rm.get_envs() {
+            match v {
+                Some(v) => traced.env(k, v),
+                None => traced.env_remove(k),
+            };
+        }
+        rm = traced;
+        let out = run(rm, "rm under strace");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        eprintln!("rm with EROFS injected: {}: {stderr}", out.status);
+        // The layer is gone at once (renamed away before the deletion): rm succeeds, and the
+        // failed deletion is a warning that says what happens to the files.
+        assert!(out.status.success(), "{stderr}");
+        assert!(
+            stderr.contains("Read-only file system") && stderr.contains("next command"),
+            "{stderr}"
+        );
+        assert!(
+            !exists(&s, "top"),
+            "top still listed after its rm: {stderr}"
+        );
+
+        // Still read-only: reading commands work and say nothing about the leftover.
+        mnt.remount("ro");
+        let ls = s.cmd(&["ls"]).output();
+        assert!(
+            ls.status.success(),
+            "{}",
+            String::from_utf8_lossy(&ls.stderr)
+        );
+        assert_eq!(String::from_utf8_lossy(&ls.stdout).lines().count(), 1);
+        let status = s.cmd(&["status"]).output();
+        assert!(
+            status.status.success(),
+            "{}",
+            String::from_utf8_lossy(&status.stderr)
+        );
+        mnt.remount("rw");
+
+        // Writable again: the next commands work, and the leftover is gone.
+        s.ok(&["apply", "--parent", "big", "top", tar.to_str().unwrap()]);
+        assert!(
+            staging_entries(&s).is_empty(),
+            "left in .staging: {:?}",
+            staging_entries(&s)
+        );
+        s.ok(&["rm", "top"]);
+        s.ok(&["rm", "big"]);
+        assert!(ls_ids(&s).is_empty());
+    }
+);

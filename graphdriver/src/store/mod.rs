@@ -827,7 +827,9 @@ impl LayerStore {
     /// [`Error::HasChildren`] for a child that is still being applied. A symlink (or anything but
     /// a directory) under the id is an error naming the path; nothing is deleted through it. The
     /// layer disappears by one rename under the store lock; its data is deleted after the lock
-    /// is released.
+    /// is released. A failure of that deletion (a filesystem gone read-only) is logged, not
+    /// returned: the layer is removed, and the next [`LayerStore::open`] that can write deletes
+    /// the leftover.
     pub fn remove(&self, id: &LayerId, before: impl FnOnce(&Path) -> Result<()>) -> Result<()> {
         let grave = {
             let _lock = self.lock_exclusive()?;
@@ -862,7 +864,14 @@ impl LayerStore {
             before(&dir)?;
             self.bury(id)?
         };
-        grave.delete()
+        // The layer is gone; what is left is freeing its space. If that fails (the filesystem
+        // went read-only, an I/O error), the files wait in `.staging/` for the next open.
+        if let Err(e) = grave.delete() {
+            tracing::warn!(layer = %id, error = %e,
+                "the layer is removed, but deleting its files failed; the next command that can \
+                 write to the store deletes them");
+        }
+        Ok(())
     }
 
     /// Renames `<home>/<id>` into `.staging/` (flocked, so recovery elsewhere leaves it to us)
