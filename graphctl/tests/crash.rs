@@ -31,7 +31,9 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use util::{Store, skip_root_test, test_tmp};
+use std::collections::BTreeMap;
+
+use util::{Store, sample_image, skip_root_test, test_tmp};
 
 /// Files in the layer applied while the power goes.
 const FILES: u64 = 3_000;
@@ -327,6 +329,102 @@ fn power_cut_during_apply(driver: &'static str, fs: &'static str, mode: &str) {
          {listed_whole} of them",
         cuts.len()
     );
+}
+
+/// The regular files under `dir`: relative path → contents.
+fn read_tree(dir: &Path) -> BTreeMap<PathBuf, Vec<u8>> {
+    fn walk(base: &Path, dir: &Path, out: &mut BTreeMap<PathBuf, Vec<u8>>) {
+        for e in std::fs::read_dir(dir).unwrap() {
+            let e = e.unwrap();
+            let ft = e.file_type().unwrap();
+            if ft.is_dir() {
+                walk(base, &e.path(), out);
+            } else if ft.is_file() {
+                let rel = e.path().strip_prefix(base).unwrap().to_path_buf();
+                out.insert(rel, std::fs::read(e.path()).unwrap());
+            }
+        }
+    }
+    let mut out = BTreeMap::new();
+    walk(dir, dir, &mut out);
+    out
+}
+
+/// `import` of the sample image with the power cut at a spread of moments: every layer listed
+/// after the reboot equals the same layer of an uninterrupted import (read file by file from
+/// `<home>/<id>/root`), and the re-run import completes the image.
+fn power_cut_during_import(driver: &'static str, fs: &'static str) {
+    if let Some(reason) = skip_root_test() {
+        eprintln!("skipping: {reason}");
+        return;
+    }
+    let image = sample_image();
+    let image = image.to_str().unwrap();
+    let reference = Store::new(driver);
+    let start = Instant::now();
+    reference.ok(&["import", image]);
+    let took = start.elapsed();
+    let ref_home = reference.root.join(driver);
+    let ref_ls = reference.ok(&["ls"]);
+    let layers: Vec<&str> = ref_ls.lines().filter_map(|l| l.split(' ').next()).collect();
+    let want: BTreeMap<&str, _> = layers
+        .iter()
+        .map(|id| (*id, read_tree(&ref_home.join(id).join("root"))))
+        .collect();
+    for cut in [
+        Cut::After(took / 4),
+        Cut::After(took / 2),
+        Cut::After(took),
+        Cut::OnReturn,
+    ] {
+        let lfs = LoopFs::new(fs, "");
+        let s = Store::at(driver, lfs.mnt.join("root"));
+        let mut import = s.cmd(&["import", image]).cmd;
+        import.stdout(Stdio::null()).stderr(Stdio::null());
+        let mut child = import.spawn().unwrap();
+        match cut {
+            Cut::After(d) => {
+                std::thread::sleep(d);
+                lfs.cut_power();
+                let _ = child.wait().unwrap();
+            }
+            Cut::OnReturn => {
+                let _ = child.wait().unwrap();
+                lfs.cut_power();
+            }
+        }
+        lfs.reboot();
+        let ls = s.ok(&["ls"]);
+        let home = s.root.join(driver);
+        for id in ls.lines().filter_map(|l| l.split(' ').next()) {
+            let expected = want
+                .get(id)
+                .unwrap_or_else(|| panic!("{fs}/{driver}: unknown layer {id} after the cut"));
+            assert!(
+                read_tree(&home.join(id).join("root")) == *expected,
+                "{fs}/{driver}, power cut {cut:?} during import: layer {id} is listed but \
+                 differs from an uninterrupted import"
+            );
+        }
+        s.ok(&["import", image]);
+        for (id, expected) in &want {
+            assert!(
+                read_tree(&home.join(id).join("root")) == *expected,
+                "{fs}/{driver}: the re-run import left layer {id} wrong"
+            );
+        }
+        drop(s);
+    }
+}
+
+#[test]
+fn ext4_overlay_import() {
+    power_cut_during_import("overlay", "ext4");
+}
+
+#[test]
+fn xfs_vfs_import() {
+    power_cut_during_import("vfs", "xfs");
 }
 
 macro_rules! power_cut_tests {
