@@ -9,11 +9,11 @@ mod vfs {
         (graphdriver::lookup("vfs")?.init)(home, &graphdriver::DriverOptions::default())
     }
 
-    graphdriver::conformance_tests!(vfs_init, needs_root = false, deep_layers = 64);
+    graphdriver_conformance::conformance_tests!(vfs_init, needs_root = false, deep_layers = 64);
 }
 
 mod overlay {
-    graphdriver::conformance_tests!(
+    graphdriver_conformance::conformance_tests!(
         driver = "overlay",
         needs_root = true,
         deep_layers = 128,
@@ -27,10 +27,10 @@ mod suite_finds_defects {
     use std::io::Read;
     use std::path::{Path, PathBuf};
 
-    use graphdriver::conformance::{self, Capabilities};
     use graphdriver::{
         Change, ChangeKind, DiffDriver, Driver, LayerId, LayerInfo, MountOpts, ProtoDriver, Result,
     };
+    use graphdriver_conformance::{self as conformance, Capabilities};
 
     /// vfs with defect `K`: 0 = `changes` drops deletions, 1 = `diff_size` is one byte too
     /// large, 2 = `remove` ignores children.

@@ -19,7 +19,7 @@
 //!   recovery, mount reference counts shared across processes, read-only views).
 //! * [`mountinfo`]: mount points from `/proc/self/mountinfo` and thin mount wrappers, for
 //!   drivers that mount.
-//! * With the `conformance` feature, `conformance` is the test suite every driver must pass.
+//! * The test suite every driver must pass is its own crate, `graphdriver-conformance`.
 //!
 //! # Example
 //!
@@ -41,8 +41,6 @@
 #![deny(missing_docs)]
 
 mod config;
-#[cfg(feature = "conformance")]
-pub mod conformance;
 mod driver;
 mod error;
 mod id;

@@ -11,7 +11,7 @@
 //!   reference counts, removal checks;
 //! * [`NaiveDiffDriver`] provides diff, changes, apply and sizes;
 //! * [`graphdriver::register_driver!`] makes it selectable as `driver = "reflink"`;
-//! * `graphdriver::conformance_tests!(driver = "reflink")` proves it correct.
+//! * `graphdriver_conformance::conformance_tests!(driver = "reflink")` proves it correct.
 
 #![deny(missing_docs)]
 

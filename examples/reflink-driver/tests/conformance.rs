@@ -10,7 +10,7 @@ fn init(home: &std::path::Path) -> graphdriver::Result<Box<dyn graphdriver::Driv
     reflink_driver::init(home, &config.options_for("reflink"))
 }
 
-graphdriver::conformance_tests!(init, deep_layers = 32);
+graphdriver_conformance::conformance_tests!(init, deep_layers = 32);
 
 #[test]
 fn selectable_by_name_from_toml() {

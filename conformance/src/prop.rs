@@ -10,7 +10,7 @@ use proptest::prelude::*;
 use proptest::test_runner::{Config, TestCaseError, TestError, TestRunner};
 
 use super::{Capabilities, Factory, Harness, Outcome, copy_tree, lid};
-use crate::{ChangeKind, Error, LayerId, MountOpts};
+use graphdriver::{ChangeKind, Error, LayerId, MountOpts};
 
 /// A file mode in a generated operation; `Debug` prints it in octal (`0o755`).
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -926,7 +926,7 @@ pub(crate) fn check_changes_and_diff(
     let got = d
         .changes(id, parent)
         .map_err(|e| format!("changes {id}: {e}"))?;
-    let show = |v: &[crate::Change]| {
+    let show = |v: &[graphdriver::Change]| {
         v.iter()
             .map(|c| c.to_string())
             .collect::<Vec<_>>()

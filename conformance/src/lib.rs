@@ -4,12 +4,12 @@
 //! # One line for a driver author
 //!
 //! ```ignore
-//! // tests/conformance.rs of a driver crate (dev-dependency: graphdriver with `conformance`)
+//! // tests/conformance.rs of a driver crate (dev-dependency: graphdriver-conformance)
 //! fn init(home: &std::path::Path) -> graphdriver::Result<Box<dyn graphdriver::Driver>> {
 //!     mydriver::MyDriver::new(home)
 //! }
-//! graphdriver::conformance_tests!(init, needs_root = false, deep_layers = 64);
-//! // or, for a registered driver: graphdriver::conformance_tests!(driver = "mydriver");
+//! graphdriver_conformance::conformance_tests!(init, needs_root = false, deep_layers = 64);
+//! // or, for a registered driver: graphdriver_conformance::conformance_tests!(driver = "mydriver");
 //! ```
 //!
 //! expands to one named `#[test]` per check below. Each test builds a fresh driver in a fresh
@@ -52,7 +52,11 @@ use std::io::Read;
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
-use crate::{Driver, LayerId, MountOpts, Result};
+use graphdriver::{Driver, LayerId, MountOpts, Result};
+
+/// The core crate, for the macros' expansions (a driver crate's tests need not name it).
+#[doc(hidden)]
+pub use graphdriver as __graphdriver;
 
 mod prop;
 mod scenarios;
@@ -145,8 +149,8 @@ pub fn is_root() -> bool {
 /// Builds the registered driver `name` with no options in `home` (for the `driver = "name"`
 /// form of [`conformance_tests!`](crate::conformance_tests)).
 pub fn init_registered(name: &str, home: &Path) -> Result<Box<dyn Driver>> {
-    let reg = crate::lookup(name)?;
-    (reg.init)(home, &crate::DriverOptions::default())
+    let reg = graphdriver::lookup(name)?;
+    (reg.init)(home, &graphdriver::DriverOptions::default())
 }
 
 /// Runs one check the way the generated tests do: skips (printing why) when the driver needs
@@ -313,25 +317,25 @@ pub(crate) fn stat3(p: &Path) -> Outcome<(u32, u32, u32)> {
 /// Expands to one named `#[test]` per conformance check for a driver.
 ///
 /// `conformance_tests!(factory $(, capability = value)*)` where `factory` is a
-/// [`conformance::Factory`](crate::conformance::Factory) (`fn(&Path) -> Result<Box<dyn Driver>>`),
+/// [`conformance::Factory`](crate::Factory) (`fn(&Path) -> Result<Box<dyn Driver>>`),
 /// or `conformance_tests!(driver = "name" $(, capability = value)*)` for a driver registered with
-/// [`register_driver!`](crate::register_driver) (the crate registering it must be linked). The
-/// capability keys are the fields of [`conformance::Capabilities`](crate::conformance::Capabilities),
+/// [`register_driver!`](graphdriver::register_driver) (the crate registering it must be linked). The
+/// capability keys are the fields of [`conformance::Capabilities`](crate::Capabilities),
 /// for example `needs_root = true, deep_layers = 128`. Invoke it once per module.
 #[macro_export]
 macro_rules! conformance_tests {
     (driver = $name:literal $(, $key:ident = $val:expr)* $(,)?) => {
         fn __conformance_registered(
             home: &::std::path::Path,
-        ) -> $crate::Result<::std::boxed::Box<dyn $crate::Driver>> {
-            $crate::conformance::init_registered($name, home)
+        ) -> $crate::__graphdriver::Result<::std::boxed::Box<dyn $crate::__graphdriver::Driver>> {
+            $crate::init_registered($name, home)
         }
         $crate::conformance_tests!(__conformance_registered $(, $key = $val)*);
     };
     ($factory:path $(, $key:ident = $val:expr)* $(,)?) => {
-        fn __conformance_capabilities() -> $crate::conformance::Capabilities {
+        fn __conformance_capabilities() -> $crate::Capabilities {
             #[allow(unused_mut)]
-            let mut caps = $crate::conformance::Capabilities::default();
+            let mut caps = $crate::Capabilities::default();
             $( caps.$key = $val; )*
             caps
         }
@@ -352,11 +356,11 @@ macro_rules! __conformance_test {
         $(
             #[test]
             fn $name() {
-                $crate::conformance::run(
+                $crate::run(
                     ::core::stringify!($name),
                     $factory,
                     &__conformance_capabilities(),
-                    $crate::conformance::$name,
+                    $crate::$name,
                 );
             }
         )*

@@ -9,7 +9,7 @@ use super::{
     Capabilities, Factory, FsOp, Harness, Outcome, compare_trees, compare_trees_for_diff,
     copy_tree, is_root, lid, stat3,
 };
-use crate::{Change, ChangeKind, Error, LayerId, MountOpts};
+use graphdriver::{Change, ChangeKind, Error, LayerId, MountOpts};
 
 /// Builds layers and their reference trees for the scenarios.
 struct Chain {
