@@ -445,13 +445,13 @@ impl Applier<'_> {
         let raw = &entry.name;
         let name = entry.display_name();
         self.entries += 1;
-        if let Some(limit) = self.max_entries {
-            if self.entries > limit {
-                return Err(Error::LimitExceeded {
-                    what: "max_entries".into(),
-                    limit,
-                });
-            }
+        if let Some(limit) = self.max_entries
+            && self.entries > limit
+        {
+            return Err(Error::LimitExceeded {
+                what: "max_entries".into(),
+                limit,
+            });
         }
         let kind = entry.kind;
         let rel = normalize(raw).map_err(|r| Error::bad_entry(&name, r))?;
@@ -728,13 +728,13 @@ impl Applier<'_> {
             ));
         };
         let size = entry.sparse.as_ref().map_or(entry.size, |s| s.real_size);
-        if let Some(limit) = self.max_bytes {
-            if self.bytes.saturating_add(size) > limit {
-                return Err(Error::LimitExceeded {
-                    what: "max_bytes".into(),
-                    limit,
-                });
-            }
+        if let Some(limit) = self.max_bytes
+            && self.bytes.saturating_add(size) > limit
+        {
+            return Err(Error::LimitExceeded {
+                what: "max_bytes".into(),
+                limit,
+            });
         }
         // Files whose mode has no group/other write and no setuid/setgid/sticky bit (which a
         // chown would clear) are created with their final permission bits: nobody else can
@@ -879,24 +879,24 @@ impl Applier<'_> {
             }
             other => other,
         };
-        if let (Err(rustix::io::Errno::PERM), Node::Dev(ft, dev)) = (made, node) {
-            if matches!(ft, FileType::CharacterDevice | FileType::BlockDevice) {
-                // No privilege to create device nodes (a normal user, a user namespace): skip
-                // the node and report it, as moby does, instead of failing the layer.
-                let kind = if ft == FileType::CharacterDevice {
-                    "char"
-                } else {
-                    "block"
-                };
-                let reason = format!(
-                    "{kind} device {}/{} not created: mknod: {} (device nodes need CAP_MKNOD in the initial user namespace)",
-                    rustix::fs::major(dev),
-                    rustix::fs::minor(dev),
-                    io::Error::from(rustix::io::Errno::PERM),
-                );
-                self.skipped.push(rel.to_path_buf(), reason);
-                return Ok(());
-            }
+        if let (Err(rustix::io::Errno::PERM), Node::Dev(ft, dev)) = (made, node)
+            && matches!(ft, FileType::CharacterDevice | FileType::BlockDevice)
+        {
+            // No privilege to create device nodes (a normal user, a user namespace): skip
+            // the node and report it, as moby does, instead of failing the layer.
+            let kind = if ft == FileType::CharacterDevice {
+                "char"
+            } else {
+                "block"
+            };
+            let reason = format!(
+                "{kind} device {}/{} not created: mknod: {} (device nodes need CAP_MKNOD in the initial user namespace)",
+                rustix::fs::major(dev),
+                rustix::fs::minor(dev),
+                io::Error::from(rustix::io::Errno::PERM),
+            );
+            self.skipped.push(rel.to_path_buf(), reason);
+            return Ok(());
         }
         made.map_err(|e| Error::io("create", rel, e.into()))?;
         let pfd = self.parent_fd(name, parent)?;
@@ -971,10 +971,11 @@ impl Applier<'_> {
         }
         {
             let pfd = self.parent_fd(name, rel.parent().unwrap_or(Path::new("")))?;
-            if let Ok(st) = rustix::fs::statat(pfd, base, AtFlags::SYMLINK_NOFOLLOW) {
-                if st.st_dev == tst.st_dev && st.st_ino == tst.st_ino {
-                    return Ok(());
-                }
+            if let Ok(st) = rustix::fs::statat(pfd, base, AtFlags::SYMLINK_NOFOLLOW)
+                && st.st_dev == tst.st_dev
+                && st.st_ino == tst.st_ino
+            {
+                return Ok(());
             }
         }
         // `clear` drops the cursors when it removes a directory or symlink (which may have been

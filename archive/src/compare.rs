@@ -249,6 +249,8 @@ impl Snap<'_> {
 }
 
 impl fs::Visitor for Snap<'_> {
+    type Error = Error;
+
     fn entry(&mut self, dir: BorrowedFd<'_>, name: &CStr, rel: &[u8], st: &Stat) -> Result<bool> {
         match kind_of(st) {
             // Recorded by `enter`, through its own descriptor.

@@ -77,6 +77,13 @@ pub enum Error {
     },
 }
 
+impl From<layerfs::WalkError> for Error {
+    /// A failure of the tree walk itself is an [`Error::Io`] naming its operation and path.
+    fn from(e: layerfs::WalkError) -> Self {
+        Error::io(e.op, e.path, e.source)
+    }
+}
+
 impl Error {
     /// Builds an [`Error::Io`] for `op` on `path`.
     pub fn io(op: impl Into<String>, path: impl Into<PathBuf>, source: io::Error) -> Self {

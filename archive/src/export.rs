@@ -931,6 +931,8 @@ struct TreeExport<'a> {
 }
 
 impl fs::Visitor for TreeExport<'_> {
+    type Error = Error;
+
     fn entry(&mut self, dir: BorrowedFd<'_>, name: &CStr, rel: &[u8], st: &Stat) -> Result<bool> {
         let (take, descend) = self.ex.selected(rel_path(rel));
         if ftype(st) == FileType::Directory {
@@ -1128,6 +1130,8 @@ impl Scan<'_> {
 }
 
 impl fs::Visitor for Scan<'_> {
+    type Error = Error;
+
     #[allow(clippy::unnecessary_cast)]
     fn entry(&mut self, _: BorrowedFd<'_>, _: &CStr, rel: &[u8], st: &Stat) -> Result<bool> {
         let key = (st.st_dev as u64, st.st_ino as u64);

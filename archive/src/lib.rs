@@ -64,6 +64,7 @@
 //! ```
 
 #![deny(missing_docs)]
+#![forbid(unsafe_code)]
 
 mod apply;
 mod change;
@@ -71,8 +72,10 @@ pub mod compare;
 mod compression;
 mod error;
 mod export;
-pub mod fs;
-pub mod quote;
+/// Printing names that came from a layer: re-exported from the core crate.
+pub use graphdriver::quote;
+/// The fd-relative filesystem layer, [`layerfs`]: re-exported under its old name.
+pub use layerfs as fs;
 mod whiteout;
 
 pub use apply::{

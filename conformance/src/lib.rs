@@ -47,6 +47,9 @@
 //! property test [`model`] (see
 //! [`model`](fn@model) and [`Op`]).
 
+#![deny(missing_docs)]
+#![forbid(unsafe_code)]
+
 use std::fs;
 use std::io::Read;
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
@@ -287,15 +290,15 @@ impl Harness {
 
 impl Drop for Harness {
     fn drop(&mut self) {
-        if let Some(d) = self.driver.take() {
-            if let Err(e) = d.cleanup() {
-                eprintln!("conformance: driver cleanup failed: {e}");
-            }
+        if let Some(d) = self.driver.take()
+            && let Err(e) = d.cleanup()
+        {
+            eprintln!("conformance: driver cleanup failed: {e}");
         }
-        if let Some(t) = self.tmp.take() {
-            if let Err(e) = t.close() {
-                eprintln!("conformance: removing the temporary directory failed: {e}");
-            }
+        if let Some(t) = self.tmp.take()
+            && let Err(e) = t.close()
+        {
+            eprintln!("conformance: removing the temporary directory failed: {e}");
         }
     }
 }

@@ -210,15 +210,16 @@ pub fn compare_trees_for_diff(
         diffs.retain(|d| !d.contains(": hardlink group expected"));
     }
     for p in dirs_with_mtime {
-        if let (Some(x), Some(y)) = (e.get(p), a.get(p)) {
-            if x.kind == archive::compare::Kind::Dir && x.mtime != y.mtime {
-                diffs.push(format!(
-                    "{}: mtime expected {}, found {}",
-                    p.display(),
-                    x.mtime,
-                    y.mtime
-                ));
-            }
+        if let (Some(x), Some(y)) = (e.get(p), a.get(p))
+            && x.kind == archive::compare::Kind::Dir
+            && x.mtime != y.mtime
+        {
+            diffs.push(format!(
+                "{}: mtime expected {}, found {}",
+                p.display(),
+                x.mtime,
+                y.mtime
+            ));
         }
     }
     if let Err(root) = compare_trees_root(&e, &a) {

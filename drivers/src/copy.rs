@@ -343,12 +343,13 @@ impl Copier {
     fn regular(&mut self, name: &CStr, st: &Stat, link_tried: bool) -> Result<()> {
         let path = self.path_of(name);
         let key = (st.st_dev, st.st_ino);
-        if self.mode == CopyMode::Content && st.st_nlink > 1 {
-            if let Some(first) = self.links.get(&key) {
-                return self
-                    .link_to_copy(first, name)
-                    .map_err(|e| Error::io("link", &path, e));
-            }
+        if self.mode == CopyMode::Content
+            && st.st_nlink > 1
+            && let Some(first) = self.links.get(&key)
+        {
+            return self
+                .link_to_copy(first, name)
+                .map_err(|e| Error::io("link", &path, e));
         }
         let (sdir, ddir) = (self.src.top(), self.dst.top());
         if self.mode == CopyMode::Hardlink && !link_tried {

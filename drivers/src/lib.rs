@@ -17,6 +17,7 @@
 //! [`graphdriver::register_driver!`]; implementation modules hold no global state.
 
 #![deny(missing_docs)]
+#![forbid(unsafe_code)]
 
 pub mod copy;
 pub use graphdriver::mountinfo;

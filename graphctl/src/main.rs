@@ -7,6 +7,7 @@
 //! Exit status: 0 on success, 1 on an error (one `error:` line on stderr), 2 on a usage error.
 
 #![deny(missing_docs)]
+#![forbid(unsafe_code)]
 
 use std::io::Write;
 use std::process::ExitCode;

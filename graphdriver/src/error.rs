@@ -191,9 +191,10 @@ pub enum Error {
     Archive {
         /// The layer being read or written.
         id: LayerId,
-        /// What went wrong in the archive code.
+        /// What went wrong in the tar code (for the in-tree drivers an `archive::Error`; reach
+        /// it with `downcast_ref`). Boxed so the core does not depend on the tar machinery.
         #[source]
-        source: archive::Error,
+        source: Box<dyn std::error::Error + Send + Sync + 'static>,
     },
 }
 
@@ -214,11 +215,11 @@ impl Error {
         }
     }
 
-    /// Wraps an archive error for layer `id`.
-    pub fn archive(id: &LayerId, source: archive::Error) -> Self {
+    /// Wraps an error of the tar code (reading, writing or applying a layer tar) for layer `id`.
+    pub fn archive(id: &LayerId, source: impl std::error::Error + Send + Sync + 'static) -> Self {
         Error::Archive {
             id: id.clone(),
-            source,
+            source: Box::new(source),
         }
     }
 
@@ -237,7 +238,13 @@ impl Error {
     pub fn errno(&self) -> Option<i32> {
         match self {
             Error::Io { source, .. } | Error::Mount { source, .. } => source.raw_os_error(),
-            Error::Archive { source, .. } => source.errno(),
+            // The first OS error in the tar code's chain of causes.
+            Error::Archive { source, .. } => {
+                let first: &(dyn std::error::Error + 'static) = source.as_ref();
+                std::iter::successors(Some(first), |e| e.source())
+                    .find_map(|e| e.downcast_ref::<io::Error>())
+                    .and_then(io::Error::raw_os_error)
+            }
             _ => None,
         }
     }

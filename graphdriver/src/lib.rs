@@ -39,17 +39,20 @@
 //! ```
 
 #![deny(missing_docs)]
+#![forbid(unsafe_code)]
 
+mod change;
 mod config;
 mod driver;
 mod error;
 mod id;
 pub mod mountinfo;
+pub mod quote;
 mod registry;
 mod select;
 mod store;
 
-pub use archive::{Change, ChangeKind};
+pub use change::{Change, ChangeKind};
 pub use config::{
     Config, DEFAULT_PRIORITY, ENV_CONFIG, ENV_DRIVER, ENV_OPTS, ScopedOption, default_config_path,
     default_root,

@@ -32,6 +32,7 @@
 //! needed here: [`archive::changes`] compares the contents of such racily-clean files.
 
 #![deny(missing_docs)]
+#![forbid(unsafe_code)]
 
 use std::fmt;
 use std::io::{self, Read};
@@ -93,10 +94,10 @@ impl<'a, D: ProtoDriver + ?Sized> Got<'a, D> {
 
 impl<D: ProtoDriver + ?Sized> Drop for Got<'_, D> {
     fn drop(&mut self) {
-        if !self.released {
-            if let Err(e) = self.driver.put(&self.id) {
-                tracing::error!(layer = %self.id, error = %e, "could not put a layer");
-            }
+        if !self.released
+            && let Err(e) = self.driver.put(&self.id)
+        {
+            tracing::error!(layer = %self.id, error = %e, "could not put a layer");
         }
     }
 }

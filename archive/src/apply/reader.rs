@@ -769,16 +769,16 @@ impl<R: Read> TarReader<R> {
                         "expected GNU.sparse.size in a 0.x sparse member, found none",
                     )
                 })?;
-                if let Some(n) = sp.numblocks {
-                    if n != sp.map.len() as u64 {
-                        return Err(bad(
-                            entry,
-                            format!(
-                                "GNU.sparse.numblocks says {n} segments, but the map has {}",
-                                sp.map.len()
-                            ),
-                        ));
-                    }
+                if let Some(n) = sp.numblocks
+                    && n != sp.map.len() as u64
+                {
+                    return Err(bad(
+                        entry,
+                        format!(
+                            "GNU.sparse.numblocks says {n} segments, but the map has {}",
+                            sp.map.len()
+                        ),
+                    ));
                 }
                 (real, sp.map)
             }

@@ -14,6 +14,7 @@
 //! * `graphdriver_conformance::conformance_tests!(driver = "reflink")` proves it correct.
 
 #![deny(missing_docs)]
+#![forbid(unsafe_code)]
 
 use std::collections::HashMap;
 use std::fs;
@@ -41,17 +42,18 @@ pub fn init(home: &Path, options: &DriverOptions) -> Result<Box<dyn Driver>> {
     let durability = options.get_durability(NAME)?;
     let copy_fallback = options.get_bool(NAME, "copy_fallback", false)?;
     let driver = Reflink::new(home, durability)?;
-    if !copy_fallback && !driver.store.is_read_only() {
-        if let Err(e) = can_clone(home) {
-            return Err(graphdriver::Error::NotSupported {
-                driver: NAME.to_string(),
-                reason: format!(
-                    "the filesystem of {} cannot clone files (FICLONE: {e}); use XFS with \
+    if !copy_fallback
+        && !driver.store.is_read_only()
+        && let Err(e) = can_clone(home)
+    {
+        return Err(graphdriver::Error::NotSupported {
+            driver: NAME.to_string(),
+            reason: format!(
+                "the filesystem of {} cannot clone files (FICLONE: {e}); use XFS with \
                      reflink or btrfs, the vfs driver, or the option copy_fallback = true",
-                    home.display()
-                ),
-            });
-        }
+                home.display()
+            ),
+        });
     }
     Ok(Box::new(NaiveDiffDriver::new(driver)))
 }

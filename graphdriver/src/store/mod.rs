@@ -987,21 +987,20 @@ impl LayerStore {
     /// copy this layer's tree), or the parent being applied (this layer may copy it). Call under
     /// the store lock.
     fn relatives_busy(&self, id: &LayerId, dir: BorrowedFd<'_>) -> Result<Option<String>> {
-        if let Some(p) = read_parent(dir, &self.layer_dir(id))? {
-            if let Some(pfd) = self.layer_fd(&p)? {
-                if apply_in_progress(pfd.as_fd()) {
-                    return Ok(Some(format!("its parent {p} is being applied")));
-                }
-            }
+        if let Some(p) = read_parent(dir, &self.layer_dir(id))?
+            && let Some(pfd) = self.layer_fd(&p)?
+            && apply_in_progress(pfd.as_fd())
+        {
+            return Ok(Some(format!("its parent {p} is being applied")));
         }
         if let Some(child) = self.children_being_built(id)?.first() {
             return Ok(Some(format!("a child of it ({child}) is being created")));
         }
         for child in self.children_in_home(id)? {
-            if let Some(cfd) = self.layer_fd(&child)? {
-                if apply_in_progress(cfd.as_fd()) {
-                    return Ok(Some(format!("its child {child} is being applied")));
-                }
+            if let Some(cfd) = self.layer_fd(&child)?
+                && apply_in_progress(cfd.as_fd())
+            {
+                return Ok(Some(format!("its child {child} is being applied")));
             }
         }
         Ok(None)

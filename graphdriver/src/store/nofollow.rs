@@ -25,10 +25,7 @@ pub(super) fn unexpected(op: &str, path: &Path, expected: &str, found: FileType)
         path,
         io::Error::new(
             io::ErrorKind::InvalidData,
-            format!(
-                "expected {expected}, found {}",
-                archive::fs::describe(found)
-            ),
+            format!("expected {expected}, found {}", layerfs::describe(found)),
         ),
     )
 }
@@ -52,12 +49,11 @@ fn open_error(
     expected: (&str, FileType),
     e: Errno,
 ) -> Error {
-    if matches!(e, Errno::LOOP | Errno::NOTDIR | Errno::NXIO) {
-        if let Ok(Some(found)) = lstat_type(dir, name, path) {
-            if found != expected.1 {
-                return unexpected(op, path, expected.0, found);
-            }
-        }
+    if matches!(e, Errno::LOOP | Errno::NOTDIR | Errno::NXIO)
+        && let Ok(Some(found)) = lstat_type(dir, name, path)
+        && found != expected.1
+    {
+        return unexpected(op, path, expected.0, found);
     }
     Error::io(op, path, e.into())
 }
@@ -184,7 +180,7 @@ pub(super) fn read_small(dir: BorrowedFd<'_>, name: &str, path: &Path) -> Result
 
 /// Removes entry `name` of `dir` (a file, or a whole tree) without following symlinks; absent
 /// is fine; `path` names the same entry, for messages. A tree is removed through descriptors by
-/// [`archive::fs::remove_tree_at`]: iteratively at any depth with bounded descriptors, mode-000
+/// [`layerfs::remove_tree_at`]: iteratively at any depth with bounded descriptors, mode-000
 /// directories included, never entering a filesystem mounted below it.
 pub(super) fn remove_entry(dir: BorrowedFd<'_>, name: &str, path: &Path) -> Result<()> {
     match lstat_type(dir, name, path)? {
@@ -193,7 +189,7 @@ pub(super) fn remove_entry(dir: BorrowedFd<'_>, name: &str, path: &Path) -> Resu
             let cname = std::ffi::CString::new(name).map_err(|_| {
                 Error::io("remove", path, io::Error::from(io::ErrorKind::InvalidInput))
             })?;
-            match archive::fs::remove_tree_at(dir, &cname) {
+            match layerfs::remove_tree_at(dir, &cname) {
                 Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
                 other => other.map_err(|e| Error::io("remove", path, e)),
             }
@@ -237,15 +233,15 @@ pub(super) fn open_home(home: &Path) -> Result<OwnedFd> {
         Mode::empty(),
     )
     .map_err(|e| {
-        if matches!(e, Errno::LOOP | Errno::NOTDIR) {
-            if let Ok(m) = std::fs::symlink_metadata(&root) {
-                return unexpected(
-                    "open storage root",
-                    &root,
-                    "a directory",
-                    FileType::from_raw_mode(std::os::unix::fs::MetadataExt::mode(&m)),
-                );
-            }
+        if matches!(e, Errno::LOOP | Errno::NOTDIR)
+            && let Ok(m) = std::fs::symlink_metadata(&root)
+        {
+            return unexpected(
+                "open storage root",
+                &root,
+                "a directory",
+                FileType::from_raw_mode(std::os::unix::fs::MetadataExt::mode(&m)),
+            );
         }
         Error::io("open storage root", &root, e.into())
     })?;

@@ -358,10 +358,10 @@ impl Bench {
 
     /// Unmounts whatever the driver holds.
     pub fn close(&mut self) {
-        if let Some(d) = self.driver.take() {
-            if let Err(e) = d.cleanup() {
-                eprintln!("bench: driver cleanup: {e}");
-            }
+        if let Some(d) = self.driver.take()
+            && let Err(e) = d.cleanup()
+        {
+            eprintln!("bench: driver cleanup: {e}");
         }
     }
 

@@ -122,14 +122,14 @@ impl Spec {
 
     /// The mode of file `i`.
     pub fn mode(&self, i: usize) -> u32 {
-        if i % 7 == 0 { 0o755 } else { 0o644 }
+        if i.is_multiple_of(7) { 0o755 } else { 0o644 }
     }
 
     /// Symlink `j`: its path and its target.
     pub fn symlink(&self, j: usize) -> (PathBuf, PathBuf) {
         let d = j % self.dirs;
         let path = self.dir(d).join(format!("l{j:05}"));
-        let target = if j % 4 == 0 {
+        let target = if j.is_multiple_of(4) {
             PathBuf::from(format!("/nonexistent/target{j}"))
         } else {
             // File `d` lives in directory `d`.
@@ -309,18 +309,18 @@ pub fn layer_tar(files: &[(String, Vec<u8>)]) -> Result<Vec<u8>> {
     let mut b = tar::Builder::new(Vec::new());
     let mut last_dir = String::new();
     for (path, data) in files {
-        if let Some((dir, _)) = path.rsplit_once('/') {
-            if dir != last_dir {
-                let mut h = tar::Header::new_ustar();
-                h.set_entry_type(tar::EntryType::Directory);
-                h.set_mode(0o755);
-                h.set_mtime(MTIME);
-                h.set_uid(0);
-                h.set_gid(0);
-                h.set_size(0);
-                b.append_data(&mut h, format!("{dir}/"), &b""[..])?;
-                last_dir = dir.to_string();
-            }
+        if let Some((dir, _)) = path.rsplit_once('/')
+            && dir != last_dir
+        {
+            let mut h = tar::Header::new_ustar();
+            h.set_entry_type(tar::EntryType::Directory);
+            h.set_mode(0o755);
+            h.set_mtime(MTIME);
+            h.set_uid(0);
+            h.set_gid(0);
+            h.set_size(0);
+            b.append_data(&mut h, format!("{dir}/"), &b""[..])?;
+            last_dir = dir.to_string();
         }
         let mut h = tar::Header::new_ustar();
         h.set_entry_type(tar::EntryType::Regular);

@@ -200,10 +200,10 @@ impl Scratch {
                 eprintln!("bench: removing {}: {e}", img.display());
             }
         }
-        if let Err(e) = fs::remove_dir_all(&self.base) {
-            if e.kind() != std::io::ErrorKind::NotFound {
-                eprintln!("bench: removing {}: {e}", self.base.display());
-            }
+        if let Err(e) = fs::remove_dir_all(&self.base)
+            && e.kind() != std::io::ErrorKind::NotFound
+        {
+            eprintln!("bench: removing {}: {e}", self.base.display());
         }
     }
 }

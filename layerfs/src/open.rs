@@ -35,7 +35,7 @@ pub fn openat2_supported() -> bool {
 }
 
 /// Records that the kernel answered `ENOSYS` for `openat2`: every later call walks instead.
-pub(crate) fn note_openat2_missing() {
+pub fn note_openat2_missing() {
     OPENAT2.store(false, Ordering::Relaxed);
 }
 

@@ -185,12 +185,7 @@ pub(crate) fn in_dir<T>(dir: BorrowedFd<'_>, f: impl FnOnce() -> io::Result<T>) 
 /// Sets the xattr `attr` of the entry `name` of `dir` (a symlink, device node, FIFO or socket
 /// is neither followed nor opened): `setxattrat(2)` where the kernel has it, else the route
 /// described in the module documentation.
-pub(crate) fn set_xattr_at(
-    dir: BorrowedFd<'_>,
-    name: &CStr,
-    attr: &CStr,
-    value: &[u8],
-) -> io::Result<()> {
+pub fn set_xattr_at(dir: BorrowedFd<'_>, name: &CStr, attr: &CStr, value: &[u8]) -> io::Result<()> {
     if XATTRAT.load(Ordering::Relaxed) {
         match setxattrat(dir, name, attr, value) {
             Err(e) if is_nosys(&e) => XATTRAT.store(false, Ordering::Relaxed),

@@ -18,7 +18,7 @@ fn open_fds() -> usize {
     fs::read_dir("/proc/self/fd").unwrap().count()
 }
 
-/// A temporary directory for a deep tree, removed with `crate::fs::remove_tree` when dropped
+/// A temporary directory for a deep tree, removed with `crate::remove_tree` when dropped
 /// (also when the test panics): `TempDir`'s own cleanup is std's recursive `remove_dir_all`,
 /// which runs out of descriptors at this depth with the limit the test sets, and the tree
 /// would stay behind.
@@ -36,7 +36,7 @@ impl DeepScratch {
 
 impl Drop for DeepScratch {
     fn drop(&mut self) {
-        let _ = crate::fs::remove_tree(self.0.path());
+        let _ = crate::remove_tree(self.0.path());
     }
 }
 
@@ -225,13 +225,15 @@ struct Count {
 }
 
 impl Visitor for Count {
+    type Error = WalkError;
+
     fn entry(
         &mut self,
         dir: BorrowedFd<'_>,
         name: &CStr,
         rel: &[u8],
         st: &Stat,
-    ) -> crate::Result<bool> {
+    ) -> Result<bool, WalkError> {
         if FileType::from_raw_mode(st.st_mode) == FileType::RegularFile {
             let f = open_file_checked(dir, name, st).unwrap();
             assert_eq!(f.metadata().unwrap().len(), st.st_size as u64);
@@ -243,7 +245,7 @@ impl Visitor for Count {
         Ok(true)
     }
 
-    fn leave(&mut self, _dir: BorrowedFd<'_>, _rel: &[u8], _st: &Stat) -> crate::Result<()> {
+    fn leave(&mut self, _dir: BorrowedFd<'_>, _rel: &[u8], _st: &Stat) -> Result<(), WalkError> {
         self.dirs_left += 1;
         Ok(())
     }
@@ -274,13 +276,15 @@ fn walk_refuses_a_directory_swapped_for_a_symlink() {
         seen: Vec<Vec<u8>>,
     }
     impl Visitor for Swap<'_> {
+        type Error = WalkError;
+
         fn entry(
             &mut self,
             _dir: BorrowedFd<'_>,
             _name: &CStr,
             rel: &[u8],
             _st: &Stat,
-        ) -> crate::Result<bool> {
+        ) -> Result<bool, WalkError> {
             self.seen.push(rel.to_vec());
             if rel == b"d" {
                 // Between the listing's lstat and the descent, the container swaps it.

@@ -1,8 +1,12 @@
-//! fd-relative filesystem access: every read of a tree stays inside it.
+//! fd-relative filesystem access for layer trees: every read of a tree stays inside it.
+//!
+//! The lowest crate of the workspace (only `rustix` and `libc` below it): the layer store
+//! (`graphdriver`) removes trees with it, `archive` walks, exports and applies through it, the
+//! drivers copy with it. `archive` re-exports it as `archive::fs`.
 //!
 //! A layer's tree can be changed while we read it: a container whose read-write layer is being
 //! diffed can swap a directory for a symlink to a host directory, or a file for a block device or
-//! a FIFO, between our `stat` and our `open`. Code in this crate (and in the drivers) therefore
+//! a FIFO, between our `stat` and our `open`. Code here (and in the crates above) therefore
 //! never resolves a path from `/` inside a layer. It holds a descriptor of the directory it works
 //! in and names one component at a time, in the spirit of cap-std's primitives:
 //!
@@ -41,7 +45,7 @@ mod walk;
 mod xattr;
 
 pub use dirs::{DirEntry, read_dir_sorted, readlink_at, stat_at};
-pub(crate) use open::note_openat2_missing;
+pub use open::note_openat2_missing;
 pub use open::{
     changed_during_walk, describe, force_openat2_missing, open_beneath, open_dir_at,
     open_dir_checked, open_file_checked, open_root_dir, openat2_supported, probe_openat2,
@@ -51,8 +55,8 @@ pub use remove::{
     fchmodat2_supported, force_fchmodat2_missing, probe_fchmodat2, remove_tree, remove_tree_at,
 };
 pub use stack::{DirStack, MAX_HELD_FDS};
-pub use walk::{Visitor, walk};
-pub(crate) use xattr::set_xattr_at;
+pub use walk::{Visitor, WalkError, walk};
+pub use xattr::set_xattr_at;
 pub use xattr::{
     XattrTarget, declare_single_threaded, force_xattrat_missing, get_xattr, list_xattrs,
     probe_xattr_at, xattr_at_supported,

@@ -124,7 +124,7 @@ fn removes_mode_000_directories_as_a_normal_user() {
     let out = Command::new(&exe)
         .args([
             "--exact",
-            "fs::remove::tests::removes_mode_000_directories_as_a_normal_user",
+            "remove::tests::removes_mode_000_directories_as_a_normal_user",
             "--nocapture",
         ])
         .env(NOBODY_DIR, &work)
@@ -187,7 +187,7 @@ fn locked_out_tree_is_removed(work: &Path) {
 /// mounted) is refused, and nothing on it is removed.
 #[test]
 fn does_not_remove_below_a_mount_point() {
-    if !crate::fs::tests::root_or_skip("mounting a tmpfs needs root") {
+    if !crate::tests::root_or_skip("mounting a tmpfs needs root") {
         return;
     }
     let t = tempfile::tempdir().unwrap();

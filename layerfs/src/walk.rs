@@ -3,27 +3,60 @@
 use std::ffi::CStr;
 use std::os::fd::{BorrowedFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
-use std::path::Path;
+use std::path::{Path, PathBuf};
+use std::{fmt, io};
 
 use rustix::fs::{FileType, Stat};
 
 use super::dirs::{DirEntry, read_dir_sorted, stat_at};
 use super::stack::DirStack;
-use crate::{Error, Result};
+/// An I/O error of [`walk`] itself (listing, `lstat`, opening a directory), naming the
+/// operation and the path. A [`Visitor`]'s error type converts from it, so a walk returns the
+/// visitor's own errors and the walk's in one type.
+#[derive(Debug)]
+pub struct WalkError {
+    /// What the walk was doing (`"lstat"`, `"open directory"`, ...).
+    pub op: &'static str,
+    /// The path, below the `display_root` given to [`walk`].
+    pub path: PathBuf,
+    /// The OS error.
+    pub source: io::Error,
+}
+
+impl fmt::Display for WalkError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{} {}: {}", self.op, self.path.display(), self.source)
+    }
+}
+
+impl std::error::Error for WalkError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        Some(&self.source)
+    }
+}
 
 /// What [`walk`] shows its caller.
 pub trait Visitor {
+    /// The visitor's error type; the walk's own failures arrive as [`WalkError`].
+    type Error: From<WalkError>;
+
     /// The entry `name` of the directory open as `dir`; `rel` is the entry's path relative to
     /// the root (`a/b/name`) and `st` its `lstat`. Called in depth-first pre-order, the names of
     /// each directory sorted bytewise. Return `true` for a directory to walk into it (its
     /// entries follow, then [`leave`](Visitor::leave)); the value is ignored for other types.
-    fn entry(&mut self, dir: BorrowedFd<'_>, name: &CStr, rel: &[u8], st: &Stat) -> Result<bool>;
+    fn entry(
+        &mut self,
+        dir: BorrowedFd<'_>,
+        name: &CStr,
+        rel: &[u8],
+        st: &Stat,
+    ) -> Result<bool, Self::Error>;
 
     /// The directory `rel` (empty for the root), whose `lstat` is `st`, has just been opened as
     /// `dir` (checked to be the inode the listing saw) and its entries come next. Called for the
     /// root first and for each directory [`entry`](Visitor::entry) asked to walk into; `dir` is
     /// the descriptor to read the directory's own xattrs through.
-    fn enter(&mut self, dir: BorrowedFd<'_>, rel: &[u8], st: &Stat) -> Result<()> {
+    fn enter(&mut self, dir: BorrowedFd<'_>, rel: &[u8], st: &Stat) -> Result<(), Self::Error> {
         let _ = (dir, rel, st);
         Ok(())
     }
@@ -31,7 +64,7 @@ pub trait Visitor {
     /// Every entry of the directory open as `dir` (path `rel`, empty for the root, `lstat`
     /// `st` as given to [`entry`](Visitor::entry)) has been visited. Called for each directory
     /// walked into, and last for the root.
-    fn leave(&mut self, dir: BorrowedFd<'_>, rel: &[u8], st: &Stat) -> Result<()> {
+    fn leave(&mut self, dir: BorrowedFd<'_>, rel: &[u8], st: &Stat) -> Result<(), Self::Error> {
         let _ = (dir, rel, st);
         Ok(())
     }
@@ -43,12 +76,12 @@ struct Level {
     stat: Stat,
 }
 
-fn io_err(op: &str, display_root: &Path, rel: &[u8], e: std::io::Error) -> Error {
-    Error::io(
+fn io_err(op: &'static str, display_root: &Path, rel: &[u8], e: io::Error) -> WalkError {
+    WalkError {
         op,
-        display_root.join(Path::new(std::ffi::OsStr::from_bytes(rel))),
-        e,
-    )
+        path: display_root.join(Path::new(std::ffi::OsStr::from_bytes(rel))),
+        source: e,
+    }
 }
 
 /// Walks the tree below the directory `root` (an open descriptor), calling `v` for every
@@ -60,7 +93,7 @@ fn io_err(op: &str, display_root: &Path, rel: &[u8], e: std::io::Error) -> Error
 /// listing produced, so a directory swapped for a symlink or for another directory between the
 /// listing and the descent stops the walk with an error; nothing below `root` is ever resolved
 /// as a path.
-pub fn walk(root: OwnedFd, display_root: &Path, v: &mut impl Visitor) -> Result<()> {
+pub fn walk<V: Visitor>(root: OwnedFd, display_root: &Path, v: &mut V) -> Result<(), V::Error> {
     let root_stat =
         rustix::fs::fstat(&root).map_err(|e| io_err("stat", display_root, b"", e.into()))?;
     let mut stack = DirStack::new(root).map_err(|e| io_err("open", display_root, b"", e))?;
