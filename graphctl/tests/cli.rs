@@ -112,12 +112,101 @@ fn closed_stdout_is_not_an_error() {
     let out = std::process::Command::new("bash")
         .args(["-c", script, env!("CARGO_BIN_EXE_graphctl")])
         .arg(&s.root)
-        .env("GRAPHCTL_CONFIG", s.scratch("none.toml"))
+        .env("GRAPHCTL_CONFIG", s.empty_config())
         .output()
         .unwrap();
     assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "0", "{out:?}");
     assert!(
         !String::from_utf8_lossy(&out.stderr).contains("error"),
         "{out:?}"
+    );
+}
+
+#[test]
+fn config_named_by_the_environment_must_exist() {
+    let s = Store::new("vfs");
+    let missing = s.scratch("missing.toml");
+    let mut c = s.cmd(&["ls"]);
+    c.cmd.env("GRAPHCTL_CONFIG", &missing);
+    let msg = c.err();
+    assert!(
+        msg.contains("GRAPHCTL_CONFIG") && msg.contains(missing.to_str().unwrap()),
+        "{msg}"
+    );
+}
+
+/// A user's world (nobody's when the tests run as root): a home in a directory of the system
+/// temp dir that the user can enter but not write, and a copy of graphctl it can run (the target
+/// dir may sit under a private directory).
+struct UserWorld {
+    dir: tempfile::TempDir,
+    home: std::path::PathBuf,
+    exe: std::path::PathBuf,
+}
+
+impl UserWorld {
+    fn new() -> UserWorld {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::Builder::new()
+            .prefix("graphctl-user-")
+            .tempdir()
+            .unwrap();
+        std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+        let home = dir.path().join("home");
+        std::fs::create_dir(&home).unwrap();
+        let exe = dir.path().join("graphctl");
+        let bin = env!("CARGO_BIN_EXE_graphctl");
+        if std::fs::hard_link(bin, &exe).is_err() {
+            std::fs::copy(bin, &exe).unwrap();
+        }
+        std::fs::set_permissions(&exe, std::fs::Permissions::from_mode(0o755)).unwrap();
+        UserWorld { dir, home, exe }
+    }
+
+    /// A new directory `name` beside the home that belongs to the user.
+    fn own_dir(&self, name: &str) -> std::path::PathBuf {
+        let dir = self.dir.path().join(name);
+        std::fs::create_dir(&dir).unwrap();
+        if crate::util::is_root() {
+            std::os::unix::fs::chown(&dir, Some(65534), Some(65534)).unwrap();
+        }
+        dir
+    }
+
+    /// `graphctl ARGS` as the user, with no config named: the default config path and the
+    /// default root are under its home.
+    fn cmd(&self, args: &[&str]) -> crate::util::TestCommand {
+        let mut cmd = std::process::Command::new(&self.exe);
+        cmd.args(args)
+            .current_dir(self.dir.path())
+            .env("HOME", &self.home)
+            .env_remove("GRAPHCTL_CONFIG")
+            .env_remove("XDG_CONFIG_HOME")
+            .env_remove("XDG_DATA_HOME")
+            .env_remove("GRAPHDRIVER")
+            .env_remove("GRAPHDRIVER_OPTS")
+            .env_remove("RUST_LOG");
+        crate::util::as_unprivileged(&mut cmd);
+        crate::util::TestCommand::new(cmd)
+    }
+}
+
+#[test]
+fn unreadable_default_config_is_a_warning() {
+    use std::os::unix::fs::PermissionsExt;
+    let user = UserWorld::new();
+    let conf_dir = user.home.join(".config/graphctl");
+    std::fs::create_dir_all(&conf_dir).unwrap();
+    let conf = conf_dir.join("storage.toml");
+    std::fs::write(&conf, "[storage]\ndriver = \"nosuch\"\n").unwrap();
+    std::fs::set_permissions(&conf, std::fs::Permissions::from_mode(0o000)).unwrap();
+    let root = user.own_dir("root");
+    let (out, err) = user
+        .cmd(&["--root", root.to_str().unwrap(), "--driver", "vfs", "ls"])
+        .status(0);
+    assert_eq!(out, "");
+    assert!(
+        err.contains(conf.to_str().unwrap()) && err.contains("--config"),
+        "{err}"
     );
 }
