@@ -4,7 +4,8 @@
 //! config file into a [`graphdriver::Config`]; [`commands`] opens the selected driver and calls
 //! one driver method per subcommand; [`image`] imports OCI layouts and `docker save` archives.
 //!
-//! Exit status: 0 on success, 1 on an error (one `error:` line on stderr), 2 on a usage error.
+//! Exit status: 0 on success, 1 on an error (one `error:` line on stderr), 2 on a usage error;
+//! `exists` answers 0 or 1 and uses 125 for an error, as podman does.
 
 #![deny(missing_docs)]
 
@@ -51,7 +52,7 @@ fn main() -> ExitCode {
             }
             let line = one_line(&line);
             let _ = writeln!(std::io::stderr(), "{line}");
-            ExitCode::FAILURE
+            ExitCode::from(cli.command.error_status())
         }
     }
 }

@@ -210,3 +210,44 @@ fn unreadable_default_config_is_a_warning() {
         "{err}"
     );
 }
+
+driver_test!(exists_answers_125_when_it_cannot_tell, |driver| {
+    let s = Store::new(driver);
+    s.ok(&["create", "base"]);
+    let (help, _) = s.cmd(&["exists", "--help"]).status(0);
+    assert!(help.contains("125"), "{help}");
+    // An invalid id, a store that cannot be read, a planted entry: errors, not "missing".
+    let (out, err) = s.cmd(&["exists", "../x"]).status(125);
+    assert!(out.is_empty() && err.contains("invalid layer id"), "{err}");
+    let planted = s.root.join(driver).join("evil");
+    std::os::unix::fs::symlink("/etc", &planted).unwrap();
+    let (_, err) = s.cmd(&["exists", "evil"]).status(125);
+    assert!(
+        err.lines()
+            .any(|l| l.starts_with("error:") && l.contains("evil")),
+        "{err}"
+    );
+    std::fs::remove_file(&planted).unwrap();
+    let file = Store::at(driver, s.scratch("not-a-dir"));
+    std::fs::write(&file.root, "").unwrap();
+    let (_, err) = file.cmd(&["exists", "base"]).status(125);
+    assert!(err.contains("not-a-dir"), "{err}");
+    // A config error is an error too.
+    let mut c = s.cmd(&["exists", "base"]);
+    c.cmd.env("GRAPHCTL_CONFIG", s.scratch("missing.toml"));
+    c.status(125);
+    s.cmd(&["exists", "base"]).status(0);
+    s.cmd(&["exists", "nope"]).status(1);
+});
+
+driver_test!(unmount_of_an_unknown_layer_is_an_error, |driver| {
+    let s = Store::new(driver);
+    s.ok(&["create", "--rw", "ctr"]);
+    let msg = s.err(&["unmount", "nope"]);
+    assert!(
+        msg.contains("nope") && msg.contains("does not exist"),
+        "{msg}"
+    );
+    s.ok(&["mount", "ctr"]);
+    s.ok(&["unmount", "ctr"]);
+});
