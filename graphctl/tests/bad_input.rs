@@ -122,7 +122,7 @@ fn wrong_config_key() {
     assert!(msg.contains("missing.toml"), "{msg}");
     let msg = s.err(&["-o", "novalue", "ls"]);
     assert!(
-        msg.contains("novalue") && msg.contains("key=value"),
+        msg.contains("novalue") && msg.contains("KEY=VALUE"),
         "{msg}"
     );
 }

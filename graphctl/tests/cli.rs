@@ -251,3 +251,24 @@ driver_test!(unmount_of_an_unknown_layer_is_an_error, |driver| {
     s.ok(&["mount", "ctr"]);
     s.ok(&["unmount", "ctr"]);
 });
+
+#[test]
+fn option_errors_say_what_is_wrong() {
+    let s = Store::new("vfs");
+    s.ok(&["create", "base"]);
+    // Automatic selection finds vfs's layers: a bad option is no reason to switch drivers.
+    let msg = s.cmd_auto(&["-o", "foo=bar", "ls"]).err();
+    assert!(!msg.contains("switch"), "{msg}");
+    assert!(
+        msg.contains("\"foo\"") && msg.contains("unknown option") && msg.contains("vfs"),
+        "{msg}"
+    );
+    for bad in ["nokey", "=x"] {
+        let msg = s.cmd_auto(&["-o", bad, "ls"]).err();
+        assert!(!msg.contains("driver :"), "{msg}");
+        assert!(
+            msg.contains(&format!("{bad:?}")) && msg.contains("KEY=VALUE"),
+            "{msg}"
+        );
+    }
+}
