@@ -133,14 +133,19 @@ fn hint(err: &anyhow::Error) -> Option<String> {
                 }
                 _ => {}
             }
-            if let Some(hint) = e.errno().and_then(errno_hint) {
+            let path = match e {
+                E::Io { path, .. } => Some(path.as_path()),
+                E::Mount { target, .. } => Some(target.as_path()),
+                _ => None,
+            };
+            if let Some(hint) = e.errno().and_then(|n| errno_hint(n, path)) {
                 return Some(hint);
             }
         }
         if let Some(code) = cause
             .downcast_ref::<std::io::Error>()
             .and_then(std::io::Error::raw_os_error)
-            .and_then(errno_hint)
+            .and_then(|n| errno_hint(n, None))
         {
             return Some(code);
         }
@@ -148,7 +153,32 @@ fn hint(err: &anyhow::Error) -> Option<String> {
     None
 }
 
-fn errno_hint(errno: i32) -> Option<String> {
+/// What to do about OS error `errno`, met on `path` when known.
+fn errno_hint(errno: i32, path: Option<&std::path::Path>) -> Option<String> {
+    match errno {
+        libc::EACCES => Some(access_hint(path, &graphdriver::default_root())),
+        _ => other_errno_hint(errno),
+    }
+}
+
+/// The hint for "permission denied" on `path`: choose a root you own, suggesting the default
+/// root `default` unless that is where the error happened (or on the way to it): then it says
+/// to fix the permissions there or to choose another root.
+fn access_hint(path: Option<&std::path::Path>, default: &std::path::Path) -> String {
+    match path {
+        Some(p) if p.starts_with(default) || default.starts_with(p) => format!(
+            "this user may not write {}: fix the permissions there (or of the directory above), \
+             or choose another --root, in a directory you own",
+            p.display()
+        ),
+        _ => format!(
+            "choose a --root you own (e.g. --root {})",
+            default.display()
+        ),
+    }
+}
+
+fn other_errno_hint(errno: i32) -> Option<String> {
     match errno {
         libc::EROFS => {
             Some("the storage root is read-only; choose a writable one with --root".into())
@@ -156,10 +186,6 @@ fn errno_hint(errno: i32) -> Option<String> {
         libc::ENOSPC => {
             Some("no space left on the device; free some space or choose another --root".into())
         }
-        libc::EACCES => Some(
-            "permission denied; choose a --root you own (e.g. --root ~/.local/share/graphctl)"
-                .into(),
-        ),
         libc::EPERM => Some("this operation needs more privileges here (run as root)".into()),
         _ => None,
     }

@@ -272,3 +272,22 @@ fn option_errors_say_what_is_wrong() {
         );
     }
 }
+
+#[test]
+fn permission_hint_does_not_suggest_the_path_that_failed() {
+    use std::os::unix::fs::PermissionsExt;
+    // The default root, under a home the user cannot write, cannot be made.
+    let user = UserWorld::new();
+    std::fs::set_permissions(&user.home, std::fs::Permissions::from_mode(0o555)).unwrap();
+    let msg = user.cmd(&["--driver", "vfs", "ls"]).err();
+    let default_root = user.home.join(".local/share/graphctl");
+    assert!(msg.contains("Permission denied"), "{msg}");
+    assert!(
+        msg.contains("may not write") && msg.contains("another --root"),
+        "{msg}"
+    );
+    assert!(
+        !msg.contains(&format!("--root {}", default_root.display())),
+        "{msg}"
+    );
+}
