@@ -21,6 +21,7 @@ mod commands;
 mod flags;
 mod image;
 mod limits;
+mod logging;
 
 fn main() -> ExitCode {
     let cli = match flags::Cli::try_parse() {
@@ -31,7 +32,7 @@ fn main() -> ExitCode {
             return ExitCode::from(if e.use_stderr() { 2 } else { 0 });
         }
     };
-    init_logging(cli.verbose);
+    logging::init(cli.verbose);
     let nofile = limits::raise_nofile_limit();
     tracing::debug!(
         before = ?nofile.before,
@@ -88,24 +89,6 @@ fn one_line(text: &str) -> String {
         }
     }
     out
-}
-
-/// Logs go to stderr, coloured only on a terminal; `RUST_LOG` wins over `-v`.
-fn init_logging(verbose: u8) {
-    let default = match verbose {
-        0 => "warn",
-        1 => "info",
-        2 => "debug",
-        _ => "trace",
-    };
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .without_time()
-        .try_init();
 }
 
 /// True when the error is a closed stdout (`graphctl diff X | head`): not an error.

@@ -206,9 +206,12 @@ fn unreadable_default_config_is_a_warning() {
         .status(0);
     assert_eq!(out, "");
     assert!(
-        err.contains(conf.to_str().unwrap()) && err.contains("--config"),
+        err.starts_with("warning: ")
+            && err.contains(conf.to_str().unwrap())
+            && err.contains("--config"),
         "{err}"
     );
+    assert_eq!(err.lines().count(), 1, "{err}");
 }
 
 driver_test!(exists_answers_125_when_it_cannot_tell, |driver| {
@@ -291,3 +294,66 @@ fn permission_hint_does_not_suggest_the_path_that_failed() {
         "{msg}"
     );
 }
+
+/// Runs `cmd` with the slave of a new pty as the stdio streams `on` names ("stdin", "stdout",
+/// "stderr"); the others are pipes (stdin empty). Returns (exit code, stdout, stderr), the
+/// terminal's output standing in for the streams it replaced.
+fn on_terminal(mut cmd: std::process::Command, on: &[&str]) -> (Option<i32>, String, String) {
+    use std::process::Stdio;
+    let (master, slave) = crate::util::pty();
+    let stdio = |name: &str, otherwise: fn() -> Stdio| {
+        if on.contains(&name) {
+            Stdio::from(slave.try_clone().unwrap())
+        } else {
+            otherwise()
+        }
+    };
+    cmd.stdin(stdio("stdin", Stdio::null))
+        .stdout(stdio("stdout", Stdio::piped))
+        .stderr(stdio("stderr", Stdio::piped));
+    let child = cmd.spawn().unwrap();
+    // The pty reports its end once no slave descriptor is left open, ours included.
+    drop(cmd);
+    drop(slave);
+    let reader = std::thread::spawn(move || crate::util::read_pty(master));
+    let out = child.wait_with_output().unwrap();
+    let tty = String::from_utf8_lossy(&reader.join().unwrap()).into_owned();
+    let text = |bytes: &[u8], name: &str| {
+        if on.contains(&name) {
+            tty.clone()
+        } else {
+            String::from_utf8_lossy(bytes).into_owned()
+        }
+    };
+    (
+        out.status.code(),
+        text(&out.stdout, "stdout"),
+        text(&out.stderr, "stderr"),
+    )
+}
+
+driver_test!(warnings_are_plain_lines_off_a_terminal, |driver| {
+    let s = Store::new(driver);
+    s.ok(&["create", "base"]);
+    // A planted symlink: the store warns about it when it opens.
+    std::os::unix::fs::symlink("/etc", s.root.join(driver).join("evil")).unwrap();
+    let (_, err) = s.cmd(&["ls"]).status(1);
+    assert!(err.contains("warning: "), "{err}");
+    assert!(!err.contains('\x1b'), "{err:?}");
+    // No Debug dump of the store's records: no type name, no empty fields.
+    assert!(
+        !err.contains("Recovery {") && !err.contains(": []"),
+        "{err}"
+    );
+    // On a terminal the level is coloured, unless NO_COLOR says otherwise.
+    let (code, _, tty) = on_terminal(s.cmd(&["ls"]).cmd, &["stderr"]);
+    assert_eq!(code, Some(1), "{tty}");
+    assert!(tty.contains("\x1b["), "{tty:?}");
+    let mut c = s.cmd(&["ls"]).cmd;
+    c.env("NO_COLOR", "1");
+    let (_, _, tty) = on_terminal(c, &["stderr"]);
+    assert!(
+        tty.contains("warning: ") && !tty.contains('\x1b'),
+        "{tty:?}"
+    );
+});
