@@ -31,18 +31,26 @@ pub fn run(cli: &Cli) -> Result<ExitCode> {
             }
             Ok(())
         }
-        Command::Apply { parent, id, file } => apply(
-            &open(&config)?,
-            &layer_id(id)?,
-            opt_layer_id(parent.as_deref())?,
-            file.as_deref(),
-        ),
-        Command::Diff { parent, id, output } => diff(
-            &open(&config)?,
-            &layer_id(id)?,
-            opt_layer_id(parent.as_deref())?,
-            output.as_deref(),
-        ),
+        Command::Apply { parent, id, file } => {
+            refuse_terminal_stdin(file.as_deref())?;
+            apply(
+                &open(&config)?,
+                &layer_id(id)?,
+                opt_layer_id(parent.as_deref())?,
+                file.as_deref(),
+            )
+        }
+        Command::Diff { parent, id, output } => {
+            if output.is_none() {
+                refuse_terminal_stdout()?;
+            }
+            diff(
+                &open(&config)?,
+                &layer_id(id)?,
+                opt_layer_id(parent.as_deref())?,
+                output.as_deref(),
+            )
+        }
         Command::Changes { parent, id } => changes(
             &open(&config)?,
             &layer_id(id)?,
@@ -67,6 +75,30 @@ pub fn run(cli: &Cli) -> Result<ExitCode> {
         Command::Cleanup => Ok(open(&config)?.driver.cleanup()?),
     }?;
     Ok(ExitCode::SUCCESS)
+}
+
+/// Refuses to read a layer tar from a terminal: `apply` would wait for typed input that can
+/// never be a tar. `file` is `apply`'s argument; only `-` or none reads stdin.
+fn refuse_terminal_stdin(file: Option<&Path>) -> Result<()> {
+    let reads_stdin = file.is_none_or(|p| p == Path::new("-"));
+    if reads_stdin && io::stdin().is_terminal() {
+        bail!(
+            "refusing to read the layer tar from a terminal (stdin); give the tar file as an \
+             argument (graphctl apply ID layer.tar) or pipe it in (graphctl apply ID < layer.tar)"
+        );
+    }
+    Ok(())
+}
+
+/// Refuses to write a layer tar (binary) to a terminal, where it would garble the screen.
+fn refuse_terminal_stdout() -> Result<()> {
+    if io::stdout().is_terminal() {
+        bail!(
+            "refusing to write the layer tar to a terminal (stdout); name a file with -o FILE \
+             (graphctl diff ID -o layer.tar) or redirect it (graphctl diff ID > layer.tar)"
+        );
+    }
+    Ok(())
 }
 
 /// `exists`: 0 if a complete layer `id` exists, 1 if it does not; any other failure (the store

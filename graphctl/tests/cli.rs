@@ -357,3 +357,39 @@ driver_test!(warnings_are_plain_lines_off_a_terminal, |driver| {
         "{tty:?}"
     );
 });
+
+driver_test!(diff_and_apply_refuse_a_terminal, |driver| {
+    let s = Store::new(driver);
+    s.cmd(&["apply", "base", "-"])
+        .stdin(crate::util::layer_tar(&[("f", b"f")]))
+        .ok();
+    let (code, out, err) = on_terminal(s.cmd(&["diff", "base"]).cmd, &["stdout"]);
+    assert_eq!(code, Some(1), "{err}");
+    assert!(out.is_empty(), "{out:?}");
+    assert!(
+        err.contains("terminal") && err.contains("-o FILE") && err.contains('>'),
+        "{err}"
+    );
+    // With -o, the terminal on stdout does not matter.
+    let file = s.scratch("base.tar");
+    let (code, _, err) = on_terminal(
+        s.cmd(&["diff", "base", "-o", file.to_str().unwrap()]).cmd,
+        &["stdout"],
+    );
+    assert_eq!(code, Some(0), "{err}");
+    for args in [&["apply", "next"][..], &["apply", "next", "-"]] {
+        let (code, _, err) = on_terminal(s.cmd(args).cmd, &["stdin"]);
+        assert_eq!(code, Some(1), "{err}");
+        assert!(
+            err.contains("terminal") && err.contains("argument") && err.contains('<'),
+            "{err}"
+        );
+    }
+    // A file argument is read, whatever stdin is.
+    let (code, _, err) = on_terminal(
+        s.cmd(&["apply", "next", file.to_str().unwrap()]).cmd,
+        &["stdin"],
+    );
+    assert_eq!(code, Some(0), "{err}");
+    assert_eq!(s.ok(&["ls"]), "base -\nnext -\n");
+});
