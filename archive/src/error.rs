@@ -54,7 +54,9 @@ pub enum Error {
     },
     /// The input starts with bytes that are neither a tar header nor a known compression format.
     #[error(
-        "unrecognised layer format: expected a tar, gzip, zstd, xz or bzip2 stream, found bytes {magic:02x?}"
+        "unrecognised layer format: expected a tar, gzip, zstd, xz or bzip2 stream, {}; give a \
+         layer tar (plain or compressed), such as an image's layer blob or `graphctl diff` output",
+        describe_magic(magic)
     )]
     UnknownFormat {
         /// The first bytes of the input (at most 8).
@@ -109,4 +111,19 @@ impl Error {
             _ => None,
         }
     }
+}
+
+/// The first bytes of an unrecognised stream for [`Error::UnknownFormat`]: `the first 4 bytes
+/// are 0x1f 0x8b 0x00 0x42 (hex)`, or `the stream is empty`.
+fn describe_magic(magic: &[u8]) -> String {
+    if magic.is_empty() {
+        return "the stream is empty".to_string();
+    }
+    let hex: Vec<String> = magic.iter().map(|b| format!("0x{b:02x}")).collect();
+    let what = if magic.len() == 1 {
+        "byte is"
+    } else {
+        "bytes are"
+    };
+    format!("the first {} {what} {} (hex)", magic.len(), hex.join(" "))
 }

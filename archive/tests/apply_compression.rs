@@ -91,5 +91,9 @@ fn unknown_bytes_are_shown() {
         matches!(&err, Error::UnknownFormat { magic } if magic == b"PK\x03\x04 thi"),
         "{err}"
     );
-    assert!(err.to_string().contains("50, 4b, 03, 04"), "{err}");
+    assert!(
+        err.to_string()
+            .contains("0x50 0x4b 0x03 0x04 0x20 0x74 0x68 0x69 (hex)"),
+        "{err}"
+    );
 }

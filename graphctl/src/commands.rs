@@ -12,7 +12,8 @@ use serde_json::json;
 use crate::flags::{Cli, Command, layer_id, opt_layer_id};
 use crate::image;
 
-/// Runs the command `cli` names; the exit code is 0 except for `exists` on a missing layer.
+/// Runs the command `cli` names; the exit code is 0 except for `exists` on a missing layer (1).
+/// An error is returned as it is: the caller picks its exit status ([`Command::error_status`]).
 pub fn run(cli: &Cli) -> Result<ExitCode> {
     let config = cli.config()?;
     let json = cli.json;
@@ -30,18 +31,26 @@ pub fn run(cli: &Cli) -> Result<ExitCode> {
             }
             Ok(())
         }
-        Command::Apply { parent, id, file } => apply(
-            &open(&config)?,
-            &layer_id(id)?,
-            opt_layer_id(parent.as_deref())?,
-            file.as_deref(),
-        ),
-        Command::Diff { parent, id, output } => diff(
-            &open(&config)?,
-            &layer_id(id)?,
-            opt_layer_id(parent.as_deref())?,
-            output.as_deref(),
-        ),
+        Command::Apply { parent, id, file } => {
+            refuse_terminal_stdin(file.as_deref())?;
+            apply(
+                &open(&config)?,
+                &layer_id(id)?,
+                opt_layer_id(parent.as_deref())?,
+                file.as_deref(),
+            )
+        }
+        Command::Diff { parent, id, output } => {
+            if output.is_none() {
+                refuse_terminal_stdout()?;
+            }
+            diff(
+                &open(&config)?,
+                &layer_id(id)?,
+                opt_layer_id(parent.as_deref())?,
+                output.as_deref(),
+            )
+        }
         Command::Changes { parent, id } => changes(
             &open(&config)?,
             &layer_id(id)?,
@@ -56,24 +65,61 @@ pub fn run(cli: &Cli) -> Result<ExitCode> {
             println_out(format_args!("{size}"))
         }
         Command::Mount { id, rw } => mount(&open(&config)?, &layer_id(id)?, *rw, json),
-        Command::Unmount { id } => Ok(open(&config)?.driver.put(&layer_id(id)?)?),
+        Command::Unmount { id } => unmount(&open(&config)?, &layer_id(id)?),
         Command::Rm { id } => Ok(open(&config)?.driver.remove(&layer_id(id)?)?),
         Command::Ls => ls(&open(&config)?, json),
         Command::Info { id } => info(&open(&config)?, &layer_id(id)?, json),
         Command::Tree => tree(&open(&config)?),
-        Command::Exists { id } => {
-            let id = layer_id(id)?;
-            let s = open(&config)?;
-            return Ok(if s.driver.exists(&id) {
-                ExitCode::SUCCESS
-            } else {
-                ExitCode::FAILURE
-            });
-        }
+        Command::Exists { id } => return exists(&open(&config)?, &layer_id(id)?),
         Command::Import { path } => import(&open(&config)?, path, json),
         Command::Cleanup => Ok(open(&config)?.driver.cleanup()?),
     }?;
     Ok(ExitCode::SUCCESS)
+}
+
+/// Refuses to read a layer tar from a terminal: `apply` would wait for typed input that can
+/// never be a tar. `file` is `apply`'s argument; only `-` or none reads stdin.
+fn refuse_terminal_stdin(file: Option<&Path>) -> Result<()> {
+    let reads_stdin = file.is_none_or(|p| p == Path::new("-"));
+    if reads_stdin && io::stdin().is_terminal() {
+        bail!(
+            "refusing to read the layer tar from a terminal (stdin); give the tar file as an \
+             argument (graphctl apply ID layer.tar) or pipe it in (graphctl apply ID < layer.tar)"
+        );
+    }
+    Ok(())
+}
+
+/// Refuses to write a layer tar (binary) to a terminal, where it would garble the screen.
+fn refuse_terminal_stdout() -> Result<()> {
+    if io::stdout().is_terminal() {
+        bail!(
+            "refusing to write the layer tar to a terminal (stdout); name a file with -o FILE \
+             (graphctl diff ID -o layer.tar) or redirect it (graphctl diff ID > layer.tar)"
+        );
+    }
+    Ok(())
+}
+
+/// `exists`: 0 if a complete layer `id` exists, 1 if it does not; any other failure (the store
+/// cannot be read, a planted entry where the layer should be) is an error, exit status 125.
+fn exists(s: &Selected, id: &LayerId) -> Result<ExitCode> {
+    if s.driver.exists(id) {
+        return Ok(ExitCode::SUCCESS);
+    }
+    // `exists` cannot say why it answered no; `parent` can: `NotFound` or another error.
+    match s.driver.parent(id) {
+        Ok(_) => Ok(ExitCode::SUCCESS),
+        Err(graphdriver::Error::NotFound(_)) => Ok(ExitCode::FAILURE),
+        Err(e) => Err(anyhow::Error::new(e).context(format!("check whether layer {id} exists"))),
+    }
+}
+
+/// `unmount`: releases one mount of an existing layer; an id that names no layer is an error
+/// (`NotFound`), not a silent success.
+fn unmount(s: &Selected, id: &LayerId) -> Result<()> {
+    s.driver.parent(id)?;
+    Ok(s.driver.put(id)?)
 }
 
 /// Opens the selected driver; notes on stderr when automatic selection fell back past a driver.

@@ -40,6 +40,12 @@ pub struct Cli {
     pub command: Command,
 }
 
+/// The exit statuses of `exists`, listed under its `--help`.
+const EXISTS_EXIT_STATUS: &str = "Exit status:
+  0    the layer exists
+  1    the layer does not exist
+  125  an error (the store cannot be read, the id is invalid, ...), described on stderr";
+
 /// The subcommands.
 #[derive(Subcommand, Debug)]
 pub enum Command {
@@ -131,7 +137,10 @@ pub enum Command {
     },
     /// Show the layer graph as a tree with sizes.
     Tree,
-    /// Exit 0 if the layer exists, 1 if not; prints nothing.
+    /// Tell whether a layer exists, by the exit status alone (as `podman image exists`):
+    /// 0 if it exists, 1 if it does not, 125 if that cannot be told (the store cannot be read,
+    /// an invalid id, a bad config), with the error on stderr.
+    #[command(after_help = EXISTS_EXIT_STATUS)]
     Exists {
         /// The layer.
         id: String,
@@ -146,6 +155,16 @@ pub enum Command {
     },
     /// Unmount everything this store has mounted.
     Cleanup,
+}
+
+impl Command {
+    /// The exit status of an error: 125 for `exists` (whose 1 means "no such layer"), else 1.
+    pub fn error_status(&self) -> u8 {
+        match self {
+            Command::Exists { .. } => 125,
+            _ => 1,
+        }
+    }
 }
 
 impl Cli {

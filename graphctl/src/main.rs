@@ -4,7 +4,8 @@
 //! config file into a [`graphdriver::Config`]; [`commands`] opens the selected driver and calls
 //! one driver method per subcommand; [`image`] imports OCI layouts and `docker save` archives.
 //!
-//! Exit status: 0 on success, 1 on an error (one `error:` line on stderr), 2 on a usage error.
+//! Exit status: 0 on success, 1 on an error (one `error:` line on stderr), 2 on a usage error;
+//! `exists` answers 0 or 1 and uses 125 for an error, as podman does.
 
 #![deny(missing_docs)]
 #![forbid(unsafe_code)]
@@ -21,6 +22,7 @@ mod commands;
 mod flags;
 mod image;
 mod limits;
+mod logging;
 
 fn main() -> ExitCode {
     let cli = match flags::Cli::try_parse() {
@@ -31,7 +33,7 @@ fn main() -> ExitCode {
             return ExitCode::from(if e.use_stderr() { 2 } else { 0 });
         }
     };
-    init_logging(cli.verbose);
+    logging::init(cli.verbose);
     let nofile = limits::raise_nofile_limit();
     tracing::debug!(
         before = ?nofile.before,
@@ -52,7 +54,7 @@ fn main() -> ExitCode {
             }
             let line = one_line(&line);
             let _ = writeln!(std::io::stderr(), "{line}");
-            ExitCode::FAILURE
+            ExitCode::from(cli.command.error_status())
         }
     }
 }
@@ -90,24 +92,6 @@ fn one_line(text: &str) -> String {
     out
 }
 
-/// Logs go to stderr, coloured only on a terminal; `RUST_LOG` wins over `-v`.
-fn init_logging(verbose: u8) {
-    let default = match verbose {
-        0 => "warn",
-        1 => "info",
-        2 => "debug",
-        _ => "trace",
-    };
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .without_time()
-        .try_init();
-}
-
 /// True when the error is a closed stdout (`graphctl diff X | head`): not an error.
 fn is_broken_pipe(err: &anyhow::Error) -> bool {
     err.chain().any(|c| {
@@ -133,14 +117,19 @@ fn hint(err: &anyhow::Error) -> Option<String> {
                 }
                 _ => {}
             }
-            if let Some(hint) = e.errno().and_then(errno_hint) {
+            let path = match e {
+                E::Io { path, .. } => Some(path.as_path()),
+                E::Mount { target, .. } => Some(target.as_path()),
+                _ => None,
+            };
+            if let Some(hint) = e.errno().and_then(|n| errno_hint(n, path)) {
                 return Some(hint);
             }
         }
         if let Some(code) = cause
             .downcast_ref::<std::io::Error>()
             .and_then(std::io::Error::raw_os_error)
-            .and_then(errno_hint)
+            .and_then(|n| errno_hint(n, None))
         {
             return Some(code);
         }
@@ -148,7 +137,32 @@ fn hint(err: &anyhow::Error) -> Option<String> {
     None
 }
 
-fn errno_hint(errno: i32) -> Option<String> {
+/// What to do about OS error `errno`, met on `path` when known.
+fn errno_hint(errno: i32, path: Option<&std::path::Path>) -> Option<String> {
+    match errno {
+        libc::EACCES => Some(access_hint(path, &graphdriver::default_root())),
+        _ => other_errno_hint(errno),
+    }
+}
+
+/// The hint for "permission denied" on `path`: choose a root you own, suggesting the default
+/// root `default` unless that is where the error happened (or on the way to it): then it says
+/// to fix the permissions there or to choose another root.
+fn access_hint(path: Option<&std::path::Path>, default: &std::path::Path) -> String {
+    match path {
+        Some(p) if p.starts_with(default) || default.starts_with(p) => format!(
+            "this user may not write {}: fix the permissions there (or of the directory above), \
+             or choose another --root, in a directory you own",
+            p.display()
+        ),
+        _ => format!(
+            "choose a --root you own (e.g. --root {})",
+            default.display()
+        ),
+    }
+}
+
+fn other_errno_hint(errno: i32) -> Option<String> {
     match errno {
         libc::EROFS => {
             Some("the storage root is read-only; choose a writable one with --root".into())
@@ -156,10 +170,6 @@ fn errno_hint(errno: i32) -> Option<String> {
         libc::ENOSPC => {
             Some("no space left on the device; free some space or choose another --root".into())
         }
-        libc::EACCES => Some(
-            "permission denied; choose a --root you own (e.g. --root ~/.local/share/graphctl)"
-                .into(),
-        ),
         libc::EPERM => Some("this operation needs more privileges here (run as root)".into()),
         _ => None,
     }

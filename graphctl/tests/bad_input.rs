@@ -39,7 +39,8 @@ fn invalid_id() {
     for id in ["../escape", "a/b", ".hidden", "x y"] {
         let msg = s.err(&["create", id]);
         assert!(msg.contains("invalid layer id"), "{id}: {msg}");
-        let msg = s.err(&["exists", id]);
+        // `exists` answers 1 for "no such layer" only; an error is 125.
+        let (_, msg) = s.cmd(&["exists", id]).status(125);
         assert!(msg.contains("invalid layer id"), "{id}: {msg}");
     }
     let msg = s.err(&["create", "--parent", "../x", "ok"]);
@@ -102,6 +103,21 @@ driver_test!(corrupt_and_truncated_tar, |driver| {
 });
 
 #[test]
+fn unknown_format_shows_the_first_bytes_in_hex() {
+    let s = Store::new("vfs");
+    let zip = s.scratch("image.zip");
+    fs::write(&zip, b"PK\x03\x04\x14\x00\x00\x00 and then some more").unwrap();
+    let msg = s.err(&["apply", "l1", zip.to_str().unwrap()]);
+    assert!(
+        msg.contains("image.zip")
+            && msg.contains("0x50 0x4b 0x03 0x04 0x14 0x00 0x00 0x00")
+            && msg.contains("hex"),
+        "{msg}"
+    );
+    assert_eq!(s.ok(&["ls"]), "");
+}
+
+#[test]
 fn wrong_config_key() {
     let s = Store::new("vfs");
     let conf = s.scratch("storage.toml");
@@ -121,7 +137,7 @@ fn wrong_config_key() {
     assert!(msg.contains("missing.toml"), "{msg}");
     let msg = s.err(&["-o", "novalue", "ls"]);
     assert!(
-        msg.contains("novalue") && msg.contains("key=value"),
+        msg.contains("novalue") && msg.contains("KEY=VALUE"),
         "{msg}"
     );
 }

@@ -345,7 +345,7 @@ fn graphctl_raises_its_open_file_limit() {
         line.clear();
     }
     assert!(seen, "graphctl never logged its open-file limit");
-    assert!(line.contains("before=Some(1024)"), "{line}");
+    assert!(line.contains("before: Some(1024)"), "{line}");
     let (soft, hard) = nofile_limits(pid);
     drop(stdin);
     child.wait().unwrap();

@@ -46,13 +46,20 @@ impl Store {
             .tempdir_in(test_tmp())
             .unwrap();
         let root = dir.path().join("root");
+        write_empty_config(dir.path());
         Store { dir, root, driver }
     }
 
     /// A store whose root is `root` (for special filesystems).
     pub fn at(driver: &'static str, root: PathBuf) -> Store {
         let dir = tempfile::tempdir_in(test_tmp()).unwrap();
+        write_empty_config(dir.path());
         Store { dir, root, driver }
+    }
+
+    /// The empty config file every command reads (`GRAPHCTL_CONFIG`, which must exist).
+    pub fn empty_config(&self) -> PathBuf {
+        self.dir.path().join(EMPTY_CONFIG)
     }
 
     /// `graphctl --root ROOT --driver DRIVER ARGS...`.
@@ -69,10 +76,7 @@ impl Store {
             .arg(&self.root)
             .args(args)
             // A fixed, empty config: the host's files and environment must not leak in.
-            .env(
-                "GRAPHCTL_CONFIG",
-                self.dir.path().join("no-such-config.toml"),
-            )
+            .env("GRAPHCTL_CONFIG", self.empty_config())
             .env_remove("GRAPHDRIVER")
             .env_remove("GRAPHDRIVER_OPTS")
             .env_remove("RUST_LOG");
@@ -129,6 +133,13 @@ impl Drop for Store {
     }
 }
 
+/// The name of the empty config file in each [`Store`]'s directory.
+const EMPTY_CONFIG: &str = "empty-config.toml";
+
+fn write_empty_config(dir: &Path) {
+    std::fs::write(dir.join(EMPTY_CONFIG), "").unwrap();
+}
+
 /// Where tests put their temporary directories: `$GRAPHCTL_TEST_TMP` (CI's filesystem matrix
 /// points it at each loop-mounted filesystem), else the target dir's filesystem (overlayfs does
 /// not accept every filesystem as upper, and /tmp may be one of those).
@@ -148,6 +159,11 @@ pub struct TestCommand {
 }
 
 impl TestCommand {
+    /// Wraps a prepared command.
+    pub fn new(cmd: Command) -> Self {
+        TestCommand { cmd, stdin: None }
+    }
+
     /// Feeds `data` on stdin.
     pub fn stdin(mut self, data: Vec<u8>) -> Self {
         self.stdin = Some(data);
@@ -286,4 +302,62 @@ pub fn layer_tar(entries: &[(&str, &[u8])]) -> Vec<u8> {
         b.append_data(&mut h, path, *data).unwrap();
     }
     b.into_inner().unwrap()
+}
+
+/// A new pseudo-terminal: (master, slave). A command given the slave as stdin, stdout or
+/// stderr sees a terminal there; what it writes is read from the master.
+pub fn pty() -> (std::fs::File, std::fs::File) {
+    use std::ffi::CStr;
+    use std::os::fd::FromRawFd;
+    use std::os::unix::fs::OpenOptionsExt;
+    // SAFETY: posix_openpt takes flags only; the result is checked before use.
+    let fd = unsafe { libc::posix_openpt(libc::O_RDWR | libc::O_NOCTTY | libc::O_CLOEXEC) };
+    assert!(fd >= 0, "posix_openpt: {}", std::io::Error::last_os_error());
+    // SAFETY: `fd` is a fresh descriptor that nothing else owns.
+    let master = unsafe { std::fs::File::from_raw_fd(fd) };
+    let mut name = [0 as libc::c_char; 128];
+    // SAFETY: `fd` is the open pty master; `name` is a writable buffer of the length given.
+    let rc = unsafe {
+        if libc::grantpt(fd) != 0 || libc::unlockpt(fd) != 0 {
+            -1
+        } else {
+            libc::ptsname_r(fd, name.as_mut_ptr(), name.len())
+        }
+    };
+    assert_eq!(rc, 0, "pty setup: {}", std::io::Error::last_os_error());
+    // SAFETY: ptsname_r succeeded, so `name` holds a NUL-terminated path.
+    let path = unsafe { CStr::from_ptr(name.as_ptr()) }.to_str().unwrap();
+    let slave = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .custom_flags(libc::O_NOCTTY)
+        .open(path)
+        .unwrap();
+    (master, slave)
+}
+
+/// Everything readable from a pty `master` after the last slave descriptor closed (Linux then
+/// answers EIO instead of EOF).
+pub fn read_pty(mut master: std::fs::File) -> Vec<u8> {
+    use std::io::Read;
+    let mut out = Vec::new();
+    let mut buf = [0u8; 4096];
+    loop {
+        match master.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => out.extend_from_slice(&buf[..n]),
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(_) => break,
+        }
+    }
+    out
+}
+
+/// Makes `cmd` run as `nobody` (uid and gid 65534) when the tests run as root, so that file
+/// permissions apply to it; a normal user's commands run as that user.
+pub fn as_unprivileged(cmd: &mut Command) {
+    use std::os::unix::process::CommandExt;
+    if is_root() {
+        cmd.uid(65534).gid(65534);
+    }
 }

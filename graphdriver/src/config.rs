@@ -108,6 +108,8 @@ pub fn default_root() -> PathBuf {
 
 /// The config file read when none is named: `$GRAPHCTL_CONFIG`, else `/etc/graphctl/storage.toml`
 /// for root, else `$XDG_CONFIG_HOME/graphctl/storage.toml` (or `~/.config/graphctl/storage.toml`).
+///
+/// A file named by `$GRAPHCTL_CONFIG` must exist ([`Config::load`]); the others are optional.
 pub fn default_config_path() -> Option<PathBuf> {
     if let Some(p) = std::env::var_os(ENV_CONFIG).filter(|p| !p.is_empty()) {
         return Some(PathBuf::from(p));
@@ -126,25 +128,56 @@ pub fn default_config_path() -> Option<PathBuf> {
 impl Config {
     /// Reads the configuration.
     ///
-    /// With `path`, that file must exist. Without, [`default_config_path`] is read if it exists,
-    /// and the defaults are used if it does not.
+    /// With `path`, that file must exist and be readable; so must a file named by
+    /// `$GRAPHCTL_CONFIG` (the error names the variable). Otherwise the default file
+    /// ([`default_config_path`]) is read if it exists; when it is missing the defaults are used,
+    /// and when it cannot be read (permission denied, a directory) a warning says so through
+    /// `tracing` and the defaults are used.
     pub fn load(path: Option<&Path>) -> Result<Config> {
-        let (path, required) = match path {
-            Some(p) => (p.to_path_buf(), true),
-            None => match default_config_path() {
-                Some(p) => (p, false),
-                None => return Ok(Config::default()),
-            },
-        };
-        match std::fs::read_to_string(&path) {
-            Ok(text) => Config::from_toml(&text, &path),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound && !required => {
+        if let Some(path) = path {
+            return Config::load_required(path, "--config");
+        }
+        if let Some(p) = std::env::var_os(ENV_CONFIG).filter(|p| !p.is_empty()) {
+            return Config::load_required(Path::new(&p), ENV_CONFIG);
+        }
+        match default_config_path() {
+            Some(path) => Config::load_default(&path),
+            None => Ok(Config::default()),
+        }
+    }
+
+    /// Reads `path`, which must exist: `named_by` (`--config`, `GRAPHCTL_CONFIG`) named it.
+    fn load_required(path: &Path, named_by: &str) -> Result<Config> {
+        match std::fs::read_to_string(path) {
+            Ok(text) => Config::from_toml(&text, path),
+            Err(e) => Err(Error::Config {
+                message: format!(
+                    "cannot read the file named by {named_by}: {e}; point {named_by} at a \
+                     readable config file{}",
+                    if named_by == ENV_CONFIG {
+                        " or unset it to use the default"
+                    } else {
+                        ""
+                    }
+                ),
+                path: path.to_path_buf(),
+            }),
+        }
+    }
+
+    /// Reads the default config file `path` if it exists; an unreadable one is a warning.
+    fn load_default(path: &Path) -> Result<Config> {
+        match std::fs::read_to_string(path) {
+            Ok(text) => Config::from_toml(&text, path),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(Config::default()),
+            Err(e) => {
+                tracing::warn!(
+                    "cannot read the config file {}: {e}; using the defaults (fix its \
+                     permissions, or name another file with --config or {ENV_CONFIG})",
+                    path.display()
+                );
                 Ok(Config::default())
             }
-            Err(e) => Err(Error::Config {
-                message: format!("cannot read the file: {e}"),
-                path,
-            }),
         }
     }
 

@@ -88,9 +88,10 @@ pub enum Error {
         reason: String,
     },
     /// A driver option is unknown or has a bad value.
-    #[error("driver {driver}: option {key:?}{}: {reason}", origin.as_ref().map(|o| format!(" (from {o})")).unwrap_or_default())]
+    #[error("{}option {key:?}{}: {reason}", if driver.is_empty() { String::new() } else { format!("driver {driver}: ") }, origin.as_ref().map(|o| format!(" (from {o})")).unwrap_or_default())]
     InvalidOption {
-        /// The driver's name.
+        /// The driver's name; empty when the option names none and no driver is chosen yet
+        /// (a malformed `-o` item), and then left out of the message.
         driver: String,
         /// The option key.
         key: String,

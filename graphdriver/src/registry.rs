@@ -245,7 +245,9 @@ pub(crate) fn split_option(driver: &str, item: &str, origin: &str) -> Result<(St
             driver: driver.to_string(),
             key: item.to_string(),
             origin: Some(origin.to_string()),
-            reason: "expected key=value".to_string(),
+            reason: "no '=' in it; expected KEY=VALUE or DRIVER.KEY=VALUE \
+                     (for example overlay.mount_options=nodev)"
+                .to_string(),
         });
     };
     let key = key.trim();
@@ -258,7 +260,9 @@ pub(crate) fn split_option(driver: &str, item: &str, origin: &str) -> Result<(St
             driver: driver.to_string(),
             key: item.to_string(),
             origin: Some(origin.to_string()),
-            reason: "expected key=value, found an empty key".to_string(),
+            reason: "the key is empty; expected KEY=VALUE or DRIVER.KEY=VALUE \
+                     (for example overlay.mount_options=nodev)"
+                .to_string(),
         });
     }
     Ok((key.to_string(), value.to_string()))

@@ -89,11 +89,14 @@ pub fn open(config: &Config) -> Result<Selected> {
                     SelectedBy::PriorState,
                     vec![],
                 )),
-                Err(e) => Err(Error::PriorDriverUnusable {
+                // Only a driver that cannot work here would tempt a switch; any other error
+                // (a bad option, an unreadable home) is the user's to fix, and said as it is.
+                Err(e) if e.is_not_supported() => Err(Error::PriorDriverUnusable {
                     root: config.root.clone(),
                     driver: name.clone(),
                     reason: e.to_string(),
                 }),
+                Err(e) => Err(e),
             };
         }
         _ => {
