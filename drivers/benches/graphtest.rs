@@ -29,8 +29,7 @@ fn open() -> Option<(tempfile::TempDir, Box<dyn Driver>)> {
     let dir = tempfile::tempdir().unwrap();
     let cfg = Config {
         driver: Some("overlay".into()),
-        root: dir.path().to_path_buf(),
-        ..Config::default()
+        ..Config::new(dir.path())
     };
     match graphdriver::open(&cfg) {
         Ok(sel) => Some((dir, sel.driver)),

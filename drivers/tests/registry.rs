@@ -15,9 +15,8 @@ fn overlay_and_vfs_are_registered() {
 fn open_vfs_by_name_works_and_rejects_unknown_options() {
     let t = tempfile::tempdir().unwrap();
     let mut config = graphdriver::Config {
-        root: t.path().join("root"),
         driver: Some("vfs".into()),
-        ..graphdriver::Config::default()
+        ..graphdriver::Config::new(t.path().join("root"))
     };
     let selected = graphdriver::open(&config).unwrap();
     assert_eq!(selected.driver.name(), "vfs");

@@ -170,8 +170,8 @@ impl Command {
 impl Cli {
     /// Builds the driver configuration: the file, then the environment, then these flags.
     pub fn config(&self) -> Result<Config> {
-        let mut config = Config::load(self.config.as_deref())?;
-        config.apply_env()?;
+        let mut config = crate::config::load(self.config.as_deref())?;
+        crate::config::apply_env(&mut config)?;
         if let Some(root) = &self.root {
             config.root = std::path::absolute(root)?;
         }

@@ -19,6 +19,7 @@ use clap::Parser;
 use drivers as _;
 
 mod commands;
+mod config;
 mod flags;
 mod image;
 mod limits;
@@ -140,7 +141,7 @@ fn hint(err: &anyhow::Error) -> Option<String> {
 /// What to do about OS error `errno`, met on `path` when known.
 fn errno_hint(errno: i32, path: Option<&std::path::Path>) -> Option<String> {
     match errno {
-        libc::EACCES => Some(access_hint(path, &graphdriver::default_root())),
+        libc::EACCES => Some(access_hint(path, &config::default_root())),
         _ => other_errno_hint(errno),
     }
 }

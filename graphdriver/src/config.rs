@@ -12,10 +12,11 @@
 //! mount_options = "nodev"
 //! ```
 //!
-//! Per-driver tables flatten to `key=value` options, the same form as `-o overlay.key=value` on
-//! the command line and `GRAPHDRIVER_OPTS`, so one parser ([`crate::DriverOptions`]) serves all
-//! three. Precedence: command line, then the environment (`GRAPHDRIVER`, `GRAPHDRIVER_OPTS`),
-//! then the file, then defaults.
+//! Per-driver tables flatten to `key=value` options, the same form a tool takes on its command
+//! line or from its environment ([`Config::add_option`]), so one parser
+//! ([`crate::DriverOptions`]) serves them all. Where the file and the store live by default,
+//! which environment variables are read and in what order is the tool's policy: graphctl's is
+//! in its `config` module.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -28,13 +29,6 @@ use crate::{DriverOption, DriverOptions, Error, Result};
 
 /// The driver order tried when nothing else decides.
 pub const DEFAULT_PRIORITY: &[&str] = &["overlay", "vfs"];
-
-/// Environment variable naming the driver (like `STORAGE_DRIVER`).
-pub const ENV_DRIVER: &str = "GRAPHDRIVER";
-/// Environment variable with comma-separated `[driver.]key=value` options.
-pub const ENV_OPTS: &str = "GRAPHDRIVER_OPTS";
-/// Environment variable naming the config file (like `CONTAINERS_STORAGE_CONF`).
-pub const ENV_CONFIG: &str = "GRAPHCTL_CONFIG";
 
 /// A resolved configuration.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -78,113 +72,25 @@ struct StorageRepr {
     options: Option<BTreeMap<String, OptionTable>>,
 }
 
-impl Default for Config {
-    /// Automatic selection, the default priority, and the default root for this user:
-    /// `/var/lib/graphctl` for root, else `$XDG_DATA_HOME/graphctl` or `~/.local/share/graphctl`.
-    fn default() -> Self {
+impl Config {
+    /// A configuration with automatic selection, the default priority, no options and the
+    /// storage root `root`. Where the root and the config file live by default is the tool's
+    /// policy, not the core's (graphctl: `/var/lib/graphctl`, `/etc/graphctl/storage.toml`).
+    pub fn new(root: impl Into<PathBuf>) -> Config {
         Config {
             driver: None,
-            root: default_root(),
+            root: root.into(),
             driver_priority: DEFAULT_PRIORITY.iter().map(|s| s.to_string()).collect(),
             options: Vec::new(),
             source: None,
         }
     }
-}
 
-/// The default storage root for the current user.
-pub fn default_root() -> PathBuf {
-    if rustix::process::geteuid().is_root() {
-        return PathBuf::from("/var/lib/graphctl");
-    }
-    if let Some(dir) = std::env::var_os("XDG_DATA_HOME").filter(|d| !d.is_empty()) {
-        return PathBuf::from(dir).join("graphctl");
-    }
-    match std::env::var_os("HOME").filter(|d| !d.is_empty()) {
-        Some(home) => PathBuf::from(home).join(".local/share/graphctl"),
-        None => PathBuf::from("/var/lib/graphctl"),
-    }
-}
-
-/// The config file read when none is named: `$GRAPHCTL_CONFIG`, else `/etc/graphctl/storage.toml`
-/// for root, else `$XDG_CONFIG_HOME/graphctl/storage.toml` (or `~/.config/graphctl/storage.toml`).
-///
-/// A file named by `$GRAPHCTL_CONFIG` must exist ([`Config::load`]); the others are optional.
-pub fn default_config_path() -> Option<PathBuf> {
-    if let Some(p) = std::env::var_os(ENV_CONFIG).filter(|p| !p.is_empty()) {
-        return Some(PathBuf::from(p));
-    }
-    if rustix::process::geteuid().is_root() {
-        return Some(PathBuf::from("/etc/graphctl/storage.toml"));
-    }
-    if let Some(dir) = std::env::var_os("XDG_CONFIG_HOME").filter(|d| !d.is_empty()) {
-        return Some(PathBuf::from(dir).join("graphctl/storage.toml"));
-    }
-    std::env::var_os("HOME")
-        .filter(|d| !d.is_empty())
-        .map(|h| PathBuf::from(h).join(".config/graphctl/storage.toml"))
-}
-
-impl Config {
-    /// Reads the configuration.
-    ///
-    /// With `path`, that file must exist and be readable; so must a file named by
-    /// `$GRAPHCTL_CONFIG` (the error names the variable). Otherwise the default file
-    /// ([`default_config_path`]) is read if it exists; when it is missing the defaults are used,
-    /// and when it cannot be read (permission denied, a directory) a warning says so through
-    /// `tracing` and the defaults are used.
-    pub fn load(path: Option<&Path>) -> Result<Config> {
-        if let Some(path) = path {
-            return Config::load_required(path, "--config");
-        }
-        if let Some(p) = std::env::var_os(ENV_CONFIG).filter(|p| !p.is_empty()) {
-            return Config::load_required(Path::new(&p), ENV_CONFIG);
-        }
-        match default_config_path() {
-            Some(path) => Config::load_default(&path),
-            None => Ok(Config::default()),
-        }
-    }
-
-    /// Reads `path`, which must exist: `named_by` (`--config`, `GRAPHCTL_CONFIG`) named it.
-    fn load_required(path: &Path, named_by: &str) -> Result<Config> {
-        match std::fs::read_to_string(path) {
-            Ok(text) => Config::from_toml(&text, path),
-            Err(e) => Err(Error::Config {
-                message: format!(
-                    "cannot read the file named by {named_by}: {e}; point {named_by} at a \
-                     readable config file{}",
-                    if named_by == ENV_CONFIG {
-                        " or unset it to use the default"
-                    } else {
-                        ""
-                    }
-                ),
-                path: path.to_path_buf(),
-            }),
-        }
-    }
-
-    /// Reads the default config file `path` if it exists; an unreadable one is a warning.
-    fn load_default(path: &Path) -> Result<Config> {
-        match std::fs::read_to_string(path) {
-            Ok(text) => Config::from_toml(&text, path),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(Config::default()),
-            Err(e) => {
-                tracing::warn!(
-                    "cannot read the config file {}: {e}; using the defaults (fix its \
-                     permissions, or name another file with --config or {ENV_CONFIG})",
-                    path.display()
-                );
-                Ok(Config::default())
-            }
-        }
-    }
-
-    /// Parses `text` as a config file; `path` names it in errors.
+    /// Parses `text` as a config file over `base` (what the file does not set stays as in
+    /// `base`); `path` names the file in errors.
     ///
     /// Unknown keys, wrong types and malformed TOML are errors naming the file, line and key.
-    pub fn from_toml(text: &str, path: &Path) -> Result<Config> {
+    pub fn from_toml(base: Config, text: &str, path: &Path) -> Result<Config> {
         let config_err = |message: String| Error::Config {
             path: path.to_path_buf(),
             message,
@@ -193,7 +99,7 @@ impl Config {
             toml::from_str(text).map_err(|e| config_err(describe_toml_error(text, &e)))?;
         let mut config = Config {
             source: Some(path.to_path_buf()),
-            ..Config::default()
+            ..base
         };
         let Some(storage) = repr.storage else {
             return Ok(config);
@@ -251,19 +157,6 @@ impl Config {
             }
         }
         Ok(config)
-    }
-
-    /// Applies `GRAPHDRIVER` and `GRAPHDRIVER_OPTS` from the environment over this config.
-    pub fn apply_env(&mut self) -> Result<()> {
-        if let Some(driver) = std::env::var(ENV_DRIVER).ok().filter(|d| !d.is_empty()) {
-            self.driver = Some(driver);
-        }
-        if let Ok(opts) = std::env::var(ENV_OPTS) {
-            for item in opts.split(',').map(str::trim).filter(|s| !s.is_empty()) {
-                self.add_option(item, ENV_OPTS)?;
-            }
-        }
-        Ok(())
     }
 
     /// Adds an option given as `key=value` (for the selected driver) or `driver.key=value` (for
@@ -380,7 +273,11 @@ mod tests {
     use super::*;
 
     fn parse(text: &str) -> Result<Config> {
-        Config::from_toml(text, Path::new("/etc/graphctl/storage.toml"))
+        Config::from_toml(
+            Config::new("/default/root"),
+            text,
+            Path::new("/etc/graphctl/storage.toml"),
+        )
     }
 
     #[test]
@@ -416,7 +313,7 @@ sync = true
         let c = parse("").unwrap();
         assert_eq!(c.driver, None);
         assert_eq!(c.driver_priority, vec!["overlay", "vfs"]);
-        assert_eq!(c.root, default_root());
+        assert_eq!(c.root, PathBuf::from("/default/root"));
     }
 
     #[test]
@@ -498,26 +395,8 @@ sync = true
     }
 
     #[test]
-    fn missing_explicit_file_is_an_error() {
-        let dir = tempfile::tempdir().unwrap();
-        let missing = dir.path().join("nope.toml");
-        let err = Config::load(Some(&missing)).unwrap_err();
-        assert!(err.to_string().contains("nope.toml"), "{err}");
-    }
-
-    #[test]
-    fn load_reads_a_real_file() {
-        let dir = tempfile::tempdir().unwrap();
-        let file = dir.path().join("storage.toml");
-        std::fs::write(&file, "[storage]\ndriver = \"vfs\"\n").unwrap();
-        let c = Config::load(Some(&file)).unwrap();
-        assert_eq!(c.driver.as_deref(), Some("vfs"));
-        assert_eq!(c.source.as_deref(), Some(file.as_path()));
-    }
-
-    #[test]
     fn unscoped_options_apply_to_any_driver() {
-        let mut c = Config::default();
+        let mut c = Config::new("/r");
         c.add_option("sync=true", "command line").unwrap();
         assert_eq!(c.options_for("vfs").get_str("sync"), Some("true"));
         assert_eq!(c.options_for("overlay").get_str("sync"), Some("true"));

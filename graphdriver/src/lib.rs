@@ -26,7 +26,9 @@
 //! ```
 //! use graphdriver::{Config, LayerId};
 //!
+//! // The storage root is the embedding program's choice; a config file may override it.
 //! let mut config = Config::from_toml(
+//!     Config::new("/var/lib/my-engine"),
 //!     "[storage]\ndriver = \"vfs\"\n[storage.options.vfs]\nsync = true\n",
 //!     std::path::Path::new("storage.toml"),
 //! )?;
@@ -53,10 +55,7 @@ mod select;
 mod store;
 
 pub use change::{Change, ChangeKind};
-pub use config::{
-    Config, DEFAULT_PRIORITY, ENV_CONFIG, ENV_DRIVER, ENV_OPTS, ScopedOption, default_config_path,
-    default_root,
-};
+pub use config::{Config, DEFAULT_PRIORITY, ScopedOption};
 pub use driver::{DiffDriver, Driver, LayerInfo, MountOpts, ProtoDriver};
 pub use error::{Error, IoContext, Result};
 pub use id::{LayerId, MAX_ID_LEN};

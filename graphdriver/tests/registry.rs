@@ -35,9 +35,8 @@ graphdriver::register_driver!("t-broken", init_broken);
 
 fn config(root: &Path, priority: &[&str]) -> Config {
     Config {
-        root: root.to_path_buf(),
         driver_priority: priority.iter().map(|s| s.to_string()).collect(),
-        ..Config::default()
+        ..Config::new(root)
     }
 }
 

@@ -6,7 +6,11 @@
 /// it can (XFS, btrfs: CI's filesystem matrix), copying elsewhere.
 fn init(home: &std::path::Path) -> graphdriver::Result<Box<dyn graphdriver::Driver>> {
     let text = "[storage]\n[storage.options.reflink]\ncopy_fallback = true\n";
-    let config = graphdriver::Config::from_toml(text, std::path::Path::new("test.toml"))?;
+    let config = graphdriver::Config::from_toml(
+        graphdriver::Config::new(home),
+        text,
+        std::path::Path::new("test.toml"),
+    )?;
     reflink_driver::init(home, &config.options_for("reflink"))
 }
 
@@ -19,8 +23,12 @@ fn selectable_by_name_from_toml() {
         "[storage]\ndriver = \"reflink\"\nroot = {:?}\n[storage.options.reflink]\nsync = true\ncopy_fallback = true\n",
         tmp.path().display().to_string()
     );
-    let config =
-        graphdriver::Config::from_toml(&text, std::path::Path::new("storage.toml")).unwrap();
+    let config = graphdriver::Config::from_toml(
+        graphdriver::Config::new(tmp.path()),
+        &text,
+        std::path::Path::new("storage.toml"),
+    )
+    .unwrap();
     let selected = graphdriver::open(&config).unwrap();
     assert_eq!(selected.name, "reflink");
     assert_eq!(selected.driver.name(), "reflink");

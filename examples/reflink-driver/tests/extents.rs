@@ -91,9 +91,13 @@ fn layer_tar(data: &[u8]) -> Vec<u8> {
 /// Options with `copy_fallback = true`.
 fn copy_fallback() -> DriverOptions {
     let text = "[storage]\n[storage.options.reflink]\ncopy_fallback = true\n";
-    graphdriver::Config::from_toml(text, Path::new("test.toml"))
-        .unwrap()
-        .options_for("reflink")
+    graphdriver::Config::from_toml(
+        graphdriver::Config::new("/unused"),
+        text,
+        Path::new("test.toml"),
+    )
+    .unwrap()
+    .options_for("reflink")
 }
 
 #[test]

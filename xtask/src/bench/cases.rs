@@ -326,8 +326,7 @@ impl Bench {
         if self.driver.is_none() {
             let cfg = Config {
                 driver: Some("overlay".into()),
-                root: self.graph_root.clone(),
-                ..Config::default()
+                ..Config::new(self.graph_root.clone())
             };
             let sel =
                 graphdriver::open(&cfg).map_err(|e| anyhow!("opening the overlay driver: {e}"))?;
