@@ -76,6 +76,7 @@ pub struct TarStream {
 impl TarStream {
     /// The entries left out of the archive (sockets, xattrs with non-UTF-8 names), each with
     /// the reason, as paths relative to the root. Complete once `read` has returned end-of-file.
+    /// Each is also warned about through `tracing` when it is skipped.
     pub fn skipped(&self) -> Vec<(PathBuf, String)> {
         match self.skipped.lock() {
             Ok(g) => g.clone(),
@@ -694,7 +695,12 @@ impl Exporter {
         self.root.join(rel_path(rel))
     }
 
+    /// Leaves `rel` out of the archive for reason `why`: recorded for [`TarStream::skipped`]
+    /// and warned about through `tracing` (as GNU tar says "socket ignored"), so that no entry
+    /// vanishes from a layer silently.
     fn skip(&self, rel: &[u8], why: &str) {
+        tracing::warn!(path = %rel_path(rel).display(), reason = why,
+            "left out of the layer tar");
         let mut g = match self.skipped.lock() {
             Ok(g) => g,
             Err(p) => p.into_inner(),

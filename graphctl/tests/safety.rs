@@ -507,3 +507,35 @@ fn mount_options_cannot_override_the_driver() {
     assert_eq!(fs::read_dir(&host).unwrap().count(), 0);
     assert_eq!(s.ok(&["ls"]), "base -\nctr base\n");
 }
+
+driver_test!(a_socket_left_out_of_a_diff_is_reported, |driver| {
+    // Issue 17: TarStream::skipped() was never read, so a socket vanished from diffs silently.
+    if driver == "overlay" && skip_root_test().is_some() {
+        eprintln!("skipping overlay: needs root");
+        return;
+    }
+    let s = Store::new(driver);
+    s.ok(&["create", "--rw", "ctr"]);
+    let path = PathBuf::from(s.ok(&["mount", "ctr"]).trim());
+    fs::write(path.join("kept"), b"k").unwrap();
+    let listener = std::os::unix::net::UnixListener::bind(path.join("app.sock")).unwrap();
+    drop(listener);
+    s.ok(&["unmount", "ctr"]);
+    let out = s.scratch("ctr.tar");
+    let (_, stderr) = s
+        .cmd(&["diff", "ctr", "-o", out.to_str().unwrap()])
+        .status(0);
+    assert!(
+        stderr.contains("left out of the layer tar") && stderr.contains("app.sock"),
+        "{stderr}"
+    );
+    let mut names = Vec::new();
+    for e in tar::Archive::new(fs::File::open(&out).unwrap())
+        .entries()
+        .unwrap()
+    {
+        names.push(e.unwrap().path().unwrap().display().to_string());
+    }
+    assert!(names.iter().any(|n| n.ends_with("kept")), "{names:?}");
+    assert!(!names.iter().any(|n| n.contains("app.sock")), "{names:?}");
+});
