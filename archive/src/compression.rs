@@ -117,7 +117,10 @@ pub fn decompress<'a>(reader: impl Read + 'a) -> Result<Box<dyn Read + 'a>> {
     (&mut reader)
         .take(PEEK as u64)
         .read_to_end(&mut head)
-        .map_err(|e| Error::io("read", "<layer stream>", e))?;
+        .map_err(|e| Error::Stream {
+            op: "read".into(),
+            source: e,
+        })?;
     let format = detect_compression(&head);
     let whole = io::Cursor::new(head.clone()).chain(reader);
     Ok(match format {
@@ -129,15 +132,20 @@ pub fn decompress<'a>(reader: impl Read + 'a) -> Result<Box<dyn Read + 'a>> {
                 XZ_MEMORY_LIMIT,
                 liblzma::stream::CONCATENATED,
             )
-            .map_err(|e| Error::io("xz init", "<layer stream>", e.into()))?;
+            .map_err(|e| Error::Stream {
+                op: "start the xz decoder".into(),
+                source: e.into(),
+            })?;
             Box::new(XzLimited(liblzma::read::XzDecoder::new_stream(
                 whole, stream,
             )))
         }
-        Some(Compression::Zstd) => Box::new(
-            zstd::stream::read::Decoder::new(whole)
-                .map_err(|e| Error::io("zstd init", "<layer stream>", e))?,
-        ),
+        Some(Compression::Zstd) => Box::new(zstd::stream::read::Decoder::new(whole).map_err(
+            |e| Error::Stream {
+                op: "start the zstd decoder".into(),
+                source: e,
+            },
+        )?),
         None => {
             head.truncate(8);
             return Err(Error::UnknownFormat { magic: head });

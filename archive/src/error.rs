@@ -26,6 +26,16 @@ pub enum Error {
         #[source]
         source: io::Error,
     },
+    /// Reading the layer stream itself failed (the input, not the tree being written): `op` is
+    /// what was being done, for example `"read"` or `"start the xz decoder"`.
+    #[error("layer stream: {op}: {source}")]
+    Stream {
+        /// What was being done with the stream.
+        op: String,
+        /// The underlying error.
+        #[source]
+        source: io::Error,
+    },
     /// One entry of a layer tarball was refused: it tried to leave the target, used a reserved
     /// whiteout name, had a type we do not write, and similar.
     #[error("layer entry {entry:?}: {reason}")]
@@ -62,21 +72,6 @@ pub enum Error {
         /// The first bytes of the input (at most 8).
         magic: Vec<u8>,
     },
-    /// Setting up the confined apply (fork, namespaces, pivot_root, pipes) failed.
-    #[error("confining the layer apply: {step}: {source}")]
-    Confinement {
-        /// The step that failed, for example `"pivot_root"`.
-        step: String,
-        /// The underlying OS error.
-        #[source]
-        source: io::Error,
-    },
-    /// The confined child that applies a layer ended without reporting a result.
-    #[error("the confined apply process {how}")]
-    ChildDied {
-        /// How it ended, for example `"was killed by signal SIGKILL"`.
-        how: String,
-    },
 }
 
 impl From<layerfs::WalkError> for Error {
@@ -107,7 +102,7 @@ impl Error {
     /// The OS error number behind this error, if there is one (`ENOSPC`, `EACCES`, …).
     pub fn errno(&self) -> Option<i32> {
         match self {
-            Error::Io { source, .. } | Error::Confinement { source, .. } => source.raw_os_error(),
+            Error::Io { source, .. } | Error::Stream { source, .. } => source.raw_os_error(),
             _ => None,
         }
     }

@@ -24,13 +24,13 @@
 //! owned by the caller (`same_owner` is forced off; char and block devices cannot be created
 //! there and are skipped and reported, see [`apply_layer_report`]). If the
 //! confinement cannot be set up (unprivileged user namespaces disabled, no mount namespaces), the
-//! result is [`archive::Error::Confinement`] naming the step; the layer is never applied
+//! result is [`Error::Confinement`] naming the step; the layer is never applied
 //! unconfined.
 //!
 //! # Failure modes
 //!
 //! * A child that dies (signal, kernel OOM kill, abort, panic) gives
-//!   [`archive::Error::ChildDied`] saying how it ended (`"was killed by signal SIGKILL"`,
+//!   [`Error::ChildDied`] saying how it ended (`"was killed by signal SIGKILL"`,
 //!   `"panicked: …"`). The parent never hangs on it: a dead child's pipe ends are closed, so
 //!   the parent's write gets `EPIPE` and its read gets end-of-file; the child is always reaped
 //!   (also when the caller's reader panics: a guard kills and reaps it), so no zombie is left.
@@ -72,6 +72,7 @@
 #![deny(missing_docs)]
 
 mod child;
+mod error;
 mod fds;
 mod protocol;
 
@@ -83,13 +84,14 @@ use std::os::unix::ffi::OsStrExt;
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 
-use archive::{ApplyOptions, ApplyReport, Error, Result, TarOptions};
+use archive::{ApplyOptions, ApplyReport, TarOptions};
 use nix::errno::Errno;
 use nix::fcntl::OFlag;
 use nix::sys::signal::{SigSet, SigmaskHow, Signal, kill};
 use nix::sys::wait::{WaitStatus, waitpid};
 use nix::unistd::{ForkResult, Pid, fork, pipe2};
 
+pub use error::{Error, Result};
 #[doc(hidden)]
 pub use fds::{close_range_supported, force_close_range_missing};
 pub use protocol::ConfinedBy;
@@ -99,8 +101,9 @@ use protocol::{MAX_MESSAGE, Message};
 /// confined child process.
 ///
 /// Same contract and results as [`archive::apply_layer`]: returns the number of regular-file
-/// content bytes written, or the [`archive::Error`] the apply produced, rebuilt in the caller.
-/// Additionally: [`Error::UnknownFormat`] or [`Error::Io`] from decompressing in the caller,
+/// content bytes written, or the [`archive::Error`] the apply produced, rebuilt in the caller
+/// ([`Error::Archive`]), which is also where an `UnknownFormat` or `Io` error from
+/// decompressing in the caller lands. Additionally:
 /// [`Error::Confinement`] when the child cannot be confined (never applied unconfined), and
 /// [`Error::ChildDied`] when the child ends without a result. On error `dest` is left partially
 /// applied for the caller to discard.
@@ -243,7 +246,11 @@ fn run(
     if let Feed::ReadFailed(e) = fed {
         // The input broke: whatever the child made of a truncated stream is not the answer.
         guard.kill_and_reap();
-        return Err(Error::io("read", "<layer stream>", e));
+        return Err(archive::Error::Stream {
+            op: "read".into(),
+            source: e,
+        }
+        .into());
     }
     let raw = read_result(res_r);
     let status = match guard.reap() {
@@ -263,7 +270,10 @@ fn run(
             &mut (&mut input).take(archive::MAX_TRAILING),
             &mut io::sink(),
         )
-        .map_err(|e| Error::io("read", "<layer stream>", e))?;
+        .map_err(|e| archive::Error::Stream {
+            op: "read".into(),
+            source: e,
+        })?;
     }
     Ok(outcome)
 }

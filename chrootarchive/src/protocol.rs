@@ -7,18 +7,20 @@
 //! write anything — so decoding is bounded ([`MAX_MESSAGE`]) and every malformation is an error,
 //! never a panic.
 //!
-//! Every [`archive::Error`] variant is encoded field by field so that the parent rebuilds an
+//! Every [`Error`] variant (and every [`archive::Error`] variant inside one) is encoded field by field so that the parent rebuilds an
 //! equal error: same variant, same fields, and for OS errors the same errno
 //! (`io::Error::from_raw_os_error`). I/O errors without an errno keep their kind and message.
 //! A variant this crate does not know yet (the enum is `#[non_exhaustive]`) travels as its
-//! message and comes back as an [`archive::Error::Io`] with op `"apply layer"`.
+//! message and comes back as an `archive::Error::Io` with op `"apply layer"`.
 
 use std::ffi::OsStr;
 use std::io;
 use std::os::unix::ffi::OsStrExt;
 use std::path::PathBuf;
 
-use archive::Error;
+use archive::Error as ArchiveError;
+
+use crate::Error;
 
 /// First bytes of every message; a version bump changes the last byte.
 const MAGIC: &[u8; 4] = b"CRA2";
@@ -68,6 +70,7 @@ const E_LIMIT: u8 = 4;
 const E_UNKNOWN_FORMAT: u8 = 5;
 const E_CONFINEMENT: u8 = 6;
 const E_CHILD_DIED: u8 = 7;
+const E_STREAM: u8 = 8;
 const E_OTHER: u8 = 255;
 
 /// `io::ErrorKind`s that survive the trip; anything else becomes `Other`.
@@ -134,19 +137,38 @@ pub(crate) fn encode(msg: &Message) -> Vec<u8> {
 }
 
 fn encode_error(out: &mut Vec<u8>, e: &Error) {
+    let e = match e {
+        Error::Confinement { step, source } => {
+            out.push(E_CONFINEMENT);
+            put_str(out, step);
+            put_io(out, source);
+            return;
+        }
+        Error::ChildDied { how } => {
+            out.push(E_CHILD_DIED);
+            put_str(out, how);
+            return;
+        }
+        Error::Archive(e) => e,
+    };
     match e {
-        Error::Io { op, path, source } => {
+        ArchiveError::Io { op, path, source } => {
             out.push(E_IO);
             put_str(out, op);
             put_bytes(out, path.as_os_str().as_bytes());
             put_io(out, source);
         }
-        Error::BadEntry { entry, reason } => {
+        ArchiveError::Stream { op, source } => {
+            out.push(E_STREAM);
+            put_str(out, op);
+            put_io(out, source);
+        }
+        ArchiveError::BadEntry { entry, reason } => {
             out.push(E_BAD_ENTRY);
             put_str(out, entry);
             put_str(out, reason);
         }
-        Error::Malformed { entry, reason } => {
+        ArchiveError::Malformed { entry, reason } => {
             out.push(E_MALFORMED);
             match entry {
                 Some(entry) => {
@@ -157,23 +179,14 @@ fn encode_error(out: &mut Vec<u8>, e: &Error) {
             }
             put_str(out, reason);
         }
-        Error::LimitExceeded { what, limit } => {
+        ArchiveError::LimitExceeded { what, limit } => {
             out.push(E_LIMIT);
             put_str(out, what);
             out.extend_from_slice(&limit.to_le_bytes());
         }
-        Error::UnknownFormat { magic } => {
+        ArchiveError::UnknownFormat { magic } => {
             out.push(E_UNKNOWN_FORMAT);
             put_bytes(out, magic);
-        }
-        Error::Confinement { step, source } => {
-            out.push(E_CONFINEMENT);
-            put_str(out, step);
-            put_io(out, source);
-        }
-        Error::ChildDied { how } => {
-            out.push(E_CHILD_DIED);
-            put_str(out, how);
         }
         other => {
             out.push(E_OTHER);
@@ -264,17 +277,18 @@ pub(crate) fn decode(buf: &[u8]) -> Result<Message, String> {
 }
 
 fn decode_error(r: &mut Cursor<'_>) -> Result<Error, String> {
+    let archive = Error::Archive;
     Ok(match r.u8()? {
         E_IO => {
             let op = r.string()?;
             let path = PathBuf::from(OsStr::from_bytes(r.bytes()?));
             let source = r.io()?;
-            Error::Io { op, path, source }
+            archive(ArchiveError::Io { op, path, source })
         }
         E_BAD_ENTRY => {
             let entry = r.string()?;
             let reason = r.string()?;
-            Error::BadEntry { entry, reason }
+            archive(ArchiveError::BadEntry { entry, reason })
         }
         E_MALFORMED => {
             let entry = match r.u8()? {
@@ -283,23 +297,32 @@ fn decode_error(r: &mut Cursor<'_>) -> Result<Error, String> {
                 t => return Err(format!("expected option tag 0 or 1, found {t}")),
             };
             let reason = r.string()?;
-            Error::Malformed { entry, reason }
+            archive(ArchiveError::Malformed { entry, reason })
         }
         E_LIMIT => {
             let what = r.string()?;
             let limit = r.u64()?;
-            Error::LimitExceeded { what, limit }
+            archive(ArchiveError::LimitExceeded { what, limit })
         }
-        E_UNKNOWN_FORMAT => Error::UnknownFormat {
+        E_UNKNOWN_FORMAT => archive(ArchiveError::UnknownFormat {
             magic: r.bytes()?.to_vec(),
-        },
+        }),
         E_CONFINEMENT => {
             let step = r.string()?;
             let source = r.io()?;
             Error::Confinement { step, source }
         }
         E_CHILD_DIED => Error::ChildDied { how: r.string()? },
-        E_OTHER => Error::io("apply layer", "", io::Error::other(r.string()?)),
+        E_STREAM => {
+            let op = r.string()?;
+            let source = r.io()?;
+            archive(ArchiveError::Stream { op, source })
+        }
+        E_OTHER => archive(ArchiveError::io(
+            "apply layer",
+            "",
+            io::Error::other(r.string()?),
+        )),
         t => return Err(format!("expected an error tag, found {t}")),
     })
 }
@@ -390,32 +413,36 @@ mod tests {
 
     #[test]
     fn every_variant_round_trips() {
-        round_trip(Error::io(
+        round_trip(Error::from(ArchiveError::io(
             "mknod",
             "a/b\u{e9}",
             io::Error::from_raw_os_error(libc::ENOSPC),
-        ));
-        round_trip(Error::io(
+        )));
+        round_trip(Error::from(ArchiveError::io(
             "read",
             "x",
             io::Error::new(io::ErrorKind::UnexpectedEof, "short read"),
-        ));
-        round_trip(Error::bad_entry("../x", "leaves the target"));
-        round_trip(Error::Malformed {
+        )));
+        round_trip(ArchiveError::bad_entry("../x", "leaves the target").into());
+        round_trip(Error::Archive(ArchiveError::Stream {
+            op: "read".into(),
+            source: io::Error::from_raw_os_error(libc::EIO),
+        }));
+        round_trip(Error::Archive(ArchiveError::Malformed {
             entry: Some("e".into()),
             reason: "bad checksum".into(),
-        });
-        round_trip(Error::Malformed {
+        }));
+        round_trip(Error::Archive(ArchiveError::Malformed {
             entry: None,
             reason: "truncated".into(),
-        });
-        round_trip(Error::LimitExceeded {
+        }));
+        round_trip(Error::Archive(ArchiveError::LimitExceeded {
             what: "max_entries".into(),
             limit: 7,
-        });
-        round_trip(Error::UnknownFormat {
+        }));
+        round_trip(Error::Archive(ArchiveError::UnknownFormat {
             magic: vec![1, 2, 3],
-        });
+        }));
         round_trip(Error::Confinement {
             step: "pivot_root".into(),
             source: io::Error::from_raw_os_error(libc::EPERM),
@@ -433,7 +460,7 @@ mod tests {
             io::Error::new(io::ErrorKind::InvalidData, "bad"),
         );
         match decode(&encode(&Message::Err(e))) {
-            Ok(Message::Err(Error::Io { source, .. })) => {
+            Ok(Message::Err(Error::Archive(ArchiveError::Io { source, .. }))) => {
                 assert_eq!(source.kind(), io::ErrorKind::InvalidData);
             }
             other => panic!("expected an io error, found {other:?}"),
@@ -497,7 +524,7 @@ mod tests {
 
         #[test]
         fn truncated_messages_are_errors(cut in 0usize..40) {
-            let full = encode(&Message::Err(Error::bad_entry("entry", "reason")));
+            let full = encode(&Message::Err(ArchiveError::bad_entry("entry", "reason").into()));
             if cut < full.len() {
                 proptest::prop_assert!(decode(&full[..cut]).is_err());
             }

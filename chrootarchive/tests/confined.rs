@@ -10,7 +10,8 @@ use std::os::unix::fs::symlink as host_symlink;
 use std::path::Path;
 
 use archive::compare::{CompareOptions, assert_same_tree};
-use archive::{ApplyOptions, Error, TarOptions};
+use archive::{ApplyOptions, Error as ArchiveError, TarOptions};
+use chrootarchive::Error;
 use chrootarchive::{ConfinedBy, TestFault};
 use common::*;
 
@@ -99,7 +100,10 @@ fn a_layer_cannot_make_the_child_decompress() {
     let outer = outer.finish().unwrap();
     let t = tempfile::tempdir().unwrap();
     let err = chrootarchive::apply_layer(t.path(), &outer[..], &opts()).unwrap_err();
-    assert!(matches!(err, Error::Malformed { .. }), "{err}");
+    assert!(
+        matches!(err, Error::Archive(ArchiveError::Malformed { .. })),
+        "{err}"
+    );
     assert!(!t.path().join("etc").exists());
 }
 
@@ -139,6 +143,9 @@ fn errors_come_back_equal_to_the_in_process_ones() {
             (Err(w), Err(g)) => {
                 assert_eq!(g.to_string(), w.to_string(), "{what}");
                 assert_eq!(g.errno(), w.errno(), "{what}");
+                let Error::Archive(g) = g else {
+                    panic!("{what}: expected the apply's own error, found {g:?}");
+                };
                 assert_eq!(
                     std::mem::discriminant(&g),
                     std::mem::discriminant(&w),
@@ -277,7 +284,10 @@ fn bad_input_is_refused_before_forking() {
     let t = tempfile::tempdir().unwrap();
     let err =
         chrootarchive::apply_layer(t.path(), &b"PK\x03\x04 not a tar"[..], &opts()).unwrap_err();
-    assert!(matches!(err, Error::UnknownFormat { .. }), "{err}");
+    assert!(
+        matches!(err, Error::Archive(ArchiveError::UnknownFormat { .. })),
+        "{err}"
+    );
     let f = t.path().join("file");
     std::fs::write(&f, b"").unwrap();
     let err = chrootarchive::apply_layer(&f, &sample_layer()[..], &opts()).unwrap_err();

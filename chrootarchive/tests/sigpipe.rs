@@ -6,7 +6,8 @@
 
 mod common;
 
-use archive::{ApplyOptions, Error};
+use archive::ApplyOptions;
+use chrootarchive::Error;
 use chrootarchive::TestFault;
 use nix::sys::signal::{SigHandler, Signal, signal};
 

@@ -11,7 +11,8 @@ use std::io::Write;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
-use archive::{ApplyOptions, Error};
+use archive::{ApplyOptions, Error as ArchiveError};
+use chrootarchive::Error;
 use common::*;
 use nix::errno::Errno;
 use nix::sys::wait::{WaitPidFlag, waitpid};
@@ -124,7 +125,7 @@ fn concurrent_confined_applies_while_other_threads_print_log_and_allocate() {
                         chrootarchive::apply_layer(dir.path(), &bad[..], &ApplyOptions::default())
                             .unwrap_err();
                     assert!(
-                        matches!(err, Error::BadEntry { .. }),
+                        matches!(err, Error::Archive(ArchiveError::BadEntry { .. })),
                         "thread {t} apply {i}: {err}"
                     );
                 } else {

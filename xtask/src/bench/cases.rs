@@ -441,7 +441,7 @@ impl Bench {
                 if confined {
                     chrootarchive::apply_layer(&dst, f, &opts)
                 } else {
-                    archive::apply_layer(&dst, f, &opts)
+                    archive::apply_layer(&dst, f, &opts).map_err(chrootarchive::Error::from)
                 }
                 .map_err(anyhow::Error::from)
             })?;
