@@ -12,8 +12,13 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 root_args=()
 if [ -n "${1:-}" ]; then root_args=(--root "$1"); fi
-cargo build --quiet --release -p graphctl
-bin="$(cargo metadata --format-version 1 --no-deps | python3 -c 'import json,sys; print(json.load(sys.stdin)["target_directory"])')/release/graphctl"
+echo "building graphctl (release; the first build takes a few minutes)..." >&2
+cargo build --release -p graphctl
+# Where cargo put it (CARGO_TARGET_DIR or a configured target-dir move it), with bash and sed
+# only: the demo needs nothing but cargo and bash.
+target_dir="$(cargo metadata --format-version 1 --no-deps |
+    sed -n 's/.*"target_directory":"\([^"]*\)".*/\1/p')"
+bin="${target_dir:-target}/release/graphctl"
 g() {
     echo "\$ graphctl${root_args[*]:+ ${root_args[*]}} $*" >&2
     "$bin" "${root_args[@]}" "$@"

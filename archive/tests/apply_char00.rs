@@ -17,6 +17,7 @@ fn is_root_or_ci(test: &str) -> bool {
         return true;
     }
     eprintln!("skipping {test}: needs root (mknod) and CI is not \"true\"");
+    test_support::record_skip(&format!("{test} needs root (mknod)"));
     false
 }
 

@@ -16,6 +16,7 @@ fn root_or_skip() -> bool {
         "this test needs root and CI=true forbids skipping it"
     );
     eprintln!("skipping: needs root (mknod, trusted.* xattrs)");
+    test_support::record_skip("needs root (mknod, trusted.* xattrs)");
     false
 }
 

@@ -23,6 +23,7 @@ fn root_or_skip() -> bool {
         "needs root (mount) and CI=true forbids skipping"
     );
     eprintln!("skipping: needs root to mount overlayfs");
+    test_support::record_skip("needs root to mount overlayfs");
     false
 }
 

@@ -46,6 +46,7 @@ fn corpus_dir_or_skip(path: &str) -> Option<PathBuf> {
     eprintln!(
         "skipping: {path} is not installed (apt-get install golang-1.19-src libpython3.11-testsuite)"
     );
+    test_support::record_skip(&format!("{path} is not installed"));
     None
 }
 

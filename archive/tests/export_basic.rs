@@ -103,6 +103,7 @@ fn root_or_skip() -> bool {
         "this test needs root and CI=true forbids skipping it"
     );
     eprintln!("skipping: needs root");
+    test_support::record_skip("needs root");
     false
 }
 

@@ -333,6 +333,7 @@ fn root_or_skip() -> bool {
         "needs root (chown) and CI=true forbids skipping"
     );
     eprintln!("skipping: needs root for owners");
+    test_support::record_skip("needs root for owners");
     false
 }
 

@@ -140,7 +140,9 @@ pub fn require_root(test_name: &str) -> bool {
     if std::env::var("CI").as_deref() == Ok("true") {
         panic!("{test_name}: needs root, and CI=true requires it to run; run the suite as root");
     }
-    eprintln!("skipping {test_name}: needs root (set CI=true to make this a failure)");
+    let reason = format!("{test_name} needs root (set CI=true to make this a failure)");
+    eprintln!("skipping: {reason}");
+    test_support::record_skip(&reason);
     false
 }
 

@@ -1174,9 +1174,14 @@ fn mount_counts_are_shared_across_processes() {
 
 driver_test!(layers_are_private_to_root, |driver| {
     need_root!();
-    let s = Store::new(driver);
-    // Open everything above the home so that only the home's own mode keeps users out.
-    std::fs::set_permissions(s.dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    // A folder of its own that every user can reach (the checkout may sit under a 0700
+    // directory such as /root), so that only the home's own mode keeps users out.
+    let reachable = tempfile::Builder::new()
+        .prefix("graphctl-private-")
+        .tempdir_in("/var/tmp")
+        .unwrap();
+    std::fs::set_permissions(reachable.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let s = Store::at(driver, reachable.path().join("root"));
     let mut b = tar::Builder::new(Vec::new());
     b.append_data(&mut header("bin/", 0, 0o755), "bin/", &[][..])
         .unwrap();

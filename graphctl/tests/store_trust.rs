@@ -175,9 +175,15 @@ fn a_root_other_users_can_write_is_refused_and_their_links_are_not_followed() {
         eprintln!("skipping: {reason}");
         return;
     }
-    let s = Store::new("vfs");
+    // A folder every user can reach (the checkout may sit under a 0700 directory such as
+    // /root), so that the planting user really reaches the root.
+    let reachable = tempfile::Builder::new()
+        .prefix("graphctl-trust-")
+        .tempdir_in("/var/tmp")
+        .unwrap();
+    fs::set_permissions(reachable.path(), fs::Permissions::from_mode(0o755)).unwrap();
+    let s = Store::at("vfs", reachable.path().join("root"));
     let canary = canary(&s);
-    fs::set_permissions(s.dir.path(), fs::Permissions::from_mode(0o755)).unwrap();
     fs::create_dir(&s.root).unwrap();
     fs::set_permissions(&s.root, fs::Permissions::from_mode(0o1777)).unwrap();
     // An unprivileged user plants the driver home as a link to a directory of root's.

@@ -59,6 +59,28 @@ const SYSCALLS: &[&str] = &[
     "utimensat",
 ];
 
+/// True if `tool` runs here. Under `CI=true` a missing tool fails the test (`.ci/run` installs
+/// the Debian package `package`); elsewhere the test is skipped with a message naming it.
+fn have_tool(tool: &str, package: &str) -> bool {
+    let found = Command::new(tool)
+        .arg("-V")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok();
+    if !found {
+        assert!(
+            std::env::var("CI").as_deref() != Ok("true"),
+            "{tool} is required under CI=true: apt-get install {package} (.ci/run does)"
+        );
+        eprintln!("skipping: {tool} is not installed (apt-get install {package})");
+        test_support::record_skip(&format!(
+            "{tool} is not installed (apt-get install {package})"
+        ));
+    }
+    found
+}
+
 /// What is injected at the chosen call.
 #[derive(Clone, Copy, Debug, PartialEq)]
 enum Fault {
@@ -582,6 +604,9 @@ fn reference_import(driver: &'static str) -> BTreeMap<String, Tree> {
 fn inject_everywhere(driver: &'static str, sc: Scenario) {
     if let Some(reason) = skip_root_test() {
         eprintln!("skipping: {reason}");
+        return;
+    }
+    if !have_tool("strace", "strace") {
         return;
     }
     let long = std::env::var("GRAPHCTL_FAULTS").as_deref() == Ok("long");

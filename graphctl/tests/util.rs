@@ -21,10 +21,12 @@ pub fn is_root() -> bool {
 
 /// Why a root-only test must be skipped here, or `None` to run it (always run under `CI=true`).
 pub fn skip_root_test() -> Option<&'static str> {
-    if std::env::var("CI").as_deref() == Ok("true") || is_root() {
+    if test_support::is_ci() || is_root() {
         None
     } else {
-        Some("needs root (set CI=true to force it)")
+        let reason = "needs root (set CI=true to force it)";
+        test_support::record_skip(reason);
+        Some(reason)
     }
 }
 

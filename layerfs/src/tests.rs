@@ -324,6 +324,7 @@ pub(crate) fn root_or_skip(why: &str) -> bool {
         "CI=true: this test must run as root"
     );
     eprintln!("skipping: {why}");
+    test_support::record_skip(why);
     false
 }
 

@@ -1,6 +1,7 @@
 //! Project automation, run as `cargo xtask <command>`.
 //!
 //! * `ci`: the same steps as `.ci/run` (format check, clippy, the test suite).
+//! * `test`: the README's test command: doc tests and the suite, then the skipped tests.
 //! * `sample-image`: regenerate the small OCI image under `examples/sample-image`.
 //! * `kernel-profile VERSION -- CMD...`: run a command as on an older kernel (seccomp answers
 //!   `ENOSYS` for newer system calls; see `kernel_profile.rs`).
@@ -18,6 +19,7 @@ mod bench;
 mod ci;
 mod kernel_profile;
 mod sample_image;
+mod test;
 
 #[derive(Parser)]
 #[command(name = "cargo xtask", about = "project automation")]
@@ -30,6 +32,12 @@ struct Cli {
 enum Command {
     /// Run what CI runs: fmt check, clippy -D warnings, the test suite.
     Ci,
+    /// Run the doc tests and the suite (nextest), then list the tests that skipped and why.
+    Test {
+        /// Extra arguments for `cargo nextest run` (after `--`), e.g. `-E 'package(archive)'`.
+        #[arg(last = true)]
+        args: Vec<String>,
+    },
     /// Regenerate examples/sample-image (a small, reproducible OCI image layout).
     SampleImage(sample_image::Args),
     /// Run the side-by-side benchmarks and write target/bench/report.{md,json}.
@@ -47,6 +55,7 @@ enum Command {
 fn main() -> Result<()> {
     match Cli::parse().command {
         Command::Ci => ci::run(),
+        Command::Test { args } => test::run(&args),
         Command::SampleImage(args) => sample_image::run(args),
         Command::Bench(args) => bench::run(args),
         Command::KernelProfile { version, command } => kernel_profile::run(&version, &command),

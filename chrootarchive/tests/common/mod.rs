@@ -7,14 +7,7 @@ use std::path::Path;
 /// Whether root-only tests should run: always when `CI=true`; otherwise only as root (with a
 /// printed reason when skipping).
 pub fn need_root(test: &str) -> bool {
-    let root = nix::unistd::geteuid().is_root();
-    if root || std::env::var("CI").as_deref() == Ok("true") {
-        return true;
-    }
-    eprintln!(
-        "skipping {test}: needs root (CAP_SYS_ADMIN for mount namespaces) and CI is not \"true\""
-    );
-    false
+    test_support::root_or_skip(&format!("{test} (CAP_SYS_ADMIN for mount namespaces)"))
 }
 
 /// One tar entry described by raw bytes, so names like `../x` and `/abs` can be written.

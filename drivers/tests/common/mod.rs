@@ -9,11 +9,7 @@ use graphdriver::LayerId;
 
 /// True if the test may run: root, or CI=true (where a non-root run must fail loudly).
 pub fn root_or_skip(test: &str) -> bool {
-    if rustix::process::geteuid().is_root() || std::env::var("CI").as_deref() == Ok("true") {
-        return true;
-    }
-    eprintln!("skipping {test}: needs root (mounts, mknod, chown) and CI is not set");
-    false
+    test_support::root_or_skip(&format!("{test} (mounts, mknod, chown)"))
 }
 
 pub fn id(s: &str) -> LayerId {

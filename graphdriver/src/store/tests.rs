@@ -289,6 +289,7 @@ fn an_undeletable_leftover_does_not_brick_the_store() {
     let root = rustix::process::geteuid().is_root();
     if !root && std::env::var("CI").as_deref() != Ok("true") {
         eprintln!("skipping: needs root to mount a tmpfs (set CI=true to force it)");
+        test_support::record_skip("needs root to mount a tmpfs");
         return;
     }
     let dir = tempfile::tempdir().unwrap();
@@ -559,6 +560,7 @@ fn a_missing_home_is_created_private() {
 fn a_home_or_root_owned_by_another_user_is_refused() {
     if !is_ci_or_root() {
         eprintln!("skipping: needs root to chown (set CI=true to force it)");
+        test_support::record_skip("needs root to chown");
         return;
     }
     let nobody = rustix::fs::Uid::from_raw(65534);
@@ -588,6 +590,7 @@ fn an_unprivileged_user_cannot_plant_a_home_in_a_shared_root() {
         eprintln!(
             "skipping: needs root to run the attacker as uid 65534 (set CI=true to force it)"
         );
+        test_support::record_skip("needs root to run the attacker as uid 65534");
         return;
     }
     use std::os::unix::fs::PermissionsExt;
