@@ -1,12 +1,11 @@
 //! Reference trees: copying and comparing plain directories.
 
 use std::collections::HashMap;
-use std::ffi::CString;
 use std::fs;
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
-use rustix::fs::{AtFlags, FileType, Mode, XattrFlags};
+use rustix::fs::{AtFlags, FileType, Mode};
 
 use archive::compare::{CompareOptions, differences, snapshot};
 
@@ -117,37 +116,28 @@ fn copy_metadata(src: &Path, dst: &Path, md: &fs::Metadata) -> Outcome {
             .map_err(|e| format!("chmod {}: {e}", dst.display()))?;
     }
     for (name, value) in xattrs(src)? {
-        rustix::fs::lsetxattr(dst, name.as_c_str(), &value, XattrFlags::empty())
+        xattr::set(dst, &name, &value)
             .map_err(|e| format!("setxattr {name:?} on {}: {e}", dst.display()))?;
     }
     Ok(())
 }
 
-/// Every extended attribute of `p` (not following a symlink), by name.
-fn xattrs(p: &Path) -> Outcome<Vec<(CString, Vec<u8>)>> {
-    let err = |op: &str, e: rustix::io::Errno| format!("{op} {}: {e}", p.display());
-    let mut names = vec![0u8; 4096];
-    let len = loop {
-        match rustix::fs::llistxattr(p, &mut names[..]) {
-            Ok(n) => break n,
-            Err(rustix::io::Errno::RANGE) => names.resize(names.len() * 4, 0),
-            Err(rustix::io::Errno::NOTSUP) => return Ok(Vec::new()),
-            Err(e) => return Err(err("listxattr", e)),
-        }
+/// Every extended attribute of `p` (not following a symlink), by name, read with the `xattr`
+/// crate (not our own xattr code); none where the filesystem has no xattrs.
+fn xattrs(p: &Path) -> Outcome<Vec<(std::ffi::OsString, Vec<u8>)>> {
+    let names = match xattr::list(p) {
+        Ok(names) => names,
+        Err(e) if e.kind() == std::io::ErrorKind::Unsupported => return Ok(Vec::new()),
+        Err(e) => return Err(format!("listxattr {}: {e}", p.display())),
     };
     let mut out = Vec::new();
-    for name in names[..len].split(|b| *b == 0).filter(|n| !n.is_empty()) {
-        let name = CString::new(name).map_err(|e| format!("xattr name on {}: {e}", p.display()))?;
-        let mut value = vec![0u8; 4096];
-        let n = loop {
-            match rustix::fs::lgetxattr(p, name.as_c_str(), &mut value[..]) {
-                Ok(n) => break n,
-                Err(rustix::io::Errno::RANGE) => value.resize(value.len() * 4, 0),
-                Err(e) => return Err(err("getxattr", e)),
-            }
-        };
-        value.truncate(n);
-        out.push((name, value));
+    for name in names {
+        // A name listed a moment ago has no value now only if something removed it meanwhile.
+        if let Some(value) = xattr::get(p, &name)
+            .map_err(|e| format!("getxattr {name:?} of {}: {e}", p.display()))?
+        {
+            out.push((name, value));
+        }
     }
     Ok(out)
 }
@@ -266,6 +256,8 @@ mod tests {
     #![allow(clippy::unwrap_used)]
 
     use std::os::unix::fs::{PermissionsExt, symlink};
+
+    use rustix::fs::XattrFlags;
 
     use super::*;
 

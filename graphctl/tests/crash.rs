@@ -25,37 +25,14 @@ mod macros;
 #[path = "util.rs"]
 mod util;
 
+use std::collections::BTreeMap;
 use std::fs::File;
 use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use std::collections::BTreeMap;
-
-use util::{Store, sample_image, skip_root_test, test_tmp};
-
-/// True if `tool` runs here. Under `CI=true` a missing tool fails the test (`.ci/run` installs
-/// the Debian package `package`); elsewhere the test is skipped with a message naming it.
-fn have_tool(tool: &str, package: &str) -> bool {
-    let found = Command::new(tool)
-        .arg("-V")
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .status()
-        .is_ok();
-    if !found {
-        assert!(
-            std::env::var("CI").as_deref() != Ok("true"),
-            "{tool} is required under CI=true: apt-get install {package} (.ci/run does)"
-        );
-        eprintln!("skipping: {tool} is not installed (apt-get install {package})");
-        test_support::record_skip(&format!(
-            "{tool} is not installed (apt-get install {package})"
-        ));
-    }
-    found
-}
+use util::{Store, read_tree, sample_image, skip_root_test, test_tmp};
 
 /// Files in the layer applied while the power goes.
 const FILES: u64 = 3_000;
@@ -239,7 +216,7 @@ fn power_cut_during_apply(driver: &'static str, fs: &'static str, mode: &str) {
         eprintln!("skipping: {reason}");
         return;
     }
-    if fs == "xfs" && !have_tool("mkfs.xfs", "xfsprogs") {
+    if fs == "xfs" && !test_support::tool_or_skip("mkfs.xfs", "xfsprogs") {
         return;
     }
     let lfs = LoopFs::new(fs, "");
@@ -356,25 +333,6 @@ fn power_cut_during_apply(driver: &'static str, fs: &'static str, mode: &str) {
     );
 }
 
-/// The regular files under `dir`: relative path → contents.
-fn read_tree(dir: &Path) -> BTreeMap<PathBuf, Vec<u8>> {
-    fn walk(base: &Path, dir: &Path, out: &mut BTreeMap<PathBuf, Vec<u8>>) {
-        for e in std::fs::read_dir(dir).unwrap() {
-            let e = e.unwrap();
-            let ft = e.file_type().unwrap();
-            if ft.is_dir() {
-                walk(base, &e.path(), out);
-            } else if ft.is_file() {
-                let rel = e.path().strip_prefix(base).unwrap().to_path_buf();
-                out.insert(rel, std::fs::read(e.path()).unwrap());
-            }
-        }
-    }
-    let mut out = BTreeMap::new();
-    walk(dir, dir, &mut out);
-    out
-}
-
 /// `import` of the sample image with the power cut at a spread of moments: every layer listed
 /// after the reboot equals the same layer of an uninterrupted import (read file by file from
 /// `<home>/<id>/root`), and the re-run import completes the image.
@@ -383,7 +341,7 @@ fn power_cut_during_import(driver: &'static str, fs: &'static str) {
         eprintln!("skipping: {reason}");
         return;
     }
-    if fs == "xfs" && !have_tool("mkfs.xfs", "xfsprogs") {
+    if fs == "xfs" && !test_support::tool_or_skip("mkfs.xfs", "xfsprogs") {
         return;
     }
     let image = sample_image();

@@ -70,7 +70,6 @@ fn xattrs_in(tar: &[u8]) -> Vec<(String, String)> {
 driver_test!(xattrs_on_symlinks_and_fifos_apply_and_diff, |driver| {
     if crate::util::skip_root_test().is_some() {
         eprintln!("skipping: trusted.* xattrs need root");
-        test_support::record_skip("trusted.* xattrs need root");
         return;
     }
     let s = Store::new(driver);

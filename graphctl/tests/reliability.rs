@@ -47,7 +47,10 @@ use std::time::{Duration, Instant};
 
 use archive::compare::{CompareOptions, Snapshot, differences, snapshot};
 
-use util::{Store, TmpMount, layer_tar, skip_root_test, test_tmp};
+use util::{
+    Store, TmpMount, layer_tar, ls_ids, mount_points, mounts_under, skip_root_test, test_tmp,
+    under_strace,
+};
 
 /// How long any one process may take before the test calls it hung. Generous: the machine is
 /// shared and slow; this detects deadlocks, it does not measure anything.
@@ -120,15 +123,6 @@ fn home(s: &Store) -> PathBuf {
     s.root.join(s.driver)
 }
 
-/// The ids `graphctl ls` prints.
-fn ls_ids(s: &Store) -> BTreeSet<String> {
-    s.ok(&["ls"])
-        .lines()
-        .filter_map(|l| l.split(' ').next())
-        .map(str::to_string)
-        .collect()
-}
-
 /// `graphctl ls` lines, parsed: id → parent.
 fn ls_map(s: &Store) -> BTreeMap<String, Option<String>> {
     s.ok(&["ls"])
@@ -161,24 +155,6 @@ fn staging_entries(s: &Store) -> Vec<PathBuf> {
         Ok(rd) => rd.map(|e| e.unwrap().path()).collect(),
         Err(_) => Vec::new(),
     }
-}
-
-/// Decoded mount points of this process's namespace.
-fn mount_points() -> Vec<PathBuf> {
-    let info = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
-    info.lines()
-        .filter_map(|l| l.split(' ').nth(4))
-        .map(drivers::mountinfo::unescape)
-        .collect()
-}
-
-/// Mount points at or below `dir`.
-fn mounts_under(dir: &Path) -> Vec<PathBuf> {
-    let dir = std::fs::canonicalize(dir).unwrap_or_else(|_| dir.to_path_buf());
-    mount_points()
-        .into_iter()
-        .filter(|m| m.starts_with(&dir))
-        .collect()
 }
 
 /// Free blocks of the filesystem holding `path` (`stat -f`).
@@ -1440,21 +1416,19 @@ driver_test!(
         s.ok(&["rm", "top"]);
         s.ok(&["apply", "--parent", "big", "top", tar.to_str().unwrap()]);
 
-        let mut rm = s.cmd(&["rm", "top"]).cmd;
-        let mut traced = Command::new("strace");
-        traced
-            .args(["-f", "-qq", "-o", "/dev/null", "-e", "trace=unlinkat"])
-            .args(["-e", "inject=unlinkat:error=EROFS:when=200"])
-            .arg("--")
-            .arg(rm.get_program())
-            .args(rm.get_args());
-        for (k, v) in rm.get_envs() {
-            match v {
-                Some(v) => traced.env(k, v),
-                None => traced.env_remove(k),
-            };
-        }
-        rm = traced;
+        let rm = under_strace(
+            &s.cmd(&["rm", "top"]).cmd,
+            &[
+                "-f",
+                "-qq",
+                "-o",
+                "/dev/null",
+                "-e",
+                "trace=unlinkat",
+                "-e",
+                "inject=unlinkat:error=EROFS:when=200",
+            ],
+        );
         let out = run(rm, "rm under strace");
         let stderr = String::from_utf8_lossy(&out.stderr);
         eprintln!("rm with EROFS injected: {}: {stderr}", out.status);

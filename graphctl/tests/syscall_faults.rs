@@ -32,9 +32,12 @@ mod util;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output, Stdio};
+use std::process::{Output, Stdio};
 
-use util::{Store, layer_tar, sample_image, skip_root_test};
+use util::{
+    Store, Tree, layer_tar, ls_ids, mounts_under, read_tree, sample_image, skip_root_test,
+    under_strace,
+};
 
 /// The system calls a kill or an error is injected into. Calls a command never makes are
 /// skipped (the dry run counts them).
@@ -59,28 +62,6 @@ const SYSCALLS: &[&str] = &[
     "utimensat",
 ];
 
-/// True if `tool` runs here. Under `CI=true` a missing tool fails the test (`.ci/run` installs
-/// the Debian package `package`); elsewhere the test is skipped with a message naming it.
-fn have_tool(tool: &str, package: &str) -> bool {
-    let found = Command::new(tool)
-        .arg("-V")
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .status()
-        .is_ok();
-    if !found {
-        assert!(
-            std::env::var("CI").as_deref() != Ok("true"),
-            "{tool} is required under CI=true: apt-get install {package} (.ci/run does)"
-        );
-        eprintln!("skipping: {tool} is not installed (apt-get install {package})");
-        test_support::record_skip(&format!(
-            "{tool} is not installed (apt-get install {package})"
-        ));
-    }
-    found
-}
-
 /// What is injected at the chosen call.
 #[derive(Clone, Copy, Debug, PartialEq)]
 enum Fault {
@@ -99,9 +80,6 @@ impl Fault {
         }
     }
 }
-
-/// The files of a layer tree: path → contents (directories implied).
-type Tree = BTreeMap<String, Vec<u8>>;
 
 fn data(tag: &str, i: usize) -> Vec<u8> {
     format!("{tag}-{i}-")
@@ -220,30 +198,19 @@ enum Scenario {
 
 /// Runs `graphctl ARGS` on `s`, under strace with `inject` if given; returns its output.
 fn graphctl(s: &Store, args: &[String], inject: Option<String>) -> Output {
-    let mut tc = s.cmd(&args.iter().map(String::as_str).collect::<Vec<_>>());
-    let cmd = match inject {
+    let tc = s.cmd(&args.iter().map(String::as_str).collect::<Vec<_>>());
+    let mut cmd = match inject {
         None => tc.cmd,
         Some(expr) => {
-            let mut st = Command::new("strace");
             let call = expr.split(':').next().unwrap_or_default();
-            st.args(["-f", "-qq", "-o", "/dev/null", "-e"])
-                .arg(format!("trace={call}"))
-                .arg("-e")
-                .arg(format!("inject={expr}"))
-                .arg("--")
-                .arg(tc.cmd.get_program())
-                .args(tc.cmd.get_args());
-            for (k, v) in tc.cmd.get_envs() {
-                match v {
-                    Some(v) => st.env(k, v),
-                    None => st.env_remove(k),
-                };
-            }
-            tc.cmd = st;
-            tc.cmd
+            let trace = format!("trace={call}");
+            let inject = format!("inject={expr}");
+            under_strace(
+                &tc.cmd,
+                &["-f", "-qq", "-o", "/dev/null", "-e", &trace, "-e", &inject],
+            )
         }
     };
-    let mut cmd = cmd;
     cmd.stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped());
@@ -252,6 +219,12 @@ fn graphctl(s: &Store, args: &[String], inject: Option<String>) -> Output {
 
 fn strs(args: &[&str]) -> Vec<String> {
     args.iter().map(|a| a.to_string()).collect()
+}
+
+/// Creates the read-write layer `rw` on `base` holding `rw-before.tar`.
+fn setup_rw(s: &Store, w: &World) {
+    s.ok(&["create", "--rw", "--parent", "base", "rw"]);
+    s.ok(&["apply", "rw", &w.path("rw-before.tar")]);
 }
 
 impl Scenario {
@@ -263,8 +236,7 @@ impl Scenario {
                 s.ok(&["apply", "--parent", "base", "new", &w.path("layer.tar")]);
             }
             Scenario::ApplyIntoReadWrite | Scenario::Mount | Scenario::Unmount => {
-                s.ok(&["create", "--rw", "--parent", "base", "rw"]);
-                s.ok(&["apply", "rw", &w.path("rw-before.tar")]);
+                setup_rw(s, w);
                 if let Scenario::Unmount = self {
                     s.ok(&["mount", "rw"]);
                 }
@@ -287,36 +259,6 @@ impl Scenario {
     }
 }
 
-/// The files under `dir` (regular files only; symlinks and others are reported as such).
-fn read_tree(dir: &Path) -> Tree {
-    fn walk(dir: &Path, rel: &str, out: &mut Tree) {
-        let mut entries: Vec<_> = std::fs::read_dir(dir)
-            .unwrap()
-            .map(|e| e.unwrap())
-            .collect();
-        entries.sort_by_key(|e| e.file_name());
-        for e in entries {
-            let name = e.file_name().into_string().unwrap();
-            let path = if rel.is_empty() {
-                name.clone()
-            } else {
-                format!("{rel}/{name}")
-            };
-            let ft = e.file_type().unwrap();
-            if ft.is_dir() {
-                walk(&e.path(), &path, out);
-            } else if ft.is_file() {
-                out.insert(path, std::fs::read(e.path()).unwrap());
-            } else {
-                out.insert(path, format!("<{ft:?}>").into_bytes());
-            }
-        }
-    }
-    let mut out = Tree::new();
-    walk(dir, "", &mut out);
-    out
-}
-
 /// Layer `id`'s files, read through a mount of it (a read-only view for a committed layer).
 fn layer_tree(s: &Store, id: &str) -> Tree {
     let path = s.ok(&["mount", id]);
@@ -325,30 +267,10 @@ fn layer_tree(s: &Store, id: &str) -> Tree {
     tree
 }
 
-fn ids(s: &Store) -> BTreeSet<String> {
-    s.ok(&["ls"])
-        .lines()
-        .filter_map(|l| l.split(' ').next())
-        .map(str::to_string)
-        .collect()
-}
-
 fn mount_count(s: &Store, id: &str) -> u64 {
     let out = s.ok(&["--json", "info", id]);
     let v: serde_json::Value = serde_json::from_str(&out).unwrap();
     v["mount_count"].as_u64().unwrap()
-}
-
-fn mounts_under(dir: &Path) -> Vec<String> {
-    let dir = std::fs::canonicalize(dir).unwrap_or_else(|_| dir.to_path_buf());
-    let want = dir.to_str().unwrap().to_string();
-    std::fs::read_to_string("/proc/self/mountinfo")
-        .unwrap()
-        .lines()
-        .filter_map(|l| l.split(' ').nth(4))
-        .filter(|m| m.starts_with(&want))
-        .map(str::to_string)
-        .collect()
 }
 
 /// Describes how `got` differs from `want` (first few paths), or `None` if equal.
@@ -371,7 +293,7 @@ fn tree_diff(got: &Tree, want: &Tree) -> Option<String> {
 
 /// The oracle: what must hold after the command was interrupted. `what` names the run.
 fn check_after(s: &Store, w: &World, sc: Scenario, reference: &BTreeMap<String, Tree>, what: &str) {
-    let listed = ids(s);
+    let listed = ls_ids(s);
     assert!(listed.contains("base"), "{what}: base gone: {listed:?}");
     let base = layer_tree(s, "base");
     assert_eq!(
@@ -468,7 +390,7 @@ fn check_after(s: &Store, w: &World, sc: Scenario, reference: &BTreeMap<String, 
         // It landed whole: start again from the state before.
         Scenario::ApplyIntoReadWrite if layer_tree(s, "rw") != w.rw_tree_before() => {
             s.ok(&["rm", "rw"]);
-            Scenario::ApplyIntoReadWrite.setup_rw(s, w);
+            setup_rw(s, w);
         }
         _ => {}
     }
@@ -502,7 +424,7 @@ fn check_after(s: &Store, w: &World, sc: Scenario, reference: &BTreeMap<String, 
         _ => {}
     }
     // Everything can be removed, children first.
-    let mut left = ids(s);
+    let mut left = ls_ids(s);
     while !left.is_empty() {
         let map = s.ok(&["ls"]);
         let parents: BTreeSet<String> = map
@@ -517,14 +439,7 @@ fn check_after(s: &Store, w: &World, sc: Scenario, reference: &BTreeMap<String, 
             .cloned()
             .unwrap();
         s.ok(&["rm", &leaf]);
-        left = ids(s);
-    }
-}
-
-impl Scenario {
-    fn setup_rw(self, s: &Store, w: &World) {
-        s.ok(&["create", "--rw", "--parent", "base", "rw"]);
-        s.ok(&["apply", "rw", &w.path("rw-before.tar")]);
+        left = ls_ids(s);
     }
 }
 
@@ -541,21 +456,18 @@ fn call_counts(driver: &'static str, sc: Scenario) -> BTreeMap<String, usize> {
             .map(String::as_str)
             .collect::<Vec<_>>(),
     );
-    let mut st = Command::new("strace");
-    st.args(["-f", "-qq", "-e"])
-        .arg(format!("trace={}", SYSCALLS.join(",")))
-        .arg("-o")
-        .arg(&log)
-        .arg("--")
-        .arg(tc.cmd.get_program())
-        .args(tc.cmd.get_args());
-    for (k, v) in tc.cmd.get_envs() {
-        match v {
-            Some(v) => st.env(k, v),
-            None => st.env_remove(k),
-        };
-    }
-    tc.cmd = st;
+    let trace = format!("trace={}", SYSCALLS.join(","));
+    tc.cmd = under_strace(
+        &tc.cmd,
+        &[
+            "-f".as_ref(),
+            "-qq".as_ref(),
+            "-e".as_ref(),
+            trace.as_ref(),
+            "-o".as_ref(),
+            log.as_os_str(),
+        ],
+    );
     tc.ok();
     let mut per: BTreeMap<(String, String), usize> = BTreeMap::new();
     for line in std::fs::read_to_string(&log).unwrap().lines() {
@@ -595,7 +507,7 @@ fn points(n: usize, fault: Fault, long: bool) -> Vec<usize> {
 fn reference_import(driver: &'static str) -> BTreeMap<String, Tree> {
     let s = Store::new(driver);
     s.ok(&["import", sample_image().to_str().unwrap()]);
-    ids(&s)
+    ls_ids(&s)
         .iter()
         .map(|id| (id.clone(), layer_tree(&s, id)))
         .collect()
@@ -606,7 +518,7 @@ fn inject_everywhere(driver: &'static str, sc: Scenario) {
         eprintln!("skipping: {reason}");
         return;
     }
-    if !have_tool("strace", "strace") {
+    if !test_support::tool_or_skip("strace", "strace") {
         return;
     }
     let long = std::env::var("GRAPHCTL_FAULTS").as_deref() == Ok("long");

@@ -1,6 +1,7 @@
 //! Helpers: a temporary store ([`Store`]) and a command runner for the built binary
 //! ([`TestCommand`]).
 
+use std::collections::{BTreeMap, BTreeSet};
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
@@ -275,6 +276,89 @@ impl Drop for TmpMount {
     fn drop(&mut self) {
         let _ = Command::new("umount").arg("-R").arg(&self.path).status();
     }
+}
+
+/// The ids `graphctl ls` prints.
+#[allow(dead_code)]
+pub fn ls_ids(s: &Store) -> BTreeSet<String> {
+    s.ok(&["ls"])
+        .lines()
+        .filter_map(|l| l.split(' ').next())
+        .map(str::to_string)
+        .collect()
+}
+
+/// Decoded mount points of this process's namespace.
+#[allow(dead_code)]
+pub fn mount_points() -> Vec<PathBuf> {
+    let info = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
+    info.lines()
+        .filter_map(|l| l.split(' ').nth(4))
+        .map(drivers::mountinfo::unescape)
+        .collect()
+}
+
+/// Mount points at or below `dir`.
+#[allow(dead_code)]
+pub fn mounts_under(dir: &Path) -> Vec<PathBuf> {
+    let dir = std::fs::canonicalize(dir).unwrap_or_else(|_| dir.to_path_buf());
+    mount_points()
+        .into_iter()
+        .filter(|m| m.starts_with(&dir))
+        .collect()
+}
+
+/// A tree read with plain `std::fs` calls (an oracle independent of our tar code): relative
+/// path → contents for regular files, `<type>` for anything else but directories.
+pub type Tree = BTreeMap<String, Vec<u8>>;
+
+/// The files under `dir` as a [`Tree`].
+#[allow(dead_code)]
+pub fn read_tree(dir: &Path) -> Tree {
+    fn walk(dir: &Path, rel: &str, out: &mut Tree) {
+        let mut entries: Vec<_> = std::fs::read_dir(dir)
+            .unwrap()
+            .map(|e| e.unwrap())
+            .collect();
+        entries.sort_by_key(|e| e.file_name());
+        for e in entries {
+            let name = e.file_name().into_string().unwrap();
+            let path = if rel.is_empty() {
+                name.clone()
+            } else {
+                format!("{rel}/{name}")
+            };
+            let ft = e.file_type().unwrap();
+            if ft.is_dir() {
+                walk(&e.path(), &path, out);
+            } else if ft.is_file() {
+                out.insert(path, std::fs::read(e.path()).unwrap());
+            } else {
+                out.insert(path, format!("<{ft:?}>").into_bytes());
+            }
+        }
+    }
+    let mut out = Tree::new();
+    walk(dir, "", &mut out);
+    out
+}
+
+/// `cmd` (its program, arguments and environment) run under `strace` with `strace_args`
+/// (fault injection: `-e inject=...`).
+#[allow(dead_code)]
+pub fn under_strace<S: AsRef<std::ffi::OsStr>>(cmd: &Command, strace_args: &[S]) -> Command {
+    let mut st = Command::new("strace");
+    st.args(strace_args)
+        .arg("--")
+        .arg(cmd.get_program())
+        .args(cmd.get_args());
+    for (k, v) in cmd.get_envs() {
+        match v {
+            Some(v) => st.env(k, v),
+            None => st.env_remove(k),
+        };
+    }
+    st
 }
 
 /// True if `path` is a mount point (listed in /proc/self/mountinfo).

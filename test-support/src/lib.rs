@@ -49,6 +49,28 @@ pub fn root_or_skip(what: &str) -> bool {
     false
 }
 
+/// Whether `tool` can be run here. Under `CI=true` a missing tool fails the test (`.ci/run`
+/// installs the Debian package `package`); elsewhere the test skips: it prints the tool and
+/// the package and records the skip ([`record_skip`]).
+pub fn tool_or_skip(tool: &str, package: &str) -> bool {
+    let found = std::process::Command::new(tool)
+        .arg("-V")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .status()
+        .is_ok();
+    if !found {
+        assert!(
+            !is_ci(),
+            "{tool} is required under CI=true: apt-get install {package} (.ci/run does)"
+        );
+        let reason = format!("{tool} is not installed (apt-get install {package})");
+        eprintln!("skipping: {reason}");
+        record_skip(&reason);
+    }
+    found
+}
+
 /// Records that the current test skipped, for `reason`: appends a line to the file named by
 /// [`SKIP_LOG_ENV`], if set. The test's name is the current thread's (libtest and nextest name
 /// the thread after the test). Errors writing the log are ignored: the skip was printed anyway.

@@ -269,7 +269,7 @@ impl LayerStore {
             // unmount fail with EBUSY: the reference stays, and the error says so.
             let busy = |e: Error| match &e {
                 Error::Mount { target, source, .. }
-                    if source.raw_os_error() == Some(libc_ebusy()) =>
+                    if source.raw_os_error() == Some(Errno::BUSY.raw_os_error()) =>
                 {
                     Error::InUse {
                         id: id.clone(),
@@ -530,9 +530,4 @@ fn remove_durable(mounts: BorrowedFd<'_>, path: &Path, id: &LayerId) -> Result<(
         Ok(()) | Err(Errno::NOENT) => Ok(()),
         Err(e) => Err(Error::io("remove", path, e.into())),
     }
-}
-
-/// EBUSY as the raw OS error number `std::io::Error` carries.
-fn libc_ebusy() -> i32 {
-    Errno::BUSY.raw_os_error()
 }

@@ -286,10 +286,7 @@ fn a_removal_in_progress_is_not_recovered_by_another_opener() {
 
 #[test]
 fn an_undeletable_leftover_does_not_brick_the_store() {
-    let root = rustix::process::geteuid().is_root();
-    if !root && std::env::var("CI").as_deref() != Ok("true") {
-        eprintln!("skipping: needs root to mount a tmpfs (set CI=true to force it)");
-        test_support::record_skip("needs root to mount a tmpfs");
+    if !test_support::root_or_skip("mounting a tmpfs") {
         return;
     }
     let dir = tempfile::tempdir().unwrap();
@@ -425,10 +422,6 @@ fn recovery_removes_leftovers_but_not_live_work() {
 
 // === trust: the home, the root above it, and symlinks planted inside ===
 
-fn is_ci_or_root() -> bool {
-    rustix::process::geteuid().is_root() || std::env::var("CI").as_deref() == Ok("true")
-}
-
 /// A directory outside the store with a file in it; `intact` checks both are unchanged.
 struct Canary {
     dir: PathBuf,
@@ -558,9 +551,7 @@ fn a_missing_home_is_created_private() {
 
 #[test]
 fn a_home_or_root_owned_by_another_user_is_refused() {
-    if !is_ci_or_root() {
-        eprintln!("skipping: needs root to chown (set CI=true to force it)");
-        test_support::record_skip("needs root to chown");
+    if !test_support::root_or_skip("chown") {
         return;
     }
     let nobody = rustix::fs::Uid::from_raw(65534);
@@ -586,11 +577,7 @@ fn a_home_or_root_owned_by_another_user_is_refused() {
 #[test]
 fn an_unprivileged_user_cannot_plant_a_home_in_a_shared_root() {
     use std::os::unix::process::CommandExt;
-    if !is_ci_or_root() {
-        eprintln!(
-            "skipping: needs root to run the attacker as uid 65534 (set CI=true to force it)"
-        );
-        test_support::record_skip("needs root to run the attacker as uid 65534");
+    if !test_support::root_or_skip("running the attacker as uid 65534") {
         return;
     }
     use std::os::unix::fs::PermissionsExt;
