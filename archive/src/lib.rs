@@ -41,8 +41,12 @@
 //! use archive::{ApplyOptions, ChangeKind, TarOptions, compare};
 //!
 //! let (old, new, copy) = (tempfile::tempdir()?, tempfile::tempdir()?, tempfile::tempdir()?);
+//! // "kept" is the same in all three: same content and, set explicitly (writes a clock tick
+//! // apart would differ), the same mtime.
+//! let stamp = std::time::SystemTime::UNIX_EPOCH + std::time::Duration::from_secs(1_700_000_000);
 //! for dir in [old.path(), new.path(), copy.path()] {
 //!     fs::write(dir.join("kept"), "same")?;
+//!     fs::File::options().write(true).open(dir.join("kept"))?.set_modified(stamp)?;
 //! }
 //! fs::write(old.path().join("gone"), "bye")?;
 //! fs::write(copy.path().join("gone"), "bye")?;
