@@ -106,6 +106,19 @@ impl Error {
             _ => None,
         }
     }
+
+    /// The kind of this error as a stable snake_case name (`"bad_entry"`, `"malformed"`, …),
+    /// for programs that report errors as data. A name is never changed once given.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Error::Io { .. } => "io",
+            Error::Stream { .. } => "stream",
+            Error::BadEntry { .. } => "bad_entry",
+            Error::Malformed { .. } => "malformed",
+            Error::LimitExceeded { .. } => "limit_exceeded",
+            Error::UnknownFormat { .. } => "unknown_format",
+        }
+    }
 }
 
 /// The first bytes of an unrecognised stream for [`Error::UnknownFormat`]: `the first 4 bytes

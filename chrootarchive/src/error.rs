@@ -49,4 +49,14 @@ impl Error {
             Error::ChildDied { .. } => None,
         }
     }
+
+    /// The kind of this error as a stable snake_case name: the tar code's kind
+    /// ([`archive::Error::kind`]) for a layer the apply refused, `confinement` or `child_died`.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Error::Archive(e) => e.kind(),
+            Error::Confinement { .. } => "confinement",
+            Error::ChildDied { .. } => "child_died",
+        }
+    }
 }

@@ -235,6 +235,34 @@ impl Error {
         )
     }
 
+    /// The kind of this error as a stable snake_case name (`"not_found"`, `"in_use"`, …): the
+    /// variant's name, for programs that report errors as data (`graphctl --json` puts it in
+    /// its error objects). A name, once given, is never changed or reused for another kind.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Error::NotSupported { .. } => "not_supported",
+            Error::PrerequisitesNotMet { .. } => "prerequisites_not_met",
+            Error::IncompatibleFs { .. } => "incompatible_fs",
+            Error::NotFound(_) => "not_found",
+            Error::AlreadyExists(_) => "already_exists",
+            Error::InvalidId { .. } => "invalid_id",
+            Error::InUse { .. } => "in_use",
+            Error::HasChildren { .. } => "has_children",
+            Error::WrongLayerKind { .. } => "wrong_layer_kind",
+            Error::InvalidOption { .. } => "invalid_option",
+            Error::Config { .. } => "config",
+            Error::UnknownDriver { .. } => "unknown_driver",
+            Error::DuplicateDriver { .. } => "duplicate_driver",
+            Error::NoUsableDriver { .. } => "no_usable_driver",
+            Error::AmbiguousPriorState { .. } => "ambiguous_prior_state",
+            Error::DriverMismatch { .. } => "driver_mismatch",
+            Error::PriorDriverUnusable { .. } => "prior_driver_unusable",
+            Error::Io { .. } => "io",
+            Error::Mount { .. } => "mount",
+            Error::Archive { .. } => "archive",
+        }
+    }
+
     /// The OS error number behind this error, if any (`ENOSPC`, `EROFS`, …).
     pub fn errno(&self) -> Option<i32> {
         match self {
