@@ -87,7 +87,7 @@ pub use apply::{
     note_skipped, take_skipped, untar, untar_report,
 };
 pub use change::{Change, ChangeKind, changes, changes_from_overlay_upper, changes_size};
-pub use compression::{Compression, decompress, detect_compression};
+pub use compression::{Compression, Encoder, decompress, detect_compression};
 pub use error::{Error, Result};
 pub use export::{TarOptions, TarStream, export_changes, tar_tree};
 pub use whiteout::{
