@@ -84,3 +84,9 @@ impl Kind {
         }
     }
 }
+
+/// The README's code ("Use it from code"), compiled and run as a doc test so that it stays
+/// true (`cargo test -p drivers --doc`).
+#[cfg(doctest)]
+#[doc = include_str!("../../README.md")]
+pub struct ReadmeDoctests;

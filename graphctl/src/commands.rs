@@ -1,7 +1,7 @@
 //! One small function per subcommand: open the driver, call it, print the result.
 
 use std::fs::File;
-use std::io::{self, BufWriter, IsTerminal, Read, Write};
+use std::io::{self, IsTerminal, Read, Write};
 use std::path::Path;
 use std::process::ExitCode;
 
@@ -10,13 +10,19 @@ use graphdriver::{Config, Driver, LayerId, LayerInfo, MountOpts, Selected, Selec
 use serde_json::json;
 
 use crate::flags::{Cli, Command, layer_id, opt_layer_id};
-use crate::image;
+use crate::{blob, image, output, usage};
 
 /// Runs the command `cli` names; the exit code is 0 except for `exists` on a missing layer (1).
 /// An error is returned as it is: the caller picks its exit status ([`Command::error_status`]).
 pub fn run(cli: &Cli) -> Result<ExitCode> {
-    let config = cli.config()?;
     let json = cli.json;
+    // The commands that need no store (and no config).
+    match &cli.command {
+        Command::Completions { shell } => return completions(*shell, json),
+        Command::Man { dir } => return man(dir, json),
+        _ => {}
+    }
+    let config = cli.config()?;
     match &cli.command {
         Command::Drivers => drivers(&config, json),
         Command::Status => status(&open(&config)?, json),
@@ -29,6 +35,14 @@ pub fn run(cli: &Cli) -> Result<ExitCode> {
             } else {
                 s.driver.create(&id, parent.as_ref())?;
             }
+            if json {
+                return print_json(json!({
+                    "id": id.as_str(),
+                    "parent": parent.as_ref().map(LayerId::as_str),
+                    "kind": kind_name(*rw),
+                }))
+                .map(|()| ExitCode::SUCCESS);
+            }
             Ok(())
         }
         Command::Apply { parent, id, file } => {
@@ -38,18 +52,25 @@ pub fn run(cli: &Cli) -> Result<ExitCode> {
                 &layer_id(id)?,
                 opt_layer_id(parent.as_deref())?,
                 file.as_deref(),
+                json,
             )
         }
-        Command::Diff { parent, id, output } => {
-            if output.is_none() {
-                refuse_terminal_stdout()?;
-            }
-            diff(
-                &open(&config)?,
-                &layer_id(id)?,
-                opt_layer_id(parent.as_deref())?,
-                output.as_deref(),
-            )
+        Command::Diff { parent, id, out } => {
+            blob::check_output(out, json)?;
+            let s = open(&config)?;
+            let id = layer_id(id)?;
+            let parent = parent_or_recorded(&s, &id, opt_layer_id(parent.as_deref())?)?;
+            let stream = s.driver.diff(&id, parent.as_ref())?;
+            blob::write(stream, out, json)
+        }
+        Command::Export { id, out } => {
+            blob::check_output(out, json)?;
+            let s = open(&config)?;
+            let stream = s.driver.diff(&layer_id(id)?, None)?;
+            blob::write(stream, out, json)
+        }
+        Command::Commit { rw, new } => {
+            commit(&open(&config)?, &layer_id(rw)?, &layer_id(new)?, json)
         }
         Command::Changes { parent, id } => changes(
             &open(&config)?,
@@ -62,18 +83,89 @@ pub fn run(cli: &Cli) -> Result<ExitCode> {
             let id = layer_id(id)?;
             let parent = parent_or_recorded(&s, &id, opt_layer_id(parent.as_deref())?)?;
             let size = s.driver.diff_size(&id, parent.as_ref())?;
-            println_out(format_args!("{size}"))
+            if json {
+                print_json(json!({
+                    "id": id.as_str(),
+                    "parent": parent.as_ref().map(LayerId::as_str),
+                    "size": size,
+                }))
+            } else {
+                println_out(format_args!("{size}"))
+            }
         }
-        Command::Mount { id, rw } => mount(&open(&config)?, &layer_id(id)?, *rw, json),
-        Command::Unmount { id } => unmount(&open(&config)?, &layer_id(id)?),
-        Command::Rm { id } => Ok(open(&config)?.driver.remove(&layer_id(id)?)?),
+        Command::Mount { id: Some(id), rw } => mount(&open(&config)?, &layer_id(id)?, *rw, json),
+        Command::Mount { id: None, .. } => mounts(&open(&config)?, json),
+        Command::Unmount { id: Some(id), .. } => unmount(&open(&config)?, &layer_id(id)?, json),
+        Command::Unmount { id: None, .. } => unmount_all(&open(&config)?, json),
+        Command::Rm { id } => {
+            let id = layer_id(id)?;
+            open(&config)?.driver.remove(&id)?;
+            if json {
+                return print_json(json!({"id": id.as_str()})).map(|()| ExitCode::SUCCESS);
+            }
+            Ok(())
+        }
         Command::Ls => ls(&open(&config)?, json),
         Command::Info { id } => info(&open(&config)?, &layer_id(id)?, json),
-        Command::Tree => tree(&open(&config)?),
-        Command::Exists { id } => return exists(&open(&config)?, &layer_id(id)?),
+        Command::Usage { id } => usage(&open(&config)?, opt_layer_id(id.as_deref())?, json),
+        Command::Tree => tree(&open(&config)?, json),
+        Command::Exists { id } => return exists(&open(&config)?, &layer_id(id)?, json),
         Command::Import { path } => import(&open(&config)?, path, json),
-        Command::Cleanup => Ok(open(&config)?.driver.cleanup()?),
+        Command::Cleanup => {
+            let s = open(&config)?;
+            let released = mounted_ids(&s)?;
+            s.driver.cleanup()?;
+            if json {
+                return print_json(json!({"released": released})).map(|()| ExitCode::SUCCESS);
+            }
+            Ok(())
+        }
+        Command::Completions { .. } | Command::Man { .. } => Ok(()),
     }?;
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `completions`: the shell's completion script on stdout.
+fn completions(shell: clap_complete::Shell, json: bool) -> Result<ExitCode> {
+    if json {
+        return Err(output::invalid_argument(
+            "completions prints a shell script and has no JSON form; drop --json",
+        ));
+    }
+    let mut cmd = <Cli as clap::CommandFactory>::command();
+    let mut out = io::stdout().lock();
+    clap_complete::generate(shell, &mut cmd, "graphctl", &mut out);
+    out.flush()?;
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `man DIR`: graphctl.1 and graphctl-SUBCOMMAND.1 for every visible subcommand.
+fn man(dir: &Path, json: bool) -> Result<ExitCode> {
+    if json {
+        return Err(output::invalid_argument(
+            "man writes man pages and has no JSON form; drop --json",
+        ));
+    }
+    std::fs::create_dir_all(dir).with_context(|| format!("create {}", dir.display()))?;
+    let cmd = <Cli as clap::CommandFactory>::command();
+    let mut pages = vec![("graphctl".to_string(), cmd.clone())];
+    for sub in cmd.get_subcommands().filter(|c| !c.is_hide_set()) {
+        let name = format!("graphctl-{}", sub.get_name());
+        let page = sub
+            .clone()
+            .display_name(name.clone())
+            .bin_name(format!("graphctl {}", sub.get_name()));
+        pages.push((name, page));
+    }
+    for (name, page) in pages {
+        let path = dir.join(format!("{name}.1"));
+        let mut buf = Vec::new();
+        clap_mangen::Man::new(page)
+            .render(&mut buf)
+            .with_context(|| format!("render {}", path.display()))?;
+        std::fs::write(&path, buf).with_context(|| format!("write {}", path.display()))?;
+        println_out(format_args!("{}", path.display()))?;
+    }
     Ok(ExitCode::SUCCESS)
 }
 
@@ -90,36 +182,115 @@ fn refuse_terminal_stdin(file: Option<&Path>) -> Result<()> {
     Ok(())
 }
 
-/// Refuses to write a layer tar (binary) to a terminal, where it would garble the screen.
-fn refuse_terminal_stdout() -> Result<()> {
-    if io::stdout().is_terminal() {
-        bail!(
-            "refusing to write the layer tar to a terminal (stdout); name a file with -o FILE \
-             (graphctl diff ID -o layer.tar) or redirect it (graphctl diff ID > layer.tar)"
-        );
-    }
-    Ok(())
-}
-
 /// `exists`: 0 if a complete layer `id` exists, 1 if it does not; any other failure (the store
 /// cannot be read, a planted entry where the layer should be) is an error, exit status 125.
-fn exists(s: &Selected, id: &LayerId) -> Result<ExitCode> {
-    if s.driver.exists(id) {
-        return Ok(ExitCode::SUCCESS);
-    }
+fn exists(s: &Selected, id: &LayerId, json: bool) -> Result<ExitCode> {
     // `exists` cannot say why it answered no; `parent` can: `NotFound` or another error.
-    match s.driver.parent(id) {
-        Ok(_) => Ok(ExitCode::SUCCESS),
-        Err(graphdriver::Error::NotFound(_)) => Ok(ExitCode::FAILURE),
-        Err(e) => Err(anyhow::Error::new(e).context(format!("check whether layer {id} exists"))),
+    let found = s.driver.exists(id)
+        || match s.driver.parent(id) {
+            Ok(_) => true,
+            Err(graphdriver::Error::NotFound(_)) => false,
+            Err(e) => {
+                return Err(
+                    anyhow::Error::new(e).context(format!("check whether layer {id} exists"))
+                );
+            }
+        };
+    if json {
+        print_json(json!({"id": id.as_str(), "exists": found}))?;
     }
+    Ok(if found {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
 }
 
 /// `unmount`: releases one mount of an existing layer; an id that names no layer is an error
 /// (`NotFound`), not a silent success.
-fn unmount(s: &Selected, id: &LayerId) -> Result<()> {
+fn unmount(s: &Selected, id: &LayerId, json: bool) -> Result<()> {
     s.driver.parent(id)?;
-    Ok(s.driver.put(id)?)
+    s.driver.put(id)?;
+    if json {
+        let (store, _) = open_store(s)?;
+        return print_json(json!({"id": id.as_str(), "mount_count": store.mount_count(id)?}));
+    }
+    Ok(())
+}
+
+/// The layers of the store that hold mounts (durable or of live processes), sorted.
+fn mounted_ids(s: &Selected) -> Result<Vec<String>> {
+    let (store, _) = open_store(s)?;
+    Ok(store
+        .mounted()?
+        .into_iter()
+        .map(|(id, _)| id.as_str().to_string())
+        .collect())
+}
+
+/// `unmount --all`: releases every mount of every layer (the driver's `cleanup`) and prints
+/// the ids of the layers that had mounts.
+fn unmount_all(s: &Selected, json: bool) -> Result<()> {
+    let released = mounted_ids(s)?;
+    s.driver.cleanup()?;
+    if json {
+        return print_json(json!({"released": released}));
+    }
+    let mut out = io::stdout().lock();
+    for id in released {
+        writeln!(out, "{id}")?;
+    }
+    out.flush()?;
+    Ok(())
+}
+
+/// A second handle on the driver's bookkeeping (the same home), for what the `Driver` trait
+/// does not tell: details, mount counts, usage.
+fn open_store(s: &Selected) -> Result<(graphdriver::LayerStore, graphdriver::Recovery)> {
+    Ok(graphdriver::LayerStore::open(
+        &s.home,
+        graphdriver::Durability::default(),
+    )?)
+}
+
+/// `mount` with no layer: the mounted layers and where, "ID PATH" lines.
+///
+/// The path is the driver's answer to a get, taken and released again by this process: for a
+/// layer already mounted that mounts nothing new.
+fn mounts(s: &Selected, json: bool) -> Result<()> {
+    let (store, _) = open_store(s)?;
+    let mut rows = Vec::new();
+    for (id, count) in store.mounted()? {
+        let committed = store.is_committed(&id)?;
+        let opts = if committed {
+            MountOpts::default().view()
+        } else {
+            MountOpts::default()
+        };
+        let path = s.driver.get(&id, &opts)?;
+        s.driver.put(&id)?;
+        rows.push((id, path, count, committed));
+    }
+    if json {
+        let v: Vec<_> = rows
+            .iter()
+            .map(|(id, path, count, ro)| {
+                let mut obj = serde_json::Map::new();
+                obj.insert("id".into(), json!(id.as_str()));
+                insert_path(&mut obj, "path", path);
+                obj.insert("mount_count".into(), json!(count));
+                obj.insert("read_only".into(), json!(ro));
+                serde_json::Value::Object(obj)
+            })
+            .collect();
+        return print_json(json!({"mounts": v}));
+    }
+    let mut out = io::stdout().lock();
+    for (id, path, _, _) in rows {
+        writeln!(out, "{id} {}", path.display())?;
+    }
+    out.flush()?;
+    Ok(())
 }
 
 /// Opens the selected driver; notes on stderr when automatic selection fell back past a driver.
@@ -149,14 +320,15 @@ fn println_out(args: std::fmt::Arguments<'_>) -> Result<()> {
     Ok(())
 }
 
-fn print_json(value: &serde_json::Value) -> Result<()> {
-    println_out(format_args!("{}", serde_json::to_string_pretty(value)?))
+/// Prints the command's JSON document (see [`output`]).
+fn print_json(value: serde_json::Value) -> Result<()> {
+    output::print_json(value)
 }
 
 /// `mount`: a read-only view of a committed layer, a writable mount of a read-write layer
 /// without children; `--rw` on a committed layer is refused before anything is mounted.
 fn mount(s: &Selected, id: &LayerId, rw: bool, json: bool) -> Result<()> {
-    let (store, _) = graphdriver::LayerStore::open(&s.home, graphdriver::Durability::default())?;
+    let (store, _) = open_store(s)?;
     let committed = store
         .is_committed(id)
         .with_context(|| format!("mount layer {id}"))?;
@@ -175,7 +347,11 @@ fn mount(s: &Selected, id: &LayerId, rw: bool, json: bool) -> Result<()> {
     };
     let path = s.driver.get(id, &opts)?;
     if json {
-        return print_json(&json!({ "path": path, "read_only": committed }));
+        let mut obj = serde_json::Map::new();
+        obj.insert("id".into(), json!(id.as_str()));
+        insert_path(&mut obj, "path", &path);
+        obj.insert("read_only".into(), json!(committed));
+        return print_json(serde_json::Value::Object(obj));
     }
     println_out(format_args!("{}", path.display()))
 }
@@ -228,7 +404,7 @@ fn drivers(config: &Config, json: bool) -> Result<()> {
             .iter()
             .map(|(n, r)| json!({"name": n, "supported": r.is_none(), "reason": r}))
             .collect();
-        return print_json(&json!(v));
+        return print_json(json!({"drivers": v}));
     }
     let mut out = io::stdout().lock();
     for (name, reason) in rows {
@@ -258,8 +434,10 @@ fn status(s: &Selected, json: bool) -> Result<()> {
     let pairs = s.driver.status();
     let fallbacks = chrootarchive::fallbacks();
     if json {
-        let status: serde_json::Map<String, serde_json::Value> =
-            pairs.iter().map(|(k, v)| (k.clone(), json!(v))).collect();
+        let status: serde_json::Map<String, serde_json::Value> = pairs
+            .iter()
+            .map(|(k, v)| (snake_case(k), typed_value(v)))
+            .collect();
         let mut obj = serde_json::Map::new();
         obj.insert("driver".into(), json!(s.name));
         insert_path(&mut obj, "home", &s.home);
@@ -288,7 +466,7 @@ fn status(s: &Selected, json: bool) -> Result<()> {
                     .collect::<Vec<_>>()
             ),
         );
-        return print_json(&serde_json::Value::Object(obj));
+        return print_json(serde_json::Value::Object(obj));
     }
     let mut out = io::stdout().lock();
     writeln!(out, "Driver: {}", s.name)?;
@@ -309,6 +487,34 @@ fn status(s: &Selected, json: bool) -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// A driver's status key (`"Backing Filesystem"`) as a snake_case JSON key
+/// (`"backing_filesystem"`): lowercase ASCII letters and digits, every other run of characters
+/// one `_`.
+fn snake_case(key: &str) -> String {
+    let mut out = String::with_capacity(key.len());
+    for c in key.chars() {
+        if c.is_ascii_alphanumeric() {
+            out.push(c.to_ascii_lowercase());
+        } else if !out.is_empty() && !out.ends_with('_') {
+            out.push('_');
+        }
+    }
+    out.trim_end_matches('_').to_string()
+}
+
+/// A driver's status value as a typed JSON value: a whole number as a number, `true`/`false`
+/// as a boolean, anything else as the string.
+fn typed_value(value: &str) -> serde_json::Value {
+    if let Ok(n) = value.parse::<u64>() {
+        return json!(n);
+    }
+    match value {
+        "true" => json!(true),
+        "false" => json!(false),
+        _ => json!(value),
+    }
 }
 
 /// Counts bytes read, for progress bars.
@@ -348,7 +554,13 @@ pub fn progress_bar(len: Option<u64>, message: String) -> indicatif::ProgressBar
 }
 
 /// `apply`: creates `id` on `parent` if it does not exist and applies the tar in `file`.
-fn apply(s: &Selected, id: &LayerId, parent: Option<LayerId>, file: Option<&Path>) -> Result<()> {
+fn apply(
+    s: &Selected,
+    id: &LayerId,
+    parent: Option<LayerId>,
+    file: Option<&Path>,
+    json: bool,
+) -> Result<()> {
     let (input, len, name): (Box<dyn Read + Send>, Option<u64>, String) = match file {
         None => (Box::new(io::stdin()), None, "stdin".into()),
         Some(p) if p == Path::new("-") => (Box::new(io::stdin()), None, "stdin".into()),
@@ -363,6 +575,43 @@ fn apply(s: &Selected, id: &LayerId, parent: Option<LayerId>, file: Option<&Path
     let bar = counted.bar.clone();
     // Unknown formats fail here, before a layer is created.
     let plain = archive::decompress(counted).with_context(|| format!("read layer tar {name}"))?;
+    let applied = apply_stream(s, id, parent, plain, &name);
+    bar.finish_and_clear();
+    let applied = applied?;
+    if json {
+        return print_json(json!({
+            "id": id.as_str(),
+            "parent": applied.parent.as_ref().map(LayerId::as_str),
+            "size": applied.size,
+            "created": applied.created,
+            "diff_id": applied.diff_id,
+        }));
+    }
+    println_out(format_args!("{}", applied.size))
+}
+
+/// What [`apply_stream`] did.
+struct Applied {
+    /// The layer's parent.
+    parent: Option<LayerId>,
+    /// Bytes applied.
+    size: u64,
+    /// True when the layer was created by this apply.
+    created: bool,
+    /// The DiffID recorded for a layer this apply created (`None` if none was recorded).
+    diff_id: Option<String>,
+}
+
+/// Applies the plain tar `plain` (read from `name`) to layer `id`, creating it on `parent`
+/// first if it does not exist (hidden until complete, removed again if the apply fails) and
+/// then recording its DiffID.
+fn apply_stream(
+    s: &Selected,
+    id: &LayerId,
+    parent: Option<LayerId>,
+    plain: impl Read,
+    name: &str,
+) -> Result<Applied> {
     // The DiffID (sha256 of the uncompressed tar), recorded for a layer this apply creates.
     let (mut plain, diff_id) = image::Hashing::new(plain, None);
     let created = if s.driver.exists(id) {
@@ -375,14 +624,20 @@ fn apply(s: &Selected, id: &LayerId, parent: Option<LayerId>, file: Option<&Path
     };
     let parent = parent_or_recorded(s, id, parent)?;
     let result = s.driver.apply_diff(id, parent.as_ref(), &mut plain);
-    bar.finish_and_clear();
     warn_skipped();
     match result {
         Ok(size) => {
-            if created {
-                image::record_diff_id(&s.home, id, &mut plain, &diff_id);
-            }
-            println_out(format_args!("{size}"))
+            let diff_id = if created {
+                image::record_diff_id(&s.home, id, &mut plain, &diff_id)
+            } else {
+                None
+            };
+            Ok(Applied {
+                parent,
+                size,
+                created,
+                diff_id,
+            })
         }
         Err(e) => {
             if created && s.driver.exists(id) {
@@ -392,6 +647,49 @@ fn apply(s: &Selected, id: &LayerId, parent: Option<LayerId>, file: Option<&Path
             Err(anyhow::Error::new(e).context(format!("apply {name} to layer {id}")))
         }
     }
+}
+
+/// `commit RW NEW`: the image layer `new`, on `rw`'s parent, made of `rw`'s diff; prints the
+/// DiffID recorded for it.
+fn commit(s: &Selected, rw: &LayerId, new: &LayerId, json: bool) -> Result<()> {
+    let (store, _) = open_store(s)?;
+    if !store.details(rw)?.read_write {
+        return Err(output::invalid_argument(format!(
+            "layer {rw} is an image layer, not a read-write layer; commit makes an image layer \
+             from a read-write one (graphctl create --rw --parent {rw} NEW makes one)"
+        )));
+    }
+    if s.driver.exists(new) {
+        return Err(graphdriver::Error::AlreadyExists(new.clone()).into());
+    }
+    let parent = s.driver.parent(rw)?;
+    let stream = s
+        .driver
+        .diff(rw, parent.as_ref())
+        .with_context(|| format!("read the changes of layer {rw}"))?;
+    let applied = apply_stream(
+        s,
+        new,
+        parent,
+        stream,
+        &format!("the changes of layer {rw}"),
+    )?;
+    let Some(diff_id) = applied.diff_id else {
+        // The new layer exists but has no DiffID: it cannot be reused as the image layer it
+        // was meant to be. Leave nothing behind.
+        let _ = s.driver.remove(new);
+        bail!("could not record the DiffID of layer {new}; the commit was undone");
+    };
+    if json {
+        return print_json(json!({
+            "id": new.as_str(),
+            "parent": applied.parent.as_ref().map(LayerId::as_str),
+            "from": rw.as_str(),
+            "size": applied.size,
+            "diff_id": diff_id,
+        }));
+    }
+    println_out(format_args!("{diff_id}"))
 }
 
 /// Prints a `warning:` line for each entry the applies of this thread skipped (device nodes
@@ -412,141 +710,14 @@ pub(crate) fn warn_skipped() {
     }
 }
 
-/// `diff`: the layer's tar, relative to `parent` or its recorded parent, to a file or stdout.
-fn diff(s: &Selected, id: &LayerId, parent: Option<LayerId>, output: Option<&Path>) -> Result<()> {
-    let parent = parent_or_recorded(s, id, parent)?;
-    let mut stream = s.driver.diff(id, parent.as_ref())?;
-    match output {
-        None => {
-            let mut out = io::stdout().lock();
-            io::copy(&mut stream, &mut out).context("write the layer tar to stdout")?;
-            out.flush()?;
-        }
-        Some(path) => {
-            let (file, created) = open_output(path)?;
-            let mut write = |f: File| -> Result<()> {
-                let mut w = BufWriter::new(f);
-                io::copy(&mut stream, &mut w)
-                    .with_context(|| format!("write the layer tar to {}", path.display()))?;
-                let f = w.into_inner().map_err(|e| e.into_error())?;
-                f.sync_all()
-                    .with_context(|| format!("write {}", path.display()))?;
-                Ok(())
-            };
-            if let Err(e) = write(file) {
-                if let Some(made) = created {
-                    remove_if_same(path, &made);
-                }
-                return Err(e);
-            }
-        }
-    }
-    Ok(())
-}
-
-/// The identity of a file: device and inode.
-#[derive(Clone, Copy, PartialEq, Eq, Debug)]
-struct FileId {
-    dev: u64,
-    ino: u64,
-}
-
-impl FileId {
-    fn of(meta: &std::fs::Metadata) -> FileId {
-        use std::os::unix::fs::MetadataExt;
-        FileId {
-            dev: meta.dev(),
-            ino: meta.ino(),
-        }
-    }
-}
-
-/// What the file of `meta` is, for errors ("a symlink", "a FIFO", …).
-fn type_name(meta: &std::fs::Metadata) -> &'static str {
-    use std::os::unix::fs::MetadataExt;
-    archive::fs::describe(archive::fs::FileType::from_raw_mode(meta.mode()))
-}
-
-/// Opens the `diff -o` output file.
-///
-/// A missing `path` is created (`O_CREAT | O_EXCL`, mode 0600: a layer may hold files only
-/// root can read) and its identity is returned so that a failed write can remove it. An existing
-/// `path` must be a regular file, reached without following a symbolic link in its last
-/// component; it is truncated and written, and never removed. Anything else (a symbolic link, a
-/// device node, a FIFO, a socket, a directory) is refused, with an error naming the path,
-/// without being opened for writing.
-fn open_output(path: &Path) -> Result<(File, Option<FileId>)> {
-    use std::os::unix::fs::OpenOptionsExt;
-    let new = std::fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(0o600)
-        .custom_flags(libc::O_NOFOLLOW)
-        .open(path);
-    match new {
-        Ok(f) => {
-            let id = f
-                .metadata()
-                .map(|m| FileId::of(&m))
-                .with_context(|| format!("stat {}", path.display()))?;
-            return Ok((f, Some(id)));
-        }
-        Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
-        Err(e) => return Err(e).with_context(|| format!("create {}", path.display())),
-    }
-    let refuse = |what: &str| {
-        anyhow::anyhow!(
-            "refusing to write the layer tar to {}: it is {what}, not a regular file \
-             (name a new file or an existing regular file)",
-            path.display()
-        )
-    };
-    let before =
-        std::fs::symlink_metadata(path).with_context(|| format!("stat {}", path.display()))?;
-    if !before.file_type().is_file() {
-        return Err(refuse(type_name(&before)));
-    }
-    // O_NONBLOCK: should the path turn into a FIFO after the check, the open does not wait.
-    let f = std::fs::OpenOptions::new()
-        .write(true)
-        .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
-        .open(path)
-        .with_context(|| format!("open {}", path.display()))?;
-    let meta = f
-        .metadata()
-        .with_context(|| format!("stat {}", path.display()))?;
-    if !meta.file_type().is_file() {
-        return Err(refuse(type_name(&meta)));
-    }
-    if FileId::of(&meta) != FileId::of(&before) {
-        bail!(
-            "{} was replaced while it was being opened; not writing to it",
-            path.display()
-        );
-    }
-    f.set_len(0)
-        .with_context(|| format!("truncate {}", path.display()))?;
-    Ok((f, None))
-}
-
-/// Removes `path` after a failed write, if it is still the file this process created.
-fn remove_if_same(path: &Path, made: &FileId) {
-    match std::fs::symlink_metadata(path) {
-        Ok(meta) if FileId::of(&meta) == *made => {
-            if let Err(e) = std::fs::remove_file(path) {
-                tracing::warn!(path = %path.display(), error = %e, "could not remove the partial output");
-            }
-        }
-        _ => {
-            tracing::warn!(path = %path.display(), "the output file was replaced; not removing it")
-        }
-    }
-}
-
 /// Puts `path` into a JSON object as `key` without loss and without panicking: the path as a
 /// string (invalid UTF-8 replaced by U+FFFD), and, only when the path is not valid UTF-8,
 /// `<key>_bytes` with its exact bytes as an array of numbers.
-fn insert_path(obj: &mut serde_json::Map<String, serde_json::Value>, key: &str, path: &Path) {
+pub(crate) fn insert_path(
+    obj: &mut serde_json::Map<String, serde_json::Value>,
+    key: &str,
+    path: &Path,
+) {
     use std::os::unix::ffi::OsStrExt;
     let bytes = path.as_os_str().as_bytes();
     match std::str::from_utf8(bytes) {
@@ -571,12 +742,12 @@ fn changes(s: &Selected, id: &LayerId, parent: Option<LayerId>, json: bool) -> R
             .iter()
             .map(|c| {
                 let mut obj = serde_json::Map::new();
-                obj.insert("kind".into(), json!(c.kind.letter().to_string()));
+                obj.insert("kind".into(), json!(change_kind_name(c.kind)));
                 insert_path(&mut obj, "path", &c.path);
                 serde_json::Value::Object(obj)
             })
             .collect();
-        return print_json(&json!(v));
+        return print_json(json!({"changes": v}));
     }
     let mut out = io::stdout().lock();
     for c in list {
@@ -586,18 +757,26 @@ fn changes(s: &Selected, id: &LayerId, parent: Option<LayerId>, json: bool) -> R
     Ok(())
 }
 
+/// A change's kind as its JSON name (containerd's names): `add`, `modify` or `delete`.
+fn change_kind_name(kind: graphdriver::ChangeKind) -> &'static str {
+    match kind {
+        graphdriver::ChangeKind::Add => "add",
+        graphdriver::ChangeKind::Modify => "modify",
+        graphdriver::ChangeKind::Delete => "delete",
+    }
+}
+
 /// `ls`: "ID PARENT" lines.
 fn ls(s: &Selected, json: bool) -> Result<()> {
     let list = s.driver.list()?;
     if json {
         // The driver's bookkeeping, for the records (a second handle on the same home).
-        let (store, _) =
-            graphdriver::LayerStore::open(&s.home, graphdriver::Durability::default())?;
+        let (store, _) = open_store(s)?;
         let v = list
             .iter()
             .map(|l| Ok(details_json(&store.details(&l.id)?, None)))
             .collect::<Result<Vec<_>>>()?;
-        return print_json(&json!(v));
+        return print_json(json!({"layers": v}));
     }
     let mut out = io::stdout().lock();
     for l in list {
@@ -630,13 +809,19 @@ fn kind_name(read_write: bool) -> &'static str {
     if read_write { "read-write" } else { "image" }
 }
 
-/// `info`: one layer's bookkeeping and the size of its diff against its parent.
+/// `info`: one layer's bookkeeping, the size of its diff against its parent and the disk
+/// usage of its own storage.
 fn info(s: &Selected, id: &LayerId, json: bool) -> Result<()> {
-    let (store, _) = graphdriver::LayerStore::open(&s.home, graphdriver::Durability::default())?;
+    let (store, _) = open_store(s)?;
     let d = store.details(id)?;
     let size = s.driver.diff_size(id, d.parent.as_ref())?;
+    let used = usage::layer_usage(&store, id)?;
     if json {
-        return print_json(&details_json(&d, Some(size)));
+        let mut v = details_json(&d, Some(size));
+        if let Some(map) = v.as_object_mut() {
+            map.insert("disk_usage".into(), usage_json(&used));
+        }
+        return print_json(v);
     }
     let mut out = io::stdout().lock();
     let or_dash = |v: Option<String>| v.unwrap_or_else(|| "-".into());
@@ -657,7 +842,60 @@ fn info(s: &Selected, id: &LayerId, json: bool) -> Result<()> {
         )
     )?;
     writeln!(out, "size:        {} ({size} bytes)", human(size))?;
+    writeln!(
+        out,
+        "disk usage:  {} ({} bytes), {} inodes",
+        human(used.bytes),
+        used.bytes,
+        used.inodes
+    )?;
     writeln!(out, "mount_count: {}", d.mount_count)?;
+    out.flush()?;
+    Ok(())
+}
+
+/// A [`usage::Usage`] as JSON.
+fn usage_json(u: &usage::Usage) -> serde_json::Value {
+    json!({"bytes": u.bytes, "inodes": u.inodes})
+}
+
+/// `usage`: the disk space and inodes of each layer's own storage (or of `only`), and the
+/// total.
+fn usage(s: &Selected, only: Option<LayerId>, json: bool) -> Result<()> {
+    let (store, _) = open_store(s)?;
+    let ids = match only {
+        Some(id) => vec![id],
+        None => s.driver.list()?.into_iter().map(|l| l.id).collect(),
+    };
+    let mut rows = Vec::with_capacity(ids.len());
+    let mut total = usage::Usage::default();
+    for id in ids {
+        let u = usage::layer_usage(&store, &id)?;
+        total.bytes += u.bytes;
+        total.inodes += u.inodes;
+        rows.push((id, u));
+    }
+    if json {
+        let layers: Vec<_> = rows
+            .iter()
+            .map(|(id, u)| json!({"id": id.as_str(), "bytes": u.bytes, "inodes": u.inodes}))
+            .collect();
+        return print_json(json!({"layers": layers, "total": usage_json(&total)}));
+    }
+    let width = rows
+        .iter()
+        .map(|(id, _)| id.as_str().len())
+        .max()
+        .unwrap_or(0)
+        .max("total".len());
+    let mut out = io::stdout().lock();
+    writeln!(out, "{:<width$}  {:>10}  {:>8}", "ID", "SIZE", "INODES")?;
+    for (id, u) in &rows {
+        let (id, size) = (id.as_str(), human(u.bytes));
+        writeln!(out, "{id:<width$}  {size:>10}  {:>8}", u.inodes)?;
+    }
+    let size = human(total.bytes);
+    writeln!(out, "{:<width$}  {size:>10}  {:>8}", "total", total.inodes)?;
     out.flush()?;
     Ok(())
 }
@@ -678,9 +916,11 @@ fn human(bytes: u64) -> String {
     }
 }
 
-/// `tree`: the layer graph, children indented under their parent, with each layer's size.
-fn tree(s: &Selected) -> Result<()> {
+/// `tree`: the layer graph, children indented under their parent, with each layer's size;
+/// with `json`, the layers in the same (depth-first) order, each with its depth.
+fn tree(s: &Selected, json: bool) -> Result<()> {
     let list = s.driver.list()?;
+    let mut rows = Vec::new();
     let mut out = io::stdout().lock();
     let roots: Vec<&LayerInfo> = list
         .iter()
@@ -697,12 +937,26 @@ fn tree(s: &Selected) -> Result<()> {
         .map(|l| (l, String::new(), String::new()))
         .collect();
     while let Some((layer, line_prefix, child_prefix)) = stack.pop() {
-        let size = match s.driver.diff_size(&layer.id, layer.parent.as_ref()) {
-            Ok(n) => human(n),
-            Err(e) => format!("size unknown: {e}"),
-        };
-        let rw = if layer.read_write { " rw" } else { "" };
-        writeln!(out, "{line_prefix}{} ({size}){rw}", layer.id)?;
+        let size = s.driver.diff_size(&layer.id, layer.parent.as_ref());
+        if json {
+            // The depth is the number of ancestors shown above: 4 columns each.
+            let depth = child_prefix.chars().count() / 4;
+            rows.push(json!({
+                "id": layer.id.as_str(),
+                "parent": layer.parent.as_ref().map(LayerId::as_str),
+                "read_write": layer.read_write,
+                "depth": depth,
+                "size": size.as_ref().ok(),
+                "size_error": size.as_ref().err().map(ToString::to_string),
+            }));
+        } else {
+            let size = match size {
+                Ok(n) => human(n),
+                Err(e) => format!("size unknown: {e}"),
+            };
+            let rw = if layer.read_write { " rw" } else { "" };
+            writeln!(out, "{line_prefix}{} ({size}){rw}", layer.id)?;
+        }
         let children: Vec<&LayerInfo> = list
             .iter()
             .filter(|l| l.parent.as_ref() == Some(&layer.id))
@@ -721,14 +975,18 @@ fn tree(s: &Selected) -> Result<()> {
             ));
         }
     }
-    out.flush()?;
+    drop(out);
+    if json {
+        return print_json(json!({"layers": rows}));
+    }
+    io::stdout().flush()?;
     Ok(())
 }
 
 /// `import`: applies an image's layers and prints the top layer's id.
 fn import(s: &Selected, path: &Path, json: bool) -> Result<()> {
     // The driver's bookkeeping, for the DiffID records (a second handle on the same home).
-    let (store, _) = graphdriver::LayerStore::open(&s.home, graphdriver::Durability::default())?;
+    let (store, _) = open_store(s)?;
     let report = image::import(s.driver.as_ref() as &dyn Driver, &store, path)
         .with_context(|| format!("import {}", path.display()))?;
     if json {
@@ -746,7 +1004,7 @@ fn import(s: &Selected, path: &Path, json: bool) -> Result<()> {
             })
             .collect();
         return print_json(
-            &json!({"top": report.top.as_ref().map(LayerId::as_str), "layers": layers}),
+            json!({"top": report.top.as_ref().map(LayerId::as_str), "layers": layers}),
         );
     }
     match report.top {

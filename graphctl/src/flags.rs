@@ -29,7 +29,8 @@ pub struct Cli {
     /// command (after it, `diff -o` names the output file).
     #[arg(short = 'o', long = "opt", value_name = "KEY=VALUE")]
     pub opts: Vec<String>,
-    /// Machine-readable output (drivers, status, ls, changes, import).
+    /// Machine-readable output: one JSON object on stdout (schema `graphctl/schema/v1.json`,
+    /// versioned by its `schema_version` key), and errors as a JSON object on stderr.
     #[arg(long, global = true)]
     pub json: bool,
     /// More log output on stderr (-v info, -vv debug, -vvv trace); RUST_LOG overrides.
@@ -75,17 +76,35 @@ pub enum Command {
         /// The tar file; `-` or nothing reads stdin.
         file: Option<PathBuf>,
     },
-    /// Write a layer's changes as a tar (relative to its parent by default).
+    /// Write a layer's changes as a tar (relative to its parent by default); with --compress,
+    /// a compressed layer blob, and its digest and DiffID.
     Diff {
         /// Compare against this layer instead of the recorded parent.
         #[arg(long)]
         parent: Option<String>,
         /// The layer.
         id: String,
-        /// Write to FILE instead of stdout: a new file (mode 0600, removed if the diff fails)
-        /// or an existing regular file (truncated, never removed); anything else is refused.
-        #[arg(short = 'o', long = "output", value_name = "FILE")]
-        output: Option<PathBuf>,
+        /// Where and how to write the tar.
+        #[command(flatten)]
+        out: BlobOutput,
+    },
+    /// Write a layer's whole tree (its parents' files included, as a container sees it) as one
+    /// tar, with no whiteouts: a flattened image or a root filesystem.
+    Export {
+        /// The layer.
+        id: String,
+        /// Where and how to write the tar.
+        #[command(flatten)]
+        out: BlobOutput,
+    },
+    /// Make an image layer NEW from the read-write layer RW: NEW gets RW's parent and RW's
+    /// changes (its diff, applied), and records its DiffID, which is printed. RW is left as it
+    /// is; stop writing to it while the commit runs.
+    Commit {
+        /// The read-write layer.
+        rw: String,
+        /// The id of the new image layer.
+        new: String,
     },
     /// List a layer's changes, one "A|C|D /path" line each, sorted; a path holding control
     /// characters or bytes that are not UTF-8 is printed Go-quoted ("/a\nb").
@@ -108,18 +127,25 @@ pub enum Command {
     /// `unmount` (reference counted, also across processes). A committed layer (an image layer,
     /// or any layer with children) is mounted as a read-only view: writes there fail with
     /// "Read-only file system". A read-write layer without children is mounted writable.
+    ///
+    /// With no layer, lists the mounted layers as "ID PATH" lines (as `podman mount`).
     Mount {
         /// Demand a writable mount: refused for a committed layer (create a read-write layer
         /// on top of it with `create --rw --parent ID NEW` and mount that).
-        #[arg(long)]
+        #[arg(long, requires = "id")]
         rw: bool,
-        /// The layer.
-        id: String,
+        /// The layer; none lists the mounts.
+        id: Option<String>,
     },
-    /// Release one mount of a layer; the last release unmounts it.
+    /// Release one mount of a layer; the last release unmounts it. An id that names no layer
+    /// is an error.
     Unmount {
+        /// Release every mount of every layer of the store (as `cleanup`) and print their ids.
+        #[arg(long, conflicts_with = "id")]
+        all: bool,
         /// The layer.
-        id: String,
+        #[arg(required_unless_present = "all")]
+        id: Option<String>,
     },
     /// Remove a layer (refused while it is mounted or has children).
     Rm {
@@ -130,10 +156,17 @@ pub enum Command {
     /// parent, kind, DiffID, creation time and mount count.
     Ls,
     /// Show one layer: parent, kind (image or read-write), DiffID, creation time, size of its
-    /// diff against its parent, and mount count.
+    /// diff against its parent, the disk space and inodes its own storage uses, and mount count.
     Info {
         /// The layer.
         id: String,
+    },
+    /// Show the disk space and inodes each layer's own storage uses (as `ctr snapshots usage`):
+    /// what removing the layer would free. Files shared between layers (hardlinks) count in
+    /// every layer that holds them.
+    Usage {
+        /// Only this layer (default: every layer, and the total).
+        id: Option<String>,
     },
     /// Show the layer graph as a tree with sizes.
     Tree,
@@ -155,9 +188,94 @@ pub enum Command {
     },
     /// Unmount everything this store has mounted.
     Cleanup,
+    /// Print a shell completion script, e.g. `graphctl completions bash >
+    /// /etc/bash_completion.d/graphctl`.
+    Completions {
+        /// The shell.
+        shell: clap_complete::Shell,
+    },
+    /// Write the man pages (graphctl.1 and one per subcommand) into DIR; `cargo xtask man` runs
+    /// this.
+    #[command(hide = true)]
+    Man {
+        /// The directory to write into (created if missing).
+        dir: PathBuf,
+    },
+}
+
+/// The output flags of `diff` and `export`.
+#[derive(clap::Args, Debug)]
+pub struct BlobOutput {
+    /// Write to FILE instead of stdout: a new file (mode 0600, removed if the command fails)
+    /// or an existing regular file (truncated, never removed); anything else is refused. The
+    /// file is not fsynced: run `sync FILE` if it must survive a power cut.
+    #[arg(short = 'o', long = "output", value_name = "FILE")]
+    pub output: Option<PathBuf>,
+    /// Compress the tar (gzip or zstd, or none) and print the blob's digest and the DiffID
+    /// (the digest of the uncompressed tar), on stdout with -o, else on stderr.
+    #[arg(long, value_enum, value_name = "FORMAT")]
+    pub compress: Option<CompressFormat>,
+}
+
+/// The compression formats `diff --compress` and `export --compress` write.
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum CompressFormat {
+    /// A plain tar (the digest and DiffID are the same).
+    None,
+    /// gzip (`application/vnd.oci.image.layer.v1.tar+gzip`).
+    Gzip,
+    /// Zstandard (`application/vnd.oci.image.layer.v1.tar+zstd`).
+    Zstd,
+}
+
+impl CompressFormat {
+    /// The archive crate's name for this format.
+    pub fn compression(self) -> archive::Compression {
+        match self {
+            CompressFormat::None => archive::Compression::None,
+            CompressFormat::Gzip => archive::Compression::Gzip,
+            CompressFormat::Zstd => archive::Compression::Zstd,
+        }
+    }
+
+    /// The OCI media type of a layer blob in this format.
+    pub fn media_type(self) -> &'static str {
+        match self {
+            CompressFormat::None => "application/vnd.oci.image.layer.v1.tar",
+            CompressFormat::Gzip => "application/vnd.oci.image.layer.v1.tar+gzip",
+            CompressFormat::Zstd => "application/vnd.oci.image.layer.v1.tar+zstd",
+        }
+    }
 }
 
 impl Command {
+    /// The command's name as typed (`diff-size`), for JSON output.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Command::Drivers => "drivers",
+            Command::Status => "status",
+            Command::Create { .. } => "create",
+            Command::Apply { .. } => "apply",
+            Command::Diff { .. } => "diff",
+            Command::Export { .. } => "export",
+            Command::Commit { .. } => "commit",
+            Command::Changes { .. } => "changes",
+            Command::DiffSize { .. } => "diff-size",
+            Command::Mount { .. } => "mount",
+            Command::Unmount { .. } => "unmount",
+            Command::Rm { .. } => "rm",
+            Command::Ls => "ls",
+            Command::Info { .. } => "info",
+            Command::Usage { .. } => "usage",
+            Command::Tree => "tree",
+            Command::Exists { .. } => "exists",
+            Command::Import { .. } => "import",
+            Command::Cleanup => "cleanup",
+            Command::Completions { .. } => "completions",
+            Command::Man { .. } => "man",
+        }
+    }
+
     /// The exit status of an error: 125 for `exists` (whose 1 means "no such layer"), else 1.
     pub fn error_status(&self) -> u8 {
         match self {

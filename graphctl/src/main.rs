@@ -18,22 +18,38 @@ use clap::Parser;
 // The in-tree drivers register themselves at link time; naming the crate links it.
 use drivers as _;
 
+mod blob;
 mod commands;
 mod config;
 mod flags;
 mod image;
 mod limits;
 mod logging;
+mod output;
+mod usage;
 
 fn main() -> ExitCode {
     let cli = match flags::Cli::try_parse() {
         Ok(cli) => cli,
         Err(e) => {
             // clap prints help/version to stdout (exit 0) and usage errors to stderr (exit 2).
+            if e.use_stderr() && std::env::args_os().any(|a| a == "--json") {
+                // The first line of clap's text, without its "error: ".
+                let text = e.render().to_string();
+                let first = text.lines().next().unwrap_or_default();
+                let message = one_line(first.strip_prefix("error: ").unwrap_or(first));
+                let _ = writeln!(
+                    std::io::stderr(),
+                    "{}",
+                    output::error_json("usage", &message, Some("see graphctl --help"))
+                );
+                return ExitCode::from(2);
+            }
             let _ = e.print();
             return ExitCode::from(if e.use_stderr() { 2 } else { 0 });
         }
     };
+    output::set_command(cli.command.name());
     logging::init(cli.verbose);
     let nofile = limits::raise_nofile_limit();
     tracing::debug!(
@@ -48,12 +64,16 @@ fn main() -> ExitCode {
             if is_broken_pipe(&err) {
                 return ExitCode::SUCCESS;
             }
-            let mut line = format!("error: {}", describe(&err));
-            if let Some(hint) = hint(&err) {
-                line.push_str("; ");
-                line.push_str(&hint);
-            }
-            let line = one_line(&line);
+            let message = one_line(&describe(&err));
+            let hint = hint(&err).map(|h| one_line(&h));
+            let line = if cli.json {
+                output::error_json(output::error_kind(&err), &message, hint.as_deref())
+            } else {
+                match &hint {
+                    Some(hint) => format!("error: {message}; {hint}"),
+                    None => format!("error: {message}"),
+                }
+            };
             let _ = writeln!(std::io::stderr(), "{line}");
             ExitCode::from(cli.command.error_status())
         }

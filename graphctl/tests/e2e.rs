@@ -91,7 +91,10 @@ driver_test!(import_mount_write_diff_apply_rm, |driver| {
     );
     let json: serde_json::Value =
         serde_json::from_str(&s.ok(&["--json", "changes", "ctr"])).unwrap();
-    assert_eq!(json[0], serde_json::json!({"kind": "A", "path": "/data"}));
+    assert_eq!(
+        json["changes"][0],
+        serde_json::json!({"kind": "add", "path": "/data"})
+    );
 
     let size: u64 = s.ok(&["diff-size", "ctr"]).trim().parse().unwrap();
     assert_eq!(size, "hello\n".len() as u64 + "changed\n".len() as u64 + 1);

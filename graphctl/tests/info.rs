@@ -48,7 +48,7 @@ driver_test!(info_and_ls_json_show_a_layers_bookkeeping, |driver| {
     assert!(text.contains("mount_count: 1"), "{text}");
 
     let ls: serde_json::Value = serde_json::from_str(&s.ok(&["--json", "ls"])).unwrap();
-    let ls = ls.as_array().unwrap();
+    let ls = ls["layers"].as_array().unwrap();
     assert_eq!(ls.len(), 2);
     assert_eq!(ls[0]["id"], "base");
     assert_eq!(ls[0]["diff_id"], want_diff_id.as_str());

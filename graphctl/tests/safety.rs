@@ -73,11 +73,11 @@ driver_test!(changes_json_is_lossless_for_non_utf8_names, |driver| {
     let s = Store::new(driver);
     let want = hostile_layer(&s);
     let v: serde_json::Value = serde_json::from_str(&s.ok(&["--json", "changes", "ctr"])).unwrap();
-    let entries = v.as_array().unwrap();
+    let entries = v["changes"].as_array().unwrap();
     assert_eq!(entries.len(), want.len());
     let mut back = Vec::new();
     for e in entries {
-        assert_eq!(e["kind"], "A");
+        assert_eq!(e["kind"], "add");
         let path = e["path"].as_str().unwrap();
         let bytes = match e.get("path_bytes") {
             Some(b) => {

@@ -414,8 +414,14 @@ pub(crate) fn finish(state: &HashState) -> Result<(String, u64)> {
 /// at driver home `home` (`plain` is read to its end first: the tar may end before the stream
 /// does, and the DiffID covers all of it; more than [`MAX_TRAILING`] bytes after the tar's end,
 /// as from a stream that never ends, and nothing is recorded). A failure only loses the record
-/// (import then refuses to reuse the layer), so it is logged, not returned.
-pub(crate) fn record_diff_id(home: &Path, id: &LayerId, plain: &mut impl Read, state: &HashState) {
+/// (import then refuses to reuse the layer), so it is logged, not returned: the DiffID
+/// recorded is returned, `None` when none was.
+pub(crate) fn record_diff_id(
+    home: &Path,
+    id: &LayerId,
+    plain: &mut impl Read,
+    state: &HashState,
+) -> Option<String> {
     let result = io::copy(&mut plain.take(MAX_TRAILING + 1), &mut io::sink())
         .map_err(anyhow::Error::from)
         .and_then(|n| {
@@ -425,12 +431,17 @@ pub(crate) fn record_diff_id(home: &Path, id: &LayerId, plain: &mut impl Read, s
             finish(state)
         })
         .and_then(|(d, _)| {
-            Ok(LayerStore::open(home, graphdriver::Durability::default())?
+            LayerStore::open(home, graphdriver::Durability::default())?
                 .0
-                .set_diff_id(id, &d)?)
+                .set_diff_id(id, &d)?;
+            Ok(d)
         });
-    if let Err(e) = result {
-        tracing::warn!(layer = %id, error = %e, "could not record the layer's DiffID");
+    match result {
+        Ok(d) => Some(d),
+        Err(e) => {
+            tracing::warn!(layer = %id, error = %e, "could not record the layer's DiffID");
+            None
+        }
     }
 }
 
