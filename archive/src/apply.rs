@@ -42,10 +42,7 @@
 //! calls) touch no thread-local state with a destructor either; only [`apply_layer`] and
 //! [`untar`] add to this thread's skipped list ([`take_skipped`]) after the apply.
 
-mod header;
-mod reader;
-
-pub(crate) use header::checksum_matches as header_checksum_matches;
+pub(crate) use crate::codec::header::checksum_matches as header_checksum_matches;
 mod resolve;
 
 use std::collections::{BTreeSet, HashMap, HashSet};
@@ -61,11 +58,11 @@ use std::path::{Path, PathBuf};
 use rustix::fs::{AtFlags, FileType, Mode, OFlags, Timespec, Timestamps, XattrFlags};
 use tar::EntryType;
 
+use crate::codec::reader::{Entry, TarReader};
 use crate::{
     Error, OverlayXattr, Result, TarOptions, WHITEOUT_LINK_DIR, WHITEOUT_META_PREFIX,
     WHITEOUT_OPAQUE, WHITEOUT_PREFIX, WhiteoutFormat,
 };
-use reader::{Entry, TarReader};
 use resolve::{Cursor, list_dir, open_root};
 
 /// Size of the buffer in front of the input stream.

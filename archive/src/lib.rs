@@ -72,6 +72,7 @@
 
 mod apply;
 mod change;
+mod codec;
 pub mod compare;
 mod compression;
 mod error;

@@ -19,7 +19,7 @@
 //!   it cannot do exactly (a symlink on the way, an unknown or changed ancestor) starts again
 //!   from the root.
 //!
-//! [`remove_tree_at`] removes a tree of any depth the same way: iteratively, with a bounded
+//! [`crate::fs::remove_tree_at`] removes a tree of any depth the same way: iteratively, with a bounded
 //! number of fds.
 
 use std::ffi::{OsStr, OsString};

@@ -29,16 +29,16 @@ use crate::{Error, Result};
 /// The tar block size.
 const BLOCK: u64 = 512;
 /// The largest PAX extended header (`x`, `X` or `g`) we buffer: Go's `maxSpecialFileSize`.
-pub(super) const MAX_PAX: u64 = 1 << 20;
+pub(crate) const MAX_PAX: u64 = 1 << 20;
 /// The largest GNU long name or long link (`L`/`K`) we buffer.
-pub(super) const MAX_LONG_NAME: u64 = 1 << 20;
+pub(crate) const MAX_LONG_NAME: u64 = 1 << 20;
 /// The most segments a sparse map may have (16 bytes each in memory).
-pub(super) const MAX_SPARSE_SEGMENTS: usize = 1 << 20;
+pub(crate) const MAX_SPARSE_SEGMENTS: usize = 1 << 20;
 
 /// A sparse file's layout: its real size and the data segments `(offset, length)` stored, in
 /// order, as the entry's data.
 #[derive(Debug)]
-pub(super) struct Sparse {
+pub(crate) struct Sparse {
     /// The size of the file once extracted.
     pub real_size: u64,
     /// Validated data segments: sorted, non-overlapping, within `real_size`.
@@ -46,7 +46,7 @@ pub(super) struct Sparse {
 }
 
 /// One member of the archive with every extension header folded in.
-pub(super) struct Entry {
+pub(crate) struct Entry {
     /// The member's own header block.
     pub header: Header,
     /// Its type.
@@ -82,7 +82,7 @@ impl Entry {
 
 /// Reads tar members one by one; between [`TarReader::next_entry`] calls it is a [`Read`] over
 /// the current member's (stored) data.
-pub(super) struct TarReader<R> {
+pub(crate) struct TarReader<R> {
     /// The tar stream.
     inner: R,
     /// Data bytes of the current member not yet read.
@@ -131,13 +131,13 @@ fn decimal(v: &[u8]) -> Option<u64> {
 }
 
 /// One PAX record: keyword and value bytes.
-pub(super) type PaxRecord<'a> = (&'a [u8], &'a [u8]);
+pub(crate) type PaxRecord<'a> = (&'a [u8], &'a [u8]);
 
 /// Splits PAX extended-header data into `(key, value)` records by their length prefixes.
 ///
 /// Every record is `"<len> <key>=<value>\n"` where `<len>` counts the whole record; values may
 /// hold any byte, `\n` and `=` included. `Err` says what was wrong.
-pub(super) fn parse_pax(data: &[u8]) -> std::result::Result<Vec<PaxRecord<'_>>, String> {
+pub(crate) fn parse_pax(data: &[u8]) -> std::result::Result<Vec<PaxRecord<'_>>, String> {
     let mut out = Vec::new();
     let mut rest = data;
     let mut at = 0usize;
@@ -183,7 +183,7 @@ pub(super) fn parse_pax(data: &[u8]) -> std::result::Result<Vec<PaxRecord<'_>>, 
 }
 
 /// Parses a PAX time (`secs[.frac]`, possibly negative) into a timespec.
-pub(super) fn parse_pax_time(v: &str) -> Option<Timespec> {
+pub(crate) fn parse_pax_time(v: &str) -> Option<Timespec> {
     let (secs, frac) = v.split_once('.').unwrap_or((v, ""));
     let secs: i64 = secs.parse().ok()?;
     let mut nanos: i64 = 0;

@@ -38,7 +38,7 @@ mod at {
 
 /// The header formats Go tells apart (`block.getFormat`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub(super) enum Format {
+pub(crate) enum Format {
     /// Pre-POSIX: no magic.
     V7,
     /// `ustar\0` (POSIX ustar and PAX).
@@ -51,10 +51,10 @@ pub(super) enum Format {
 
 /// A field that is not a number (the error text names the field).
 #[derive(Debug)]
-pub(super) struct BadField(pub &'static str);
+pub(crate) struct BadField(pub &'static str);
 
 /// The bytes of a string field up to its first NUL.
-pub(super) fn c_string(field: &[u8]) -> &[u8] {
+pub(crate) fn c_string(field: &[u8]) -> &[u8] {
     match field.iter().position(|&b| b == 0) {
         Some(n) => &field[..n],
         None => field,
@@ -120,7 +120,7 @@ pub(crate) fn checksum_matches(block: &[u8; 512]) -> bool {
 }
 
 /// One header block and the fields read from it.
-pub(super) struct Block<'a> {
+pub(crate) struct Block<'a> {
     raw: &'a [u8; 512],
 }
 
