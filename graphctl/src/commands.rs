@@ -364,7 +364,7 @@ fn apply(s: &Selected, id: &LayerId, parent: Option<LayerId>, file: Option<&Path
     // Unknown formats fail here, before a layer is created.
     let plain = archive::decompress(counted).with_context(|| format!("read layer tar {name}"))?;
     // The DiffID (sha256 of the uncompressed tar), recorded for a layer this apply creates.
-    let (mut plain, diff_id) = image::Hashing::new(plain, None);
+    let (mut plain, diff_id) = image::Hashing::new(plain);
     let created = if s.driver.exists(id) {
         false
     } else {
@@ -729,8 +729,13 @@ fn tree(s: &Selected) -> Result<()> {
 fn import(s: &Selected, path: &Path, json: bool) -> Result<()> {
     // The driver's bookkeeping, for the DiffID records (a second handle on the same home).
     let (store, _) = graphdriver::LayerStore::open(&s.home, graphdriver::Durability::default())?;
-    let report = image::import(s.driver.as_ref() as &dyn Driver, &store, path)
-        .with_context(|| format!("import {}", path.display()))?;
+    let report = graphdriver_image::import(
+        s.driver.as_ref() as &dyn Driver,
+        &store,
+        path,
+        &image::Bars::default(),
+    )
+    .with_context(|| format!("import {}", path.display()))?;
     if json {
         let layers: Vec<_> = report
             .layers
