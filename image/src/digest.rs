@@ -116,7 +116,7 @@ pub fn diff_id_to_end(plain: &mut dyn Read, hashed: &DigestHandle, what: &str) -
     let n = io::copy(&mut plain.take(MAX_TRAILING + 1), &mut io::sink()).map_err(|e| {
         Error::ReadBlob {
             blob: what.to_string(),
-            source: Box::new(e),
+            source: e,
         }
     })?;
     if n > MAX_TRAILING {

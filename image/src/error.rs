@@ -260,14 +260,24 @@ pub enum Error {
         /// Its media type.
         media_type: String,
     },
-    /// A layer blob could not be read or decompressed.
+    /// A layer blob (or a layer stream) could not be read.
     #[error("read blob {blob}")]
     ReadBlob {
+        /// The path of the blob inside the image, or what the stream is.
+        blob: String,
+        /// The read error.
+        #[source]
+        source: io::Error,
+    },
+    /// A layer blob is in no format the importer knows (not a tar, gzip, zstd, xz or bzip2
+    /// stream), or its first bytes could not be read.
+    #[error("read blob {blob}")]
+    Decompress {
         /// The path of the blob inside the image.
         blob: String,
-        /// The error.
+        /// The decompressor's error.
         #[source]
-        source: Box<dyn std::error::Error + Send + Sync>,
+        source: archive::Error,
     },
     /// More than [`MAX_TRAILING`](crate::MAX_TRAILING) bytes follow the end of a layer tar.
     #[error("more than {limit} bytes follow the end of the tar")]

@@ -123,9 +123,9 @@
 // import returns few results, each after I/O, so their size costs nothing measurable.
 #![allow(clippy::result_large_err)]
 
+mod apply;
 mod digest;
 mod error;
-mod import;
 mod layout;
 mod path;
 mod source;
@@ -276,7 +276,7 @@ impl Image {
         store: &LayerStore,
         progress: &dyn Progress,
     ) -> Result<Report> {
-        import::import_layers(driver, store, &self.source, &self.layers, progress)
+        apply::import_layers(driver, store, &self.source, &self.layers, progress)
     }
 }
 

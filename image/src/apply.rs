@@ -213,11 +213,10 @@ impl Target<'_> {
             progress,
         };
         let (compressed, blob_digest) = Hashing::new(counted);
-        let read_error = |e: Box<dyn std::error::Error + Send + Sync>| Error::ReadBlob {
+        let plain = archive::decompress(compressed).map_err(|source| Error::Decompress {
             blob: blob.clone(),
-            source: e,
-        };
-        let plain = archive::decompress(compressed).map_err(|e| read_error(Box::new(e)))?;
+            source,
+        })?;
         let (mut plain, diff_digest) = Hashing::new(plain);
         match driver.create_pending(id, parent) {
             Ok(()) => {}
@@ -250,7 +249,10 @@ impl Target<'_> {
             source,
         })?;
         // The tar may end before the stream does (padding): hash all of it.
-        io::copy(&mut plain, &mut io::sink()).map_err(|e| read_error(Box::new(e)))?;
+        io::copy(&mut plain, &mut io::sink()).map_err(|source| Error::ReadBlob {
+            blob: blob.clone(),
+            source,
+        })?;
         drop(plain);
         if let Some(want) = &layer.digest {
             let (got, size) = blob_digest.finish();
