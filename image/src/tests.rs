@@ -262,3 +262,71 @@ fn not_an_image_names_both_layouts() {
         "{e:?}"
     );
 }
+
+#[test]
+fn an_oci_archive_imports_as_its_directory_does() {
+    let s = Store::new();
+    let diff_ids = layout(&s.image, &two_layers(), None);
+    let archive = s.image.with_extension("tar");
+    let mut b = tar::Builder::new(fs::File::create(&archive).unwrap());
+    b.append_dir_all(".", &s.image).unwrap();
+    b.finish().unwrap();
+    drop(b);
+    let report = import(s.selected.driver.as_ref(), &s.store, &archive, &()).unwrap();
+    let top = chain_ids(&diff_ids).pop().unwrap();
+    assert_eq!(
+        report.top.map(|t| format!("sha256:{t}")).as_deref(),
+        Some(top.as_str())
+    );
+}
+
+#[test]
+fn a_docker_save_directory_is_read_by_name_and_tag() {
+    let s = Store::new();
+    let layers = two_layers();
+    let dir = &s.image;
+    let mut paths = Vec::new();
+    for (i, l) in layers.iter().enumerate() {
+        fs::create_dir_all(dir.join(format!("l{i}"))).unwrap();
+        fs::write(dir.join(format!("l{i}/layer.tar")), l).unwrap();
+        paths.push(format!("l{i}/layer.tar"));
+    }
+    let diff_ids: Vec<String> = layers
+        .iter()
+        .map(|l| format!("sha256:{}", hex(l)))
+        .collect();
+    // moby's config, read leniently: no architecture or os needed.
+    fs::write(
+        dir.join("cfg.json"),
+        json!({"rootfs": {"type": "layers", "diff_ids": diff_ids}}).to_string(),
+    )
+    .unwrap();
+    fs::write(
+        dir.join("manifest.json"),
+        json!([{"Config": "cfg.json", "RepoTags": ["small:latest"], "Layers": paths}]).to_string(),
+    )
+    .unwrap();
+    let image = Image::open_tagged(dir, Some("small")).unwrap();
+    let got: Vec<(&str, Option<&str>, &str)> = image
+        .layers()
+        .iter()
+        .map(|l| (l.blob.as_str(), l.digest.as_deref(), l.diff_id.as_str()))
+        .collect();
+    assert_eq!(
+        got,
+        [
+            ("l0/layer.tar", None, diff_ids[0].as_str()),
+            ("l1/layer.tar", None, diff_ids[1].as_str()),
+        ]
+    );
+    assert_eq!(image.layers()[1].chain_id, chain_ids(&diff_ids)[1]);
+    let e = Image::open_tagged(dir, Some("other")).unwrap_err();
+    assert!(
+        matches!(&e, Error::NoSuchTag { tag, available } if tag == "other" && available == &["small:latest"]),
+        "{e:?}"
+    );
+    image
+        .import(s.selected.driver.as_ref(), &s.store, &())
+        .unwrap();
+    assert_eq!(s.ids().len(), 2);
+}
