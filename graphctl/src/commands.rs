@@ -613,7 +613,7 @@ fn apply_stream(
     name: &str,
 ) -> Result<Applied> {
     // The DiffID (sha256 of the uncompressed tar), recorded for a layer this apply creates.
-    let (mut plain, diff_id) = image::Hashing::new(plain, None);
+    let (mut plain, diff_id) = image::Hashing::new(plain);
     let created = if s.driver.exists(id) {
         false
     } else {
@@ -987,8 +987,13 @@ fn tree(s: &Selected, json: bool) -> Result<()> {
 fn import(s: &Selected, path: &Path, json: bool) -> Result<()> {
     // The driver's bookkeeping, for the DiffID records (a second handle on the same home).
     let (store, _) = open_store(s)?;
-    let report = image::import(s.driver.as_ref() as &dyn Driver, &store, path)
-        .with_context(|| format!("import {}", path.display()))?;
+    let report = graphdriver_image::import(
+        s.driver.as_ref() as &dyn Driver,
+        &store,
+        path,
+        &image::Bars::default(),
+    )
+    .with_context(|| format!("import {}", path.display()))?;
     if json {
         let layers: Vec<_> = report
             .layers

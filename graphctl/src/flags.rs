@@ -19,7 +19,7 @@ pub struct Cli {
     /// ~/.config/graphctl/storage.toml otherwise).
     #[arg(long, global = true, value_name = "FILE")]
     pub config: Option<PathBuf>,
-    /// The storage root; each driver's home is <root>/<driver>.
+    /// The storage root; each driver's home is ROOT/NAME (the driver's name).
     #[arg(long, global = true, value_name = "DIR")]
     pub root: Option<PathBuf>,
     /// The driver to use (default: the one already holding layers, else overlay, then vfs).

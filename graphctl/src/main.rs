@@ -2,7 +2,8 @@
 //!
 //! This binary is argument parsing plus glue: [`flags`] turns the command line, environment and
 //! config file into a [`graphdriver::Config`]; [`commands`] opens the selected driver and calls
-//! one driver method per subcommand; [`image`] imports OCI layouts and `docker save` archives.
+//! one driver method per subcommand; `import` is [`graphdriver_image::import`] with the progress
+//! bars of [`image`].
 //!
 //! Exit status: 0 on success, 1 on an error (one `error:` line on stderr), 2 on a usage error;
 //! `exists` answers 0 or 1 and uses 125 for an error, as podman does.
@@ -125,6 +126,13 @@ fn is_broken_pipe(err: &anyhow::Error) -> bool {
 fn hint(err: &anyhow::Error) -> Option<String> {
     use graphdriver::Error as E;
     for cause in err.chain() {
+        if let Some(
+            graphdriver_image::Error::ReuseDiffId { id, .. }
+            | graphdriver_image::Error::ReuseParent { id, .. },
+        ) = cause.downcast_ref::<graphdriver_image::Error>()
+        {
+            return Some(format!("`graphctl rm {id}` removes it"));
+        }
         if let Some(e) = cause.downcast_ref::<E>() {
             match e {
                 E::NotFound(_) => {

@@ -88,7 +88,8 @@ pub fn invalid_argument(message: impl Into<String>) -> anyhow::Error {
 }
 
 /// The kind of `err` for its JSON form: the most specific kind a cause carries (a layer tar's
-/// `bad_entry` over the driver's `archive`), `io` for a bare OS error, else `error`.
+/// `bad_entry` over the driver's `archive`, the driver's over the image importer's), `io` for a
+/// bare OS error, else `error`.
 pub fn error_kind(err: &anyhow::Error) -> &'static str {
     let chain = || err.chain();
     if let Some(e) = chain().find_map(|c| c.downcast_ref::<CliError>()) {
@@ -102,6 +103,9 @@ pub fn error_kind(err: &anyhow::Error) -> &'static str {
         return e.kind();
     }
     if let Some(e) = chain().find_map(|c| c.downcast_ref::<graphdriver::Error>()) {
+        return e.kind();
+    }
+    if let Some(e) = chain().find_map(|c| c.downcast_ref::<graphdriver_image::Error>()) {
         return e.kind();
     }
     if chain().any(|c| c.is::<io::Error>()) {

@@ -187,6 +187,9 @@ driver_test!(errors_are_json_objects_on_stderr, |driver| {
     json_err(&s, &["apply", "l", bad.to_str().unwrap()], 1, "bad_entry");
     json_err(&s, &["diff", "l"], 1, "invalid_argument");
     json_err(&s, &["completions", "bash"], 1, "invalid_argument");
+    // The image importer's own kinds.
+    let missing = s.scratch("no-such-image");
+    json_err(&s, &["import", missing.to_str().unwrap()], 1, "open");
 });
 
 /// A tar whose one entry is named `../escape` (the tar crate's builder refuses to write one).

@@ -15,7 +15,7 @@ use std::fs::File;
 use std::io::{self, BufReader, Read, Seek};
 use std::path::Path;
 
-use anyhow::{Result, bail};
+use crate::error::{Error, Result, TarProblem};
 
 /// The largest GNU long name or PAX extended header read (the layer reader's limit too).
 pub const MAX_EXTENDED: u64 = 1 << 20;
@@ -114,20 +114,19 @@ impl<R: Read> Counted<R> {
                 Ok(0) => break,
                 Ok(n) => got += n,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                Err(e) => {
-                    return Err(anyhow::Error::new(e).context(format!("read {}", shown.display())));
-                }
+                Err(e) => return Err(read_error(shown, e)),
             }
         }
         self.pos += got as u64;
         match got {
             0 => Ok(None),
             512 => Ok(Some(b)),
-            _ => bail!(
-                "{}: truncated tar header at offset {}",
-                shown.display(),
-                self.pos - got as u64
-            ),
+            _ => Err(problem(
+                shown,
+                TarProblem::TruncatedHeader {
+                    offset: self.pos - got as u64,
+                },
+            )),
         }
     }
 
@@ -135,13 +134,15 @@ impl<R: Read> Counted<R> {
     /// skips the padding after them.
     fn data(&mut self, len: u64, shown: &Path) -> Result<Vec<u8>> {
         let mut buf = Vec::new();
-        (&mut self.inner).take(len).read_to_end(&mut buf)?;
+        (&mut self.inner)
+            .take(len)
+            .read_to_end(&mut buf)
+            .map_err(|e| read_error(shown, e))?;
         if buf.len() as u64 != len {
-            bail!(
-                "{}: truncated tar member at offset {}",
-                shown.display(),
-                self.pos
-            );
+            return Err(problem(
+                shown,
+                TarProblem::TruncatedMember { offset: self.pos },
+            ));
         }
         self.pos += len;
         self.skip(padding(len), shown)?;
@@ -149,14 +150,14 @@ impl<R: Read> Counted<R> {
     }
 
     fn skip(&mut self, n: u64, shown: &Path) -> Result<()> {
-        let got = io::copy(&mut (&mut self.inner).take(n), &mut io::sink())?;
+        let got = io::copy(&mut (&mut self.inner).take(n), &mut io::sink())
+            .map_err(|e| read_error(shown, e))?;
         self.pos += got;
         if got != n {
-            bail!(
-                "{}: truncated tar member ending at offset {}",
-                shown.display(),
-                self.pos
-            );
+            return Err(problem(
+                shown,
+                TarProblem::TruncatedMember { offset: self.pos },
+            ));
         }
         Ok(())
     }
@@ -169,17 +170,30 @@ impl Counted<BufReader<File>> {
             .pos
             .checked_add(n)
             .filter(|&t| t <= end)
-            .ok_or_else(|| {
-                anyhow::anyhow!(
-                    "{}: a tar member at offset {} extends past the end of the file",
-                    shown.display(),
-                    self.pos
-                )
-            })?;
-        let delta = i64::try_from(n)?;
-        self.inner.seek_relative(delta)?;
+            .ok_or_else(|| problem(shown, TarProblem::PastEnd { offset: self.pos }))?;
+        let delta = i64::try_from(n)
+            .map_err(|_| problem(shown, TarProblem::PastEnd { offset: self.pos }))?;
+        self.inner
+            .seek_relative(delta)
+            .map_err(|e| read_error(shown, e))?;
         self.pos = to;
         Ok(())
+    }
+}
+
+/// An [`Error::ImageTar`] for the tar `shown`.
+fn problem(shown: &Path, problem: TarProblem) -> Error {
+    Error::ImageTar {
+        path: shown.to_path_buf(),
+        problem,
+    }
+}
+
+/// An [`Error::ReadImageTar`] for the tar `shown`.
+fn read_error(shown: &Path, source: io::Error) -> Error {
+    Error::ReadImageTar {
+        path: shown.to_path_buf(),
+        source,
     }
 }
 
@@ -196,7 +210,7 @@ fn pax(
     at: u64,
     shown: &Path,
 ) -> Result<()> {
-    let bad = || anyhow::anyhow!("{}: malformed PAX header at offset {at}", shown.display());
+    let bad = || problem(shown, TarProblem::BadPax { offset: at });
     let mut rest = data;
     while !rest.is_empty() {
         if rest.iter().all(|&b| b == 0) {
@@ -233,9 +247,11 @@ fn pax(
 
 /// Indexes the tar `file` (shown as `shown` in errors).
 pub fn index(file: &File, shown: &Path) -> Result<TarIndex> {
-    let end = file.metadata()?.len();
-    let mut clone = file.try_clone()?;
-    clone.seek(io::SeekFrom::Start(0))?;
+    let end = file.metadata().map_err(|e| read_error(shown, e))?.len();
+    let mut clone = file.try_clone().map_err(|e| read_error(shown, e))?;
+    clone
+        .seek(io::SeekFrom::Start(0))
+        .map_err(|e| read_error(shown, e))?;
     let mut r = Counted {
         inner: BufReader::new(clone),
         pos: 0,
@@ -255,25 +271,22 @@ pub fn index(file: &File, shown: &Path) -> Result<TarIndex> {
             break;
         }
         if !checksum_ok(&h) {
-            bail!(
-                "{}: not a tar archive (bad header checksum at offset {at}); expected an OCI layout or `docker save` tar",
-                shown.display()
-            );
+            return Err(problem(shown, TarProblem::NotATar { offset: at }));
         }
         let kind = h[156];
-        let size = number(&h[124..136]).ok_or_else(|| {
-            anyhow::anyhow!(
-                "{}: bad size field in the tar header at offset {at}",
-                shown.display()
-            )
-        })?;
+        let size = number(&h[124..136])
+            .ok_or_else(|| problem(shown, TarProblem::BadSize { offset: at }))?;
         match kind {
             b'L' | b'K' | b'x' | b'X' => {
                 if size > MAX_EXTENDED {
-                    bail!(
-                        "{}: extended header at offset {at} is {size} bytes, more than the limit of {MAX_EXTENDED}",
-                        shown.display()
-                    );
+                    return Err(problem(
+                        shown,
+                        TarProblem::ExtendedTooLarge {
+                            offset: at,
+                            size,
+                            limit: MAX_EXTENDED,
+                        },
+                    ));
                 }
                 let data = r.data(size, shown)?;
                 match kind {
@@ -298,7 +311,10 @@ pub fn index(file: &File, shown: &Path) -> Result<TarIndex> {
         }
         entries += 1;
         if entries > MAX_ENTRIES {
-            bail!("{}: more than {MAX_ENTRIES} entries", shown.display());
+            return Err(problem(
+                shown,
+                TarProblem::TooManyEntries { limit: MAX_ENTRIES },
+            ));
         }
         let name = match long_name.take() {
             Some(n) => n,
@@ -325,13 +341,15 @@ pub fn index(file: &File, shown: &Path) -> Result<TarIndex> {
         let data_at = r.pos;
         name_bytes += name.len() + link.len();
         if name_bytes > MAX_NAME_BYTES {
-            bail!(
-                "{}: entry names add up to more than {MAX_NAME_BYTES} bytes",
-                shown.display()
-            );
+            return Err(problem(
+                shown,
+                TarProblem::NamesTooLong {
+                    limit: MAX_NAME_BYTES,
+                },
+            ));
         }
         let raw = String::from_utf8_lossy(&name).into_owned();
-        if let Ok(norm) = super::normalize(&raw) {
+        if let Ok(norm) = crate::path::normalize(&raw) {
             out.files.remove(&norm);
             out.links.remove(&norm);
             out.others.remove(&norm);
@@ -339,10 +357,7 @@ pub fn index(file: &File, shown: &Path) -> Result<TarIndex> {
             match kind {
                 b'0' | b'\0' | b'7' if !is_dir_name => {
                     if data_at.saturating_add(size) > end {
-                        bail!(
-                            "{}: member {norm} extends past the end of the file",
-                            shown.display()
-                        );
+                        return Err(problem(shown, TarProblem::MemberPastEnd { name: norm }));
                     }
                     out.files.insert(norm, (data_at, size));
                 }
@@ -361,7 +376,7 @@ pub fn index(file: &File, shown: &Path) -> Result<TarIndex> {
                         Some(target)
                     };
                     let t = joined
-                        .and_then(|j| super::normalize_dots(&j).ok())
+                        .and_then(|j| crate::path::normalize_dots(&j))
                         .filter(|t| !t.is_empty())
                         .map_or(LinkTarget::Outside, LinkTarget::Inside);
                     out.links.insert(norm, t);

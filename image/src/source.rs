@@ -8,7 +8,7 @@
 //!   (absolute, or `..` past its top) is refused naming its path in the image. Only regular
 //!   files are read: they are opened with `O_NONBLOCK` and checked with `fstat`, so a FIFO or a
 //!   device (`/dev/zero`) is refused before a byte is read.
-//! * A tar: indexed once ([`tar_index`](super::tar_index), bounded memory); members are read by
+//! * A tar: indexed once ([`tar_index`](crate::tar_index), bounded memory); members are read by
 //!   offset. Links between members are followed only to other members; a link that leaves the
 //!   archive is refused.
 //!
@@ -22,17 +22,18 @@ use std::os::unix::fs::FileExt;
 use std::path::Path;
 use std::sync::Arc;
 
-use anyhow::{Context, Result, anyhow, bail};
 use rustix::fs::{AtFlags, FileType, OFlags};
+use rustix::io::Errno;
 
-use super::tar_index::{LinkTarget, TarIndex};
-use super::{normalize, normalize_dots};
+use crate::error::{Error, Result};
+use crate::path::{normalize, normalize_dots};
+use crate::tar_index::{LinkTarget, TarIndex};
 
 /// The most symlinks followed to open one file.
 const MAX_LINKS: usize = 16;
 
 /// An image: a directory or an indexed tar.
-pub enum Source {
+pub(crate) enum Source {
     /// An image directory (OCI layout or extracted `docker save`).
     Dir {
         /// The directory, opened once.
@@ -48,7 +49,7 @@ pub enum Source {
 }
 
 /// A file of the image, opened for reading.
-pub struct Opened {
+pub(crate) struct Opened {
     /// Its content.
     pub reader: Box<dyn Read + Send>,
     /// Its length in bytes.
@@ -57,21 +58,23 @@ pub struct Opened {
 
 impl Source {
     /// Opens the image at `path` (a directory or a tar file; the caller's own argument).
-    pub fn new(path: &Path) -> Result<Source> {
-        let meta = std::fs::metadata(path).with_context(|| format!("open {}", path.display()))?;
+    pub(crate) fn new(path: &Path) -> Result<Source> {
+        let open = |source| Error::Open {
+            path: path.to_path_buf(),
+            source,
+        };
+        let meta = std::fs::metadata(path).map_err(open)?;
         if meta.is_dir() {
-            let root = archive::fs::open_root_dir(path)
-                .with_context(|| format!("open {}", path.display()))?;
+            let root = archive::fs::open_root_dir(path).map_err(open)?;
             return Ok(Source::Dir { root });
         }
         if !meta.is_file() {
-            bail!(
-                "{}: expected an image directory or a tar file",
-                path.display()
-            );
+            return Err(Error::NotAnImage {
+                path: path.to_path_buf(),
+            });
         }
-        let file = File::open(path).with_context(|| format!("open {}", path.display()))?;
-        let index = super::tar_index::index(&file, path)?;
+        let file = File::open(path).map_err(open)?;
+        let index = crate::tar_index::index(&file, path)?;
         Ok(Source::Tar {
             file: Arc::new(file),
             index,
@@ -79,7 +82,7 @@ impl Source {
     }
 
     /// True if the image has an entry `name` (of any type, not followed).
-    pub fn has(&self, name: &str) -> bool {
+    pub(crate) fn has(&self, name: &str) -> bool {
         match self {
             Source::Dir { root } => {
                 rustix::fs::statat(root, name, AtFlags::SYMLINK_NOFOLLOW).is_ok()
@@ -92,11 +95,18 @@ impl Source {
     }
 
     /// Opens the regular file `name` of the image.
-    pub fn open(&self, name: &str) -> Result<Opened> {
+    pub(crate) fn open(&self, name: &str) -> Result<Opened> {
         match self {
             Source::Dir { root } => {
                 let file = open_in_dir(root.as_fd(), name)?;
-                let len = file.metadata()?.len();
+                let len = file
+                    .metadata()
+                    .map_err(|source| Error::InImage {
+                        op: "stat",
+                        name: name.to_string(),
+                        source,
+                    })?
+                    .len();
                 // A file that grows while it is read is cut at the length it had.
                 Ok(Opened {
                     reader: Box::new(io::BufReader::new(file).take(len)),
@@ -147,19 +157,21 @@ fn resolve_in_tar(index: &TarIndex, name: &str) -> Result<(u64, u64)> {
         }
         match index.links.get(&cur) {
             Some(LinkTarget::Inside(next)) => cur = next.clone(),
-            Some(LinkTarget::Outside) => {
-                bail!("{cur} in the image is a link that leaves the image; refused")
+            Some(LinkTarget::Outside) => return Err(Error::LinkLeavesImage { name: cur }),
+            None => {
+                return Err(match index.others.get(&cur) {
+                    Some(t) => Error::NotRegularFile {
+                        name: cur,
+                        found: format!("tar type {:?}", char::from(*t)),
+                    },
+                    None => Error::NoFile { name: cur },
+                });
             }
-            None => match index.others.get(&cur) {
-                Some(t) => bail!(
-                    "{cur} in the image is not a regular file (tar type {:?})",
-                    char::from(*t)
-                ),
-                None => bail!("the image has no file {cur}"),
-            },
         }
     }
-    bail!("{name} in the image: too many levels of links")
+    Err(Error::TooManyLinks {
+        name: name.to_string(),
+    })
 }
 
 /// Opens regular file `name` beneath the image directory `root`, resolving symlinks only
@@ -170,37 +182,51 @@ fn open_in_dir(root: BorrowedFd<'_>, name: &str) -> Result<File> {
         let flags = OFlags::RDONLY | OFlags::NONBLOCK | OFlags::NOCTTY;
         match archive::fs::open_beneath(root, Path::new(&cur), flags) {
             Ok(fd) => {
-                let st =
-                    rustix::fs::fstat(&fd).with_context(|| format!("stat {cur} in the image"))?;
+                let st = rustix::fs::fstat(&fd).map_err(|e| Error::InImage {
+                    op: "stat",
+                    name: cur.clone(),
+                    source: e.into(),
+                })?;
                 let t = FileType::from_raw_mode(st.st_mode);
                 if t != FileType::RegularFile {
-                    bail!(
-                        "{cur} in the image: expected a regular file, found {}",
-                        archive::fs::describe(t)
-                    );
+                    return Err(Error::NotRegularFile {
+                        name: cur,
+                        found: archive::fs::describe(t).to_string(),
+                    });
                 }
                 return Ok(File::from(fd));
             }
             Err(e)
-                if matches!(
-                    e.raw_os_error(),
-                    Some(libc::ELOOP | libc::EXDEV | libc::ENOTDIR)
-                ) =>
+                if [Errno::LOOP, Errno::XDEV, Errno::NOTDIR]
+                    .iter()
+                    .any(|n| e.raw_os_error() == Some(n.raw_os_error())) =>
             {
                 match follow_inside(root, &cur)? {
                     Some(next) => cur = next,
                     None => {
-                        return Err(
-                            anyhow::Error::new(e).context(format!("open {cur} in the image"))
-                        );
+                        return Err(Error::InImage {
+                            op: "open",
+                            name: cur,
+                            source: e,
+                        });
                     }
                 }
             }
-            Err(e) if e.kind() == io::ErrorKind::NotFound => bail!("the image has no file {cur}"),
-            Err(e) => return Err(anyhow::Error::new(e).context(format!("open {cur} in the image"))),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                return Err(Error::NoFile { name: cur });
+            }
+            Err(e) => {
+                return Err(Error::InImage {
+                    op: "open",
+                    name: cur,
+                    source: e,
+                });
+            }
         }
     }
-    bail!("{name} in the image: too many levels of symlinks")
+    Err(Error::TooManyLinks {
+        name: name.to_string(),
+    })
 }
 
 /// Finds the first symlink on `path` and returns the path with it replaced by its target,
@@ -214,20 +240,26 @@ fn follow_inside(root: BorrowedFd<'_>, path: &str) -> Result<Option<String>> {
         let here = parts[..=i].join("/");
         let st = match rustix::fs::statat(base, *part, AtFlags::SYMLINK_NOFOLLOW) {
             Ok(st) => st,
-            Err(rustix::io::Errno::NOENT) => bail!("the image has no file {here}"),
+            Err(Errno::NOENT) => return Err(Error::NoFile { name: here }),
             Err(e) => {
-                return Err(anyhow::Error::new(io::Error::from(e))
-                    .context(format!("stat {here} in the image")));
+                return Err(Error::InImage {
+                    op: "stat",
+                    name: here,
+                    source: e.into(),
+                });
             }
         };
         match FileType::from_raw_mode(st.st_mode) {
             FileType::Symlink => {
-                let target = rustix::fs::readlinkat(base, *part, Vec::new())
-                    .map_err(io::Error::from)
-                    .with_context(|| format!("read symlink {here} in the image"))?;
+                let target = rustix::fs::readlinkat(base, *part, Vec::new()).map_err(|e| {
+                    Error::InImage {
+                        op: "read symlink",
+                        name: here.clone(),
+                        source: e.into(),
+                    }
+                })?;
                 let target = target.to_string_lossy().into_owned();
-                let leaves =
-                    || anyhow!("{here} in the image is a symlink that leaves the image; refused");
+                let leaves = || Error::LinkLeavesImage { name: here.clone() };
                 if target.starts_with('/') {
                     return Err(leaves());
                 }
@@ -238,22 +270,28 @@ fn follow_inside(root: BorrowedFd<'_>, path: &str) -> Result<Option<String>> {
                     joined.push('/');
                     joined.push_str(rest);
                 }
-                let next = normalize_dots(&joined).map_err(|_| leaves())?;
+                let next = normalize_dots(&joined).ok_or_else(leaves)?;
                 if next.is_empty() {
                     return Err(leaves());
                 }
                 return Ok(Some(next));
             }
             FileType::Directory if i + 1 < parts.len() => {
-                dir = Some(
-                    archive::fs::open_dir_at(base, &std::ffi::CString::new(*part)?)
-                        .with_context(|| format!("open {here} in the image"))?,
-                );
+                let open_error = |source| Error::InImage {
+                    op: "open",
+                    name: here.clone(),
+                    source,
+                };
+                let c_name = std::ffi::CString::new(*part)
+                    .map_err(|e| open_error(io::Error::new(io::ErrorKind::InvalidInput, e)))?;
+                dir = Some(archive::fs::open_dir_at(base, &c_name).map_err(open_error)?);
             }
-            t if i + 1 < parts.len() => bail!(
-                "{here} in the image: expected a directory, found {}",
-                archive::fs::describe(t)
-            ),
+            t if i + 1 < parts.len() => {
+                return Err(Error::NotADirectory {
+                    name: here,
+                    found: archive::fs::describe(t).to_string(),
+                });
+            }
             _ => return Ok(None),
         }
     }
@@ -263,7 +301,7 @@ fn follow_inside(root: BorrowedFd<'_>, path: &str) -> Result<Option<String>> {
 /// Reads through a limit: more than `limit` bytes is an error naming the blob and both sizes,
 /// raised as soon as byte `limit + 1` arrives, so a blob longer than its descriptor says (or
 /// one that never ends) is never read further.
-pub struct Limited<R> {
+pub(crate) struct Limited<R> {
     inner: R,
     limit: u64,
     read: u64,
@@ -272,7 +310,7 @@ pub struct Limited<R> {
 
 impl<R> Limited<R> {
     /// Limits `inner` to `limit` bytes; `what` names the blob in the error.
-    pub fn new(inner: R, limit: u64, what: impl Into<Arc<str>>) -> Self {
+    pub(crate) fn new(inner: R, limit: u64, what: impl Into<Arc<str>>) -> Self {
         Limited {
             inner,
             limit,
@@ -301,12 +339,11 @@ impl<R: Read> Read for Limited<R> {
             }
             return Err(io::Error::new(
                 io::ErrorKind::InvalidData,
-                format!(
-                    "blob {}: longer than its declared size of {} bytes (read {} bytes)",
-                    self.what,
-                    self.limit,
-                    self.limit + 1
-                ),
+                Error::LongerThanDeclared {
+                    blob: self.what.to_string(),
+                    declared: self.limit,
+                    found: self.limit + 1,
+                },
             ));
         }
         let room = usize::try_from(self.limit - self.read).unwrap_or(usize::MAX);
