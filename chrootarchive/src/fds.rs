@@ -41,8 +41,9 @@ pub fn close_range_supported() -> bool {
     }
 }
 
-/// Test hook: behave as on a kernel without `close_range` (before 5.9). Not for normal use.
-#[doc(hidden)]
+/// Test hook: behave as on a kernel without `close_range` (before 5.9). Only with the
+/// `test-util` feature.
+#[cfg(feature = "test-util")]
 pub fn force_close_range_missing() {
     CLOSE_RANGE.store(MISSING, Ordering::Relaxed);
 }

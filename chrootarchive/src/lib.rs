@@ -92,9 +92,13 @@ use nix::sys::wait::{WaitStatus, waitpid};
 use nix::unistd::{ForkResult, Pid, fork, pipe2};
 
 pub use error::{Error, Result};
-#[doc(hidden)]
-pub use fds::{close_range_supported, force_close_range_missing};
+pub use fds::close_range_supported;
+#[cfg(feature = "test-util")]
+pub use fds::force_close_range_missing;
+#[cfg(feature = "test-util")]
 pub use protocol::ConfinedBy;
+#[cfg(not(feature = "test-util"))]
+use protocol::ConfinedBy;
 use protocol::{MAX_MESSAGE, Message};
 
 /// Applies the layer tar read from `reader` (compressed or not) onto the directory `dest`, in a
@@ -140,27 +144,35 @@ pub fn untar(dest: &Path, reader: impl Read, opts: &TarOptions) -> Result<()> {
     Ok(())
 }
 
-/// Test hook: makes the confined child misbehave after it confined itself. Not for normal use.
-#[doc(hidden)]
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub enum TestFault {
-    /// Behave normally.
-    None,
-    /// Raise `SIGKILL` in the child.
-    KillChild,
-    /// Panic in the child.
-    PanicChild,
-    /// `_exit(3)` in the child without reporting anything.
-    ExitChild,
-    /// Simulate a tar-code bug: before applying, write to this absolute host path directly and
-    /// through `../` climbing, ignoring errors. Confinement must make those writes land inside
-    /// the target.
-    WriteHostPath(std::path::PathBuf),
+/// The fault hooks' vocabulary; public (as [`TestFault`]) only with the `test-util` feature.
+mod fault {
+    /// Test hook: makes the confined child misbehave after it confined itself (public only with
+    /// the `test-util` feature).
+    #[derive(Clone, Debug, PartialEq, Eq)]
+    #[cfg_attr(not(feature = "test-util"), allow(dead_code))]
+    pub enum TestFault {
+        /// Behave normally.
+        None,
+        /// Raise `SIGKILL` in the child.
+        KillChild,
+        /// Panic in the child.
+        PanicChild,
+        /// `_exit(3)` in the child without reporting anything.
+        ExitChild,
+        /// Simulate a tar-code bug: before applying, write to this absolute host path directly and
+        /// through `../` climbing, ignoring errors. Confinement must make those writes land inside
+        /// the target.
+        WriteHostPath(std::path::PathBuf),
+    }
 }
+#[cfg(feature = "test-util")]
+pub use fault::TestFault;
+#[cfg(not(feature = "test-util"))]
+use fault::TestFault;
 
 /// Test hook: [`apply_layer`] with a fault injected into the child, also reporting how the
-/// child confined itself. Not for normal use.
-#[doc(hidden)]
+/// child confined itself. Only with the `test-util` feature.
+#[cfg(feature = "test-util")]
 pub fn apply_layer_with_fault(
     dest: &Path,
     reader: impl Read,

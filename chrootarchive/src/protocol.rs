@@ -31,8 +31,7 @@ pub(crate) const MAX_MESSAGE: usize = 1 << 20;
 /// Upper bound on one string field; longer fields are cut at a character boundary.
 const MAX_FIELD: usize = 16 * 1024;
 
-/// How the child confined itself.
-#[doc(hidden)]
+/// How the child confined itself (reported by `apply_layer_with_fault`, a `test-util` hook).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum ConfinedBy {
     /// `pivot_root` into the target and the old root detached: the normal case.

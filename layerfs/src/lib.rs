@@ -47,19 +47,16 @@ mod xattr;
 pub use dirs::{DirEntry, read_dir_sorted, readlink_at, stat_at};
 pub use open::note_openat2_missing;
 pub use open::{
-    changed_during_walk, describe, force_openat2_missing, open_beneath, open_dir_at,
-    open_dir_checked, open_file_checked, open_root_dir, openat2_supported, probe_openat2,
-    same_inode,
+    changed_during_walk, describe, open_beneath, open_dir_at, open_dir_checked, open_file_checked,
+    open_root_dir, openat2_supported, probe_openat2, same_inode,
 };
-pub use remove::{
-    fchmodat2_supported, force_fchmodat2_missing, probe_fchmodat2, remove_tree, remove_tree_at,
-};
+pub use remove::{fchmodat2_supported, probe_fchmodat2, remove_tree, remove_tree_at};
 pub use stack::{DirStack, MAX_HELD_FDS};
 pub use walk::{Visitor, WalkError, walk};
 pub use xattr::set_xattr_at;
 pub use xattr::{
-    XattrTarget, declare_single_threaded, force_xattrat_missing, get_xattr, list_xattrs,
-    probe_xattr_at, xattr_at_supported,
+    XattrTarget, declare_single_threaded, get_xattr, list_xattrs, probe_xattr_at,
+    xattr_at_supported,
 };
 
 /// A system call that older kernels lack, and what this crate does without it.
@@ -110,3 +107,10 @@ pub use rustix::fs::Stat;
 
 #[cfg(test)]
 mod tests;
+
+#[cfg(any(test, feature = "test-util"))]
+pub use open::force_openat2_missing;
+#[cfg(any(test, feature = "test-util"))]
+pub use remove::force_fchmodat2_missing;
+#[cfg(any(test, feature = "test-util"))]
+pub use xattr::force_xattrat_missing;

@@ -230,8 +230,8 @@ pub(crate) fn open_beneath_walk(
     rustix::fs::openat(base, *last, flags, Mode::empty()).map_err(io::Error::from)
 }
 
-/// Test hook: forget that `openat2` works, as on a kernel before 5.6. Not for normal use.
-#[doc(hidden)]
+/// Test hook: forget that `openat2` works, as on a kernel before 5.6. Only with the `test-util` feature.
+#[cfg(any(test, feature = "test-util"))]
 pub fn force_openat2_missing() {
     OPENAT2.store(false, Ordering::Relaxed);
 }

@@ -199,8 +199,8 @@ pub fn probe_fchmodat2() -> bool {
     fchmodat2_supported()
 }
 
-/// Test hook: forget that `fchmodat2` works, as on a kernel before 6.6. Not for normal use.
-#[doc(hidden)]
+/// Test hook: forget that `fchmodat2` works, as on a kernel before 6.6. Only with the `test-util` feature.
+#[cfg(any(test, feature = "test-util"))]
 pub fn force_fchmodat2_missing() {
     FCHMODAT2.store(false, Ordering::Relaxed);
 }

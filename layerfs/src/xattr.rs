@@ -316,9 +316,9 @@ pub fn get_xattr(target: XattrTarget<'_>, attr: &CStr) -> io::Result<Option<Vec<
     }
 }
 
-/// Test hook: forget that the `*xattrat` calls work, as on a kernel before 6.13. Not for
-/// normal use.
-#[doc(hidden)]
+/// Test hook: forget that the `*xattrat` calls work, as on a kernel before 6.13. Only with the
+/// `test-util` feature.
+#[cfg(any(test, feature = "test-util"))]
 pub fn force_xattrat_missing() {
     XATTRAT.store(false, Ordering::Relaxed);
 }
