@@ -12,13 +12,9 @@ use apply_util::Tb;
 use archive::{ApplyOptions, OverlayXattr, WhiteoutFormat, apply_layer_report};
 use tar::EntryType;
 
+/// Whether the root-only `test` runs (mknod): see [`test_support::root_or_skip`].
 fn is_root_or_ci(test: &str) -> bool {
-    if rustix::process::geteuid().is_root() || std::env::var("CI").as_deref() == Ok("true") {
-        return true;
-    }
-    eprintln!("skipping {test}: needs root (mknod) and CI is not \"true\"");
-    test_support::record_skip(&format!("{test} needs root (mknod)"));
-    false
+    test_support::root_or_skip(&format!("{test} (mknod)"))
 }
 
 /// Every path in `dir` (recursively) that is a character or block device.

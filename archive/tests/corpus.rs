@@ -50,9 +50,7 @@ fn corpus_dir_or_skip(path: &str) -> Option<PathBuf> {
     None
 }
 
-fn is_root() -> bool {
-    rustix::process::geteuid().is_root()
-}
+use test_support::is_root;
 
 fn read_archive(path: &Path) -> Vec<u8> {
     let mut data = Vec::new();

@@ -90,21 +90,11 @@ fn write(p: &Path, data: &[u8]) {
     fs::write(p, data).unwrap();
 }
 
-fn is_root() -> bool {
-    rustix::process::geteuid().is_root()
-}
+use test_support::is_root;
 
+/// Whether this root-only test runs (see [`test_support::root_or_skip`]).
 fn root_or_skip() -> bool {
-    if is_root() {
-        return true;
-    }
-    assert!(
-        std::env::var("CI").as_deref() != Ok("true"),
-        "this test needs root and CI=true forbids skipping it"
-    );
-    eprintln!("skipping: needs root");
-    test_support::record_skip("needs root");
-    false
+    test_support::root_or_skip("this export test (devices, owners)")
 }
 
 #[test]

@@ -25,9 +25,7 @@ const SAFE: &[u8] = b"safe layer content, 28 bytes";
 /// Larger than anything in the tree: a `changes_size` that counted it read the host.
 const HOST_BIG: usize = 1 << 20;
 
-fn is_root() -> bool {
-    rustix::process::geteuid().is_root()
-}
+use test_support::is_root;
 
 /// A block device to plant: the one holding the temp directory when it is a real disk (so
 /// reading it would show host bytes), else loop0 (7:0).

@@ -11,14 +11,7 @@ pub fn sample_image() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/sample-image")
 }
 
-/// True when running as root.
-pub fn is_root() -> bool {
-    use std::os::unix::fs::MetadataExt;
-    // /proc/self belongs to the process's effective user.
-    std::fs::metadata("/proc/self")
-        .map(|m| m.uid() == 0)
-        .unwrap_or(false)
-}
+pub use test_support::is_root;
 
 /// Why a root-only test must be skipped here, or `None` to run it (always run under `CI=true`).
 pub fn skip_root_test() -> Option<&'static str> {

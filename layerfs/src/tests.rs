@@ -308,25 +308,7 @@ fn walk_refuses_a_directory_swapped_for_a_symlink() {
     assert!(!v.seen.iter().any(|r| r.ends_with(b"secret")));
 }
 
-fn is_root() -> bool {
-    rustix::process::geteuid().is_root()
-}
-
-/// True as root. Otherwise prints why the test is skipped (`why`) and returns false, after
-/// checking that this is not CI, where the tests that need root must run.
-pub(crate) fn root_or_skip(why: &str) -> bool {
-    if is_root() {
-        return true;
-    }
-    assert_ne!(
-        std::env::var("CI").as_deref(),
-        Ok("true"),
-        "CI=true: this test must run as root"
-    );
-    eprintln!("skipping: {why}");
-    test_support::record_skip(why);
-    false
-}
+use test_support::{is_root, root_or_skip};
 
 #[test]
 fn xattrs_of_symlinks_and_fifos_are_read_through_the_parent_on_every_kernel() {

@@ -187,7 +187,7 @@ fn locked_out_tree_is_removed(work: &Path) {
 /// mounted) is refused, and nothing on it is removed.
 #[test]
 fn does_not_remove_below_a_mount_point() {
-    if !crate::tests::root_or_skip("mounting a tmpfs needs root") {
+    if !test_support::root_or_skip("mounting a tmpfs needs root") {
         return;
     }
     let t = tempfile::tempdir().unwrap();
