@@ -243,50 +243,94 @@ pub trait Driver: ProtoDriver + DiffDriver {}
 
 impl<T: ProtoDriver + DiffDriver + ?Sized> Driver for T {}
 
-// === forwarding impls ===
+// === forwarding ===
 
-macro_rules! forward_proto {
+/// Writes the body of a `ProtoDriver` impl that forwards every method to another
+/// `ProtoDriver`: `delegate_proto_driver!(self => <expression naming the inner driver>)`.
+///
+/// For wrappers that add behaviour to some other part of a driver (a diff half, logging,
+/// metrics) and must pass the whole [`ProtoDriver`] through unchanged; every method is
+/// forwarded, so a method added to the trait later is forwarded too, not silently left to its
+/// default.
+///
+/// ```
+/// use graphdriver::ProtoDriver;
+///
+/// /// A driver wrapper that counts nothing yet: it only forwards.
+/// struct Wrapper<D> {
+///     inner: D,
+/// }
+///
+/// impl<D: ProtoDriver> ProtoDriver for Wrapper<D> {
+///     graphdriver::delegate_proto_driver!(self => self.inner);
+/// }
+/// ```
+#[macro_export]
+macro_rules! delegate_proto_driver {
+    ($this:ident => $inner:expr) => {
+        fn name(&$this) -> &str {
+            $inner.name()
+        }
+        fn home(&$this) -> &::std::path::Path {
+            $inner.home()
+        }
+        fn create(
+            &$this,
+            id: &$crate::LayerId,
+            parent: Option<&$crate::LayerId>,
+        ) -> $crate::Result<()> {
+            $inner.create(id, parent)
+        }
+        fn create_read_write(
+            &$this,
+            id: &$crate::LayerId,
+            parent: Option<&$crate::LayerId>,
+        ) -> $crate::Result<()> {
+            $inner.create_read_write(id, parent)
+        }
+        fn create_pending(
+            &$this,
+            id: &$crate::LayerId,
+            parent: Option<&$crate::LayerId>,
+        ) -> $crate::Result<()> {
+            $inner.create_pending(id, parent)
+        }
+        fn remove(&$this, id: &$crate::LayerId) -> $crate::Result<()> {
+            $inner.remove(id)
+        }
+        fn get(
+            &$this,
+            id: &$crate::LayerId,
+            opts: &$crate::MountOpts,
+        ) -> $crate::Result<::std::path::PathBuf> {
+            $inner.get(id, opts)
+        }
+        fn put(&$this, id: &$crate::LayerId) -> $crate::Result<()> {
+            $inner.put(id)
+        }
+        fn exists(&$this, id: &$crate::LayerId) -> bool {
+            $inner.exists(id)
+        }
+        fn status(&$this) -> Vec<(String, String)> {
+            $inner.status()
+        }
+        fn cleanup(&$this) -> $crate::Result<()> {
+            $inner.cleanup()
+        }
+        fn list(&$this) -> $crate::Result<Vec<$crate::LayerInfo>> {
+            $inner.list()
+        }
+        fn parent(&$this, id: &$crate::LayerId) -> $crate::Result<Option<$crate::LayerId>> {
+            $inner.parent(id)
+        }
+    };
+}
+
+/// A `Box`, `Arc` or reference to a driver is that driver.
+macro_rules! forward_pointer {
     ($ty:ty) => {
         impl<T: ProtoDriver + ?Sized> ProtoDriver for $ty {
-            fn name(&self) -> &str {
-                (**self).name()
-            }
-            fn home(&self) -> &Path {
-                (**self).home()
-            }
-            fn create(&self, id: &LayerId, parent: Option<&LayerId>) -> Result<()> {
-                (**self).create(id, parent)
-            }
-            fn create_read_write(&self, id: &LayerId, parent: Option<&LayerId>) -> Result<()> {
-                (**self).create_read_write(id, parent)
-            }
-            fn create_pending(&self, id: &LayerId, parent: Option<&LayerId>) -> Result<()> {
-                (**self).create_pending(id, parent)
-            }
-            fn remove(&self, id: &LayerId) -> Result<()> {
-                (**self).remove(id)
-            }
-            fn get(&self, id: &LayerId, opts: &MountOpts) -> Result<PathBuf> {
-                (**self).get(id, opts)
-            }
-            fn put(&self, id: &LayerId) -> Result<()> {
-                (**self).put(id)
-            }
-            fn exists(&self, id: &LayerId) -> bool {
-                (**self).exists(id)
-            }
-            fn status(&self) -> Vec<(String, String)> {
-                (**self).status()
-            }
-            fn cleanup(&self) -> Result<()> {
-                (**self).cleanup()
-            }
-            fn list(&self) -> Result<Vec<LayerInfo>> {
-                (**self).list()
-            }
-            fn parent(&self, id: &LayerId) -> Result<Option<LayerId>> {
-                (**self).parent(id)
-            }
+            delegate_proto_driver!(self => (**self));
         }
 
         impl<T: DiffDriver + ?Sized> DiffDriver for $ty {
@@ -315,6 +359,6 @@ macro_rules! forward_proto {
     };
 }
 
-forward_proto!(Box<T>);
-forward_proto!(Arc<T>);
-forward_proto!(&T);
+forward_pointer!(Box<T>);
+forward_pointer!(Arc<T>);
+forward_pointer!(&T);

@@ -36,10 +36,10 @@
 
 use std::fmt;
 use std::io::{self, Read};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 use archive::{ApplyOptions, TarOptions};
-use graphdriver::{Change, DiffDriver, Error, LayerId, LayerInfo, MountOpts, ProtoDriver, Result};
+use graphdriver::{Change, DiffDriver, Error, LayerId, MountOpts, ProtoDriver, Result};
 
 /// A [`DiffDriver`] for any [`ProtoDriver`], computed from the layers' trees.
 ///
@@ -193,52 +193,8 @@ fn naive_diff_size<D: ProtoDriver + ?Sized>(
         .map_err(|e| Error::archive(id, e))
 }
 
-macro_rules! forward_proto_to {
-    ($field:ident) => {
-        fn name(&self) -> &str {
-            self.$field.name()
-        }
-        fn home(&self) -> &Path {
-            self.$field.home()
-        }
-        fn create(&self, id: &LayerId, parent: Option<&LayerId>) -> Result<()> {
-            self.$field.create(id, parent)
-        }
-        fn create_read_write(&self, id: &LayerId, parent: Option<&LayerId>) -> Result<()> {
-            self.$field.create_read_write(id, parent)
-        }
-        fn create_pending(&self, id: &LayerId, parent: Option<&LayerId>) -> Result<()> {
-            self.$field.create_pending(id, parent)
-        }
-        fn remove(&self, id: &LayerId) -> Result<()> {
-            self.$field.remove(id)
-        }
-        fn get(&self, id: &LayerId, opts: &MountOpts) -> Result<PathBuf> {
-            self.$field.get(id, opts)
-        }
-        fn put(&self, id: &LayerId) -> Result<()> {
-            self.$field.put(id)
-        }
-        fn exists(&self, id: &LayerId) -> bool {
-            self.$field.exists(id)
-        }
-        fn status(&self) -> Vec<(String, String)> {
-            self.$field.status()
-        }
-        fn cleanup(&self) -> Result<()> {
-            self.$field.cleanup()
-        }
-        fn list(&self) -> Result<Vec<LayerInfo>> {
-            self.$field.list()
-        }
-        fn parent(&self, id: &LayerId) -> Result<Option<LayerId>> {
-            self.$field.parent(id)
-        }
-    };
-}
-
 impl<D: ProtoDriver> ProtoDriver for NaiveDiffDriver<D> {
-    forward_proto_to!(inner);
+    graphdriver::delegate_proto_driver!(self => self.inner);
 }
 
 impl<D: ProtoDriver> DiffDriver for NaiveDiffDriver<D> {
@@ -323,7 +279,7 @@ impl<D: ApplyDiffProtoDriver> NaiveDiffDriverWithApply<D> {
 }
 
 impl<D: ApplyDiffProtoDriver> ProtoDriver for NaiveDiffDriverWithApply<D> {
-    forward_proto_to!(inner);
+    graphdriver::delegate_proto_driver!(self => self.inner);
 }
 
 /// Counts the bytes read through it, so a late fallback is detected.

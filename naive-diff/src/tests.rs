@@ -9,7 +9,7 @@ use std::sync::atomic::{AtomicI64, Ordering};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use archive::compare::{CompareOptions, assert_same_tree};
-use graphdriver::{ChangeKind, Durability, IoContext, LayerStore};
+use graphdriver::{ChangeKind, Durability, IoContext, LayerInfo, LayerStore};
 
 use super::*;
 
