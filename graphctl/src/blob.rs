@@ -1,9 +1,10 @@
 //! `diff` and `export` output: a layer tar, plain or compressed, to a file or stdout, with its
 //! digest and DiffID.
 //!
-//! The tar streams through a SHA-256 of the uncompressed bytes (the DiffID), the compressor
-//! and a SHA-256 of what is written (the blob's digest, as an OCI manifest names it), so a blob
-//! of any size is written with bounded memory and hashed once. The output file is not fsynced
+//! With `--compress` or `--json` the tar streams through a SHA-256 of the uncompressed bytes
+//! (the DiffID), the compressor and a SHA-256 of what is written (the blob's digest, as an OCI
+//! manifest names it), so a blob of any size is written with bounded memory and hashed once; a
+//! plain `diff` or `export` is copied straight through. The output file is not fsynced
 //! (as GNU tar does not): a command that must survive a power cut runs `sync FILE` after.
 
 use std::fs::File;
@@ -91,9 +92,22 @@ struct Written {
     tar_size: u64,
 }
 
-/// Streams `tar` through the DiffID hasher, the compressor and the digest hasher into `dest`;
-/// returns `dest` (flushed) and the digests.
-fn write_to<W: Write>(mut tar: impl Read, dest: W, format: CompressFormat) -> Result<(W, Written)> {
+/// Streams `tar` into `dest` as `format`; with `report`, through the DiffID hasher, the
+/// compressor and the digest hasher, returning the digests. Without it (a plain `diff` or
+/// `export`) the bytes are copied as they come: no hashing costs the export speed nobody asked
+/// for. Returns `dest`, flushed.
+fn write_to<W: Write>(
+    mut tar: impl Read,
+    dest: W,
+    format: CompressFormat,
+    report: bool,
+) -> Result<(W, Option<Written>)> {
+    if !report && format == CompressFormat::None {
+        let mut dest = dest;
+        io::copy(&mut tar, &mut dest)?;
+        dest.flush()?;
+        return Ok((dest, None));
+    }
     let blob = HashWriter::new(BufWriter::with_capacity(1 << 20, dest));
     let encoder = archive::Encoder::new(blob, format.compression())?;
     let mut plain = HashWriter::new(encoder);
@@ -103,12 +117,12 @@ fn write_to<W: Write>(mut tar: impl Read, dest: W, format: CompressFormat) -> Re
     let dest = buffered.into_inner().map_err(|e| e.into_error())?;
     Ok((
         dest,
-        Written {
+        Some(Written {
             digest,
             size,
             diff_id,
             tar_size,
-        },
+        }),
     ))
 }
 
@@ -117,16 +131,17 @@ fn write_to<W: Write>(mut tar: impl Read, dest: W, format: CompressFormat) -> Re
 /// with `--json` as the command's document.
 pub fn write(tar: impl Read, out: &BlobOutput, json: bool) -> Result<()> {
     let format = out.compress.unwrap_or(CompressFormat::None);
+    let report = json || out.compress.is_some();
     let written = match &out.output {
         None => {
-            let (mut stdout, w) = write_to(tar, io::stdout().lock(), format)
+            let (mut stdout, w) = write_to(tar, io::stdout().lock(), format, report)
                 .context("write the layer tar to stdout")?;
             stdout.flush().context("write the layer tar to stdout")?;
             w
         }
         Some(path) => {
             let (file, created) = open_output(path)?;
-            match write_to(tar, file, format) {
+            match write_to(tar, file, format, report) {
                 Ok((_, w)) => w,
                 Err(e) => {
                     if let Some(made) = created {
@@ -136,6 +151,9 @@ pub fn write(tar: impl Read, out: &BlobOutput, json: bool) -> Result<()> {
                 }
             }
         }
+    };
+    let Some(written) = written else {
+        return Ok(());
     };
     if json {
         let mut obj = serde_json::Map::new();
@@ -149,18 +167,16 @@ pub fn write(tar: impl Read, out: &BlobOutput, json: bool) -> Result<()> {
         obj.insert("uncompressed_size".into(), json!(written.tar_size));
         return output::print_json(serde_json::Value::Object(obj));
     }
-    if out.compress.is_some() {
-        let text = format!(
-            "digest: {}\nsize: {}\ndiff_id: {}\n",
-            written.digest, written.size, written.diff_id
-        );
-        if out.output.is_some() {
-            let mut stdout = io::stdout().lock();
-            stdout.write_all(text.as_bytes())?;
-            stdout.flush()?;
-        } else {
-            eprint!("{text}");
-        }
+    let text = format!(
+        "digest: {}\nsize: {}\ndiff_id: {}\n",
+        written.digest, written.size, written.diff_id
+    );
+    if out.output.is_some() {
+        let mut stdout = io::stdout().lock();
+        stdout.write_all(text.as_bytes())?;
+        stdout.flush()?;
+    } else {
+        eprint!("{text}");
     }
     Ok(())
 }
