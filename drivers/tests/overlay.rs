@@ -11,14 +11,14 @@ use archive::compare::{CompareOptions, assert_same_tree};
 use common::{id, mounts_at, root_or_skip, tar_of, write_files};
 use drivers::overlay::{Overlay, OverlayConfig};
 use graphdriver::{DiffDriver, Error, MountOpts, ProtoDriver};
-use naive_diff::NaiveDiffDriverWithApply;
+use naive_diff::NaiveDiffDriver;
 
-fn overlay(t: &Path) -> NaiveDiffDriverWithApply<Overlay> {
+fn overlay(t: &Path) -> NaiveDiffDriver<Overlay> {
     Overlay::driver(&t.join("overlay"), OverlayConfig::default()).unwrap()
 }
 
 /// base (applied) → app (applied on base) → ctr (read-write on app).
-fn stack(d: &NaiveDiffDriverWithApply<Overlay>, t: &Path) {
+fn stack(d: &NaiveDiffDriver<Overlay>, t: &Path) {
     let s0 = t.join("s0");
     write_files(
         &s0,

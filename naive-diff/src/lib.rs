@@ -4,18 +4,58 @@
 //!
 //! A driver that can store layers and make them available at a path ([`ProtoDriver`]) gets the
 //! rest of the contract ([`DiffDriver`]) from this crate, the way `tracing` layers wrap a
-//! subscriber:
+//! subscriber. There is one wrapper, [`NaiveDiffDriver`], and one extension point, the
+//! [`DiffHooks`] trait:
 //!
-//! * [`NaiveDiffDriver`] wraps any `D: ProtoDriver` and answers every [`DiffDriver`] call by
-//!   getting the layer (and its parent), comparing the two trees with [`archive::changes`] and
-//!   exporting or applying tars. Every get is matched by a put on every path, errors included
-//!   (a guard type does the put). The reader [`DiffDriver::diff`] returns holds its gets and
-//!   puts them when it is dropped.
-//! * [`NaiveDiffDriverWithApply`] is the same for drivers that can apply a diff faster themselves
-//!   ([`ApplyDiffProtoDriver`]): their native apply runs first and answers
-//!   [`NativeApply::Fallback`] — a type, not a magic error — when the naive apply should run
-//!   instead. A driver must decide *before reading any byte* of the diff; a fallback after
-//!   reading is reported as a driver bug rather than applying a truncated stream.
+//! * For each of diff, changes, apply and size, the wrapper first asks the driver's hook. A hook
+//!   answers [`Native::Done`] with the result, or [`Native::Fallback`] — a type, not a magic
+//!   error — and the naive path runs. The choice is made **per call** (the way containers/storage
+//!   decides per call whether overlay's native diff is exact), so a driver can answer natively
+//!   for the layers and hosts where it is exact and fall back elsewhere.
+//! * Every hook has a default that falls back, so a driver with no native diff at all writes
+//!   `impl DiffHooks for MyDriver {}` and gets everything from the naive path.
+//! * The naive path gets the layer (and its parent), compares the two trees with
+//!   [`archive::changes`] and exports or applies tars. Every get is matched by a put on every
+//!   path, errors included (a guard type does the put). The reader [`DiffDriver::diff`] returns
+//!   holds its gets and puts them when it is dropped.
+//! * An apply hook must decide *before reading any byte* of the diff; a fallback after reading
+//!   is reported as a driver bug rather than applying a truncated stream.
+//!
+//! ```
+//! use std::path::{Path, PathBuf};
+//! use graphdriver::{LayerId, LayerInfo, MountOpts, ProtoDriver, Result};
+//! use naive_diff::{DiffHooks, Native, NaiveDiffDriver};
+//!
+//! /// A driver whose changes are known for base layers only (say, from a log it keeps).
+//! struct Logged { home: PathBuf }
+//!
+//! impl DiffHooks for Logged {
+//!     fn changes_native(&self, _id: &LayerId, parent: Option<&LayerId>)
+//!         -> Result<Native<Vec<graphdriver::Change>>> {
+//!         match parent {
+//!             None => Ok(Native::Done(Vec::new())), // answered natively
+//!             Some(_) => Ok(Native::Fallback),       // the naive tree comparison runs
+//!         }
+//!     }
+//! }
+//! # impl ProtoDriver for Logged {
+//! #     fn name(&self) -> &str { "logged" }
+//! #     fn home(&self) -> &Path { &self.home }
+//! #     fn create(&self, _: &LayerId, _: Option<&LayerId>) -> Result<()> { Ok(()) }
+//! #     fn create_read_write(&self, _: &LayerId, _: Option<&LayerId>) -> Result<()> { Ok(()) }
+//! #     fn remove(&self, _: &LayerId) -> Result<()> { Ok(()) }
+//! #     fn get(&self, _: &LayerId, _: &MountOpts) -> Result<PathBuf> { Ok(self.home.clone()) }
+//! #     fn put(&self, _: &LayerId) -> Result<()> { Ok(()) }
+//! #     fn exists(&self, _: &LayerId) -> bool { true }
+//! #     fn status(&self) -> Vec<(String, String)> { Vec::new() }
+//! #     fn cleanup(&self) -> Result<()> { Ok(()) }
+//! #     fn list(&self) -> Result<Vec<LayerInfo>> { Ok(Vec::new()) }
+//! # }
+//! use graphdriver::DiffDriver;
+//! let driver = NaiveDiffDriver::new(Logged { home: std::env::temp_dir() });
+//! assert!(driver.changes(&LayerId::new("base")?, None)?.is_empty());
+//! # Ok::<(), graphdriver::Error>(())
+//! ```
 //!
 //! # Guarantees about failed applies
 //!
@@ -41,7 +81,8 @@ use std::path::PathBuf;
 use archive::{ApplyOptions, TarOptions};
 use graphdriver::{Change, DiffDriver, Error, LayerId, MountOpts, ProtoDriver, Result};
 
-/// A [`DiffDriver`] for any [`ProtoDriver`], computed from the layers' trees.
+/// A [`DiffDriver`] for any driver with [`DiffHooks`]: each call answered by the driver's hook,
+/// or computed from the layers' trees when the hook falls back.
 ///
 /// See the [crate documentation](crate) for what each call does and guarantees.
 #[derive(Debug)]
@@ -49,7 +90,7 @@ pub struct NaiveDiffDriver<D> {
     inner: D,
 }
 
-impl<D: ProtoDriver> NaiveDiffDriver<D> {
+impl<D: DiffHooks> NaiveDiffDriver<D> {
     /// Wraps `inner`.
     pub fn new(inner: D) -> Self {
         NaiveDiffDriver { inner }
@@ -193,92 +234,64 @@ fn naive_diff_size<D: ProtoDriver + ?Sized>(
         .map_err(|e| Error::archive(id, e))
 }
 
-impl<D: ProtoDriver> ProtoDriver for NaiveDiffDriver<D> {
-    graphdriver::delegate_proto_driver!(self => self.inner);
-}
-
-impl<D: ProtoDriver> DiffDriver for NaiveDiffDriver<D> {
-    /// Gets both layers and streams [`archive::export_changes`] of their differences (the whole
-    /// tree via [`archive::tar_tree`] without a parent); the reader puts both when dropped.
-    fn diff<'a>(
-        &'a self,
-        id: &LayerId,
-        parent: Option<&LayerId>,
-    ) -> Result<Box<dyn Read + Send + 'a>> {
-        naive_diff(&self.inner, id, parent)
-    }
-
-    /// [`archive::changes`] of the two mounted trees.
-    fn changes(&self, id: &LayerId, parent: Option<&LayerId>) -> Result<Vec<Change>> {
-        naive_changes(&self.inner, id, parent)
-    }
-
-    /// Gets `id`, applies through [`chrootarchive::apply_layer`] and puts it; on failure the layer
-    /// is put and removed. `parent` is not consulted: the layer already starts as its copy.
-    fn apply_diff(
-        &self,
-        id: &LayerId,
-        _parent: Option<&LayerId>,
-        diff: &mut dyn Read,
-    ) -> Result<u64> {
-        naive_apply(&self.inner, id, diff)
-    }
-
-    /// [`archive::changes_size`] of [`changes`](DiffDriver::changes).
-    fn diff_size(&self, id: &LayerId, parent: Option<&LayerId>) -> Result<u64> {
-        naive_diff_size(&self.inner, id, parent)
-    }
-}
-
-/// What a driver's native apply did ([`ApplyDiffProtoDriver::apply_diff_native`]).
+/// A driver's answer to one call of a [`DiffHooks`] hook.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum NativeApply {
-    /// The diff was applied natively; the regular-file bytes applied.
-    Applied(u64),
-    /// The driver cannot apply this diff natively; the naive apply must run. Only valid when no
-    /// byte of the diff was read.
+pub enum Native<T> {
+    /// The driver answered natively; this is the result.
+    Done(T),
+    /// The driver cannot answer this call natively (this layer, this host): the naive path runs.
+    /// An apply hook may answer this only before reading any byte of the diff.
     Fallback,
 }
 
-/// A [`ProtoDriver`] with its own, faster way of applying some diffs.
-pub trait ApplyDiffProtoDriver: ProtoDriver {
-    /// Applies `diff` to layer `id` (whose parent is `parent`) natively, or answers
-    /// [`NativeApply::Fallback`] **before reading any byte** of `diff`.
-    ///
-    /// Same contract as [`DiffDriver::apply_diff`] otherwise: on error the layer is gone.
+/// How a driver answers some [`DiffDriver`] calls itself: one hook per call, each free to answer
+/// natively or fall back for each call. Every hook falls back by default.
+///
+/// The hooks have the contract of the [`DiffDriver`] call they stand for; a hook that answers
+/// [`Native::Done`] must give the result the naive path would (the conformance suite compares
+/// them).
+pub trait DiffHooks: ProtoDriver {
+    /// [`DiffDriver::diff`] natively, or [`Native::Fallback`].
+    fn diff_native<'a>(
+        &'a self,
+        id: &LayerId,
+        parent: Option<&LayerId>,
+    ) -> Result<Native<Box<dyn Read + Send + 'a>>> {
+        let _ = (id, parent);
+        Ok(Native::Fallback)
+    }
+
+    /// [`DiffDriver::changes`] natively, or [`Native::Fallback`].
+    fn changes_native(
+        &self,
+        id: &LayerId,
+        parent: Option<&LayerId>,
+    ) -> Result<Native<Vec<Change>>> {
+        let _ = (id, parent);
+        Ok(Native::Fallback)
+    }
+
+    /// [`DiffDriver::apply_diff`] natively (the regular-file bytes applied), or
+    /// [`Native::Fallback`] **before reading any byte** of `diff`. On error the layer is gone,
+    /// as for [`DiffDriver::apply_diff`].
     fn apply_diff_native(
         &self,
         id: &LayerId,
         parent: Option<&LayerId>,
         diff: &mut dyn Read,
-    ) -> Result<NativeApply>;
-}
-
-/// A complete [`graphdriver::Driver`] from an [`ApplyDiffProtoDriver`]: native apply first, the
-/// naive one on [`NativeApply::Fallback`]; diff, changes and sizes as [`NaiveDiffDriver`].
-#[derive(Debug)]
-pub struct NaiveDiffDriverWithApply<D> {
-    inner: D,
-}
-
-impl<D: ApplyDiffProtoDriver> NaiveDiffDriverWithApply<D> {
-    /// Wraps `inner`.
-    pub fn new(inner: D) -> Self {
-        NaiveDiffDriverWithApply { inner }
+    ) -> Result<Native<u64>> {
+        let _ = (id, parent, diff);
+        Ok(Native::Fallback)
     }
 
-    /// The wrapped driver.
-    pub fn inner(&self) -> &D {
-        &self.inner
-    }
-
-    /// Unwraps the driver.
-    pub fn into_inner(self) -> D {
-        self.inner
+    /// [`DiffDriver::diff_size`] natively, or [`Native::Fallback`].
+    fn diff_size_native(&self, id: &LayerId, parent: Option<&LayerId>) -> Result<Native<u64>> {
+        let _ = (id, parent);
+        Ok(Native::Fallback)
     }
 }
 
-impl<D: ApplyDiffProtoDriver> ProtoDriver for NaiveDiffDriverWithApply<D> {
+impl<D: DiffHooks> ProtoDriver for NaiveDiffDriver<D> {
     graphdriver::delegate_proto_driver!(self => self.inner);
 }
 
@@ -313,23 +326,35 @@ impl fmt::Display for LateFallback<'_> {
     }
 }
 
-impl<D: ApplyDiffProtoDriver> DiffDriver for NaiveDiffDriverWithApply<D> {
-    /// As [`NaiveDiffDriver`].
+impl<D: DiffHooks> DiffDriver for NaiveDiffDriver<D> {
+    /// The driver's [`DiffHooks::diff_native`]; on fallback, gets both layers and streams
+    /// [`archive::export_changes`] of their differences (the whole tree via
+    /// [`archive::tar_tree`] without a parent); that reader puts both when dropped.
     fn diff<'a>(
         &'a self,
         id: &LayerId,
         parent: Option<&LayerId>,
     ) -> Result<Box<dyn Read + Send + 'a>> {
-        naive_diff(&self.inner, id, parent)
+        match self.inner.diff_native(id, parent)? {
+            Native::Done(reader) => Ok(reader),
+            Native::Fallback => naive_diff(&self.inner, id, parent),
+        }
     }
 
-    /// As [`NaiveDiffDriver`].
+    /// The driver's [`DiffHooks::changes_native`]; on fallback, [`archive::changes`] of the two
+    /// mounted trees.
     fn changes(&self, id: &LayerId, parent: Option<&LayerId>) -> Result<Vec<Change>> {
-        naive_changes(&self.inner, id, parent)
+        match self.inner.changes_native(id, parent)? {
+            Native::Done(changes) => Ok(changes),
+            Native::Fallback => naive_changes(&self.inner, id, parent),
+        }
     }
 
-    /// The native apply; on [`NativeApply::Fallback`] the naive one. A fallback after the native
-    /// apply read from `diff` is an [`Error::Io`] naming the driver bug (the layer is removed).
+    /// The driver's [`DiffHooks::apply_diff_native`]; on fallback, gets `id`, applies through
+    /// [`chrootarchive::apply_layer`] and puts it; on failure the layer is put and removed.
+    /// `parent` is not consulted by the naive apply: the layer already starts as its copy. A
+    /// fallback after the hook read from `diff` is an [`Error::Io`] naming the driver bug (the
+    /// layer is removed).
     fn apply_diff(
         &self,
         id: &LayerId,
@@ -341,12 +366,12 @@ impl<D: ApplyDiffProtoDriver> DiffDriver for NaiveDiffDriverWithApply<D> {
             count: 0,
         };
         match self.inner.apply_diff_native(id, parent, &mut counting)? {
-            NativeApply::Applied(bytes) => Ok(bytes),
-            NativeApply::Fallback if counting.count == 0 => {
+            Native::Done(bytes) => Ok(bytes),
+            Native::Fallback if counting.count == 0 => {
                 tracing::debug!(layer = %id, driver = self.inner.name(), "native apply fell back");
                 naive_apply(&self.inner, id, counting.inner)
             }
-            NativeApply::Fallback => {
+            Native::Fallback => {
                 let msg = LateFallback {
                     driver: self.inner.name(),
                     consumed: counting.count,
@@ -361,9 +386,13 @@ impl<D: ApplyDiffProtoDriver> DiffDriver for NaiveDiffDriverWithApply<D> {
         }
     }
 
-    /// As [`NaiveDiffDriver`].
+    /// The driver's [`DiffHooks::diff_size_native`]; on fallback, [`archive::changes_size`] of
+    /// [`changes`](DiffDriver::changes).
     fn diff_size(&self, id: &LayerId, parent: Option<&LayerId>) -> Result<u64> {
-        naive_diff_size(&self.inner, id, parent)
+        match self.inner.diff_size_native(id, parent)? {
+            Native::Done(size) => Ok(size),
+            Native::Fallback => naive_diff_size(&self.inner, id, parent),
+        }
     }
 }
 

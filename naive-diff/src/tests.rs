@@ -14,7 +14,9 @@ use graphdriver::{ChangeKind, Durability, IoContext, LayerInfo, LayerStore};
 use super::*;
 
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
-enum Native {
+enum Mode {
+    /// Every hook falls back: the plain naive driver.
+    NaiveOnly,
     Apply,
     FallbackEarly,
     FallbackLate,
@@ -25,7 +27,9 @@ struct Fake {
     store: LayerStore,
     outstanding: AtomicI64,
     fail_get: Mutex<Option<LayerId>>,
-    native: Mutex<Native>,
+    native: Mutex<Mode>,
+    /// Answer `changes` natively for base layers (no parent) with a marker change.
+    native_changes_for_bases: Mutex<bool>,
 }
 
 fn copy_dir(src: &Path, dst: &Path) {
@@ -56,7 +60,8 @@ impl Fake {
             store: LayerStore::open(home, Durability::None).unwrap().0,
             outstanding: AtomicI64::new(0),
             fail_get: Mutex::new(None),
-            native: Mutex::new(Native::Apply),
+            native: Mutex::new(Mode::NaiveOnly),
+            native_changes_for_bases: Mutex::new(false),
         }
     }
     fn root(&self, id: &LayerId) -> PathBuf {
@@ -118,27 +123,41 @@ impl ProtoDriver for Fake {
     }
 }
 
-impl ApplyDiffProtoDriver for Fake {
+impl DiffHooks for Fake {
+    fn changes_native(
+        &self,
+        _id: &LayerId,
+        parent: Option<&LayerId>,
+    ) -> Result<Native<Vec<Change>>> {
+        if *self.native_changes_for_bases.lock().unwrap() && parent.is_none() {
+            return Ok(Native::Done(vec![Change {
+                path: PathBuf::from("/native-marker"),
+                kind: ChangeKind::Modify,
+            }]));
+        }
+        Ok(Native::Fallback)
+    }
+
     fn apply_diff_native(
         &self,
         id: &LayerId,
         _parent: Option<&LayerId>,
         diff: &mut dyn Read,
-    ) -> Result<NativeApply> {
+    ) -> Result<Native<u64>> {
         match *self.native.lock().unwrap() {
-            Native::FallbackEarly => Ok(NativeApply::Fallback),
-            Native::FallbackLate => {
+            Mode::NaiveOnly | Mode::FallbackEarly => Ok(Native::Fallback),
+            Mode::FallbackLate => {
                 let mut buf = [0u8; 16];
                 let _ = diff.read(&mut buf).ctx("read", Path::new("diff"))?;
-                Ok(NativeApply::Fallback)
+                Ok(Native::Fallback)
             }
-            Native::Apply => {
+            Mode::Apply => {
                 let guard = self.store.begin_apply(id)?;
                 let n = chrootarchive::apply_layer(&self.root(id), diff, &ApplyOptions::default())
                     .map_err(|e| Error::archive(id, e))?;
                 guard.finish()?;
                 // Marker so the test sees the native path ran.
-                Ok(NativeApply::Applied(n + 1_000_000))
+                Ok(Native::Done(n + 1_000_000))
             }
         }
     }
@@ -331,9 +350,10 @@ fn every_get_is_put_when_the_parent_get_fails() {
     assert_eq!(d.inner().store.mount_count(&c).unwrap(), 0);
 }
 
-fn with_apply() -> (tempfile::TempDir, NaiveDiffDriverWithApply<Fake>) {
+fn with_apply() -> (tempfile::TempDir, NaiveDiffDriver<Fake>) {
     let dir = tempfile::tempdir().unwrap();
-    let d = NaiveDiffDriverWithApply::new(Fake::new(&dir.path().join("home")));
+    let d = NaiveDiffDriver::new(Fake::new(&dir.path().join("home")));
+    *d.inner().native.lock().unwrap() = Mode::Apply;
     (dir, d)
 }
 
@@ -362,7 +382,7 @@ fn with_apply_uses_native_when_it_applies() {
 #[test]
 fn with_apply_falls_back_to_naive_before_reading() {
     let (tmp, d) = with_apply();
-    *d.inner().native.lock().unwrap() = Native::FallbackEarly;
+    *d.inner().native.lock().unwrap() = Mode::FallbackEarly;
     let l = id("l");
     d.create(&l, None).unwrap();
     let n = d
@@ -379,7 +399,7 @@ fn with_apply_falls_back_to_naive_before_reading() {
 #[test]
 fn with_apply_late_fallback_is_a_driver_bug_error() {
     let (tmp, d) = with_apply();
-    *d.inner().native.lock().unwrap() = Native::FallbackLate;
+    *d.inner().native.lock().unwrap() = Mode::FallbackLate;
     let l = id("l");
     d.create(&l, None).unwrap();
     let err = d
@@ -389,4 +409,27 @@ fn with_apply_late_fallback_is_a_driver_bug_error() {
     assert!(msg.contains("driver bug"), "{msg}");
     assert!(msg.contains("after reading 16 byte(s)"), "{msg}");
     assert!(!d.exists(&l), "the layer must not stay half-made");
+}
+
+#[test]
+fn hooks_choose_native_or_naive_per_call() {
+    let (tmp, d) = setup();
+    let b = base(&d, tmp.path(), |i| d.create(i, None).unwrap());
+    let c = id("c");
+    d.create(&c, Some(&b)).unwrap();
+    fs::write(d.inner().root(&c).join("new"), "x").unwrap();
+    *d.inner().native_changes_for_bases.lock().unwrap() = true;
+    // The hook answers for the base layer ...
+    let native = d.changes(&b, None).unwrap();
+    assert_eq!(native.len(), 1);
+    assert_eq!(native[0].path, Path::new("/native-marker"));
+    // ... and falls back for the child, which the naive comparison answers.
+    let naive = d.changes(&c, Some(&b)).unwrap();
+    assert!(
+        naive
+            .iter()
+            .any(|ch| ch.path == Path::new("/new") && ch.kind == ChangeKind::Add),
+        "{naive:?}"
+    );
+    assert_eq!(d.inner().outstanding(), 0, "the native answer took no get");
 }

@@ -35,7 +35,7 @@ use std::path::{Path, PathBuf};
 use graphdriver::{
     Error, IoContext, LayerId, LayerInfo, LayerStore, MountOpts, ProtoDriver, Result,
 };
-use naive_diff::{ApplyDiffProtoDriver, NaiveDiffDriverWithApply, NativeApply};
+use naive_diff::{DiffHooks, NaiveDiffDriver, Native};
 
 use crate::Kind;
 use crate::copy::{CopyMode, copy_tree};
@@ -210,8 +210,8 @@ impl Overlay {
     }
 
     /// The overlay driver as a complete [`graphdriver::Driver`].
-    pub fn driver(home: &Path, config: OverlayConfig) -> Result<NaiveDiffDriverWithApply<Overlay>> {
-        Ok(NaiveDiffDriverWithApply::new(Overlay::new(home, config)?))
+    pub fn driver(home: &Path, config: OverlayConfig) -> Result<NaiveDiffDriver<Overlay>> {
+        Ok(NaiveDiffDriver::new(Overlay::new(home, config)?))
     }
 
     /// The directory of layer `id`.
@@ -393,7 +393,7 @@ impl Overlay {
         dir: &Path,
         diff: &mut dyn Read,
         opts: &archive::ApplyOptions,
-    ) -> Result<NativeApply> {
+    ) -> Result<Native<u64>> {
         let guard = self.store.begin_apply(id)?;
         let merged = self.checked_overlay_dirs(id)?;
         // A mount left behind by a killed reader (its reference died with it) must not stay
@@ -433,7 +433,7 @@ impl Overlay {
             })?
         };
         guard.finish()?;
-        Ok(NativeApply::Applied(bytes))
+        Ok(Native::Done(bytes))
     }
 
     /// Unmounts `merged` if it is mounted (a vanished mount is not an error).
@@ -739,7 +739,7 @@ impl ProtoDriver for Overlay {
     }
 }
 
-impl ApplyDiffProtoDriver for Overlay {
+impl DiffHooks for Overlay {
     /// Natively: into `root/` of a layer that has one (a base layer), or into a hardlink copy
     /// of the parent's `root/` that then becomes this layer's `root/`. Overlay layers
     /// are applied through a private mount of the layer, with the same guarantees.
@@ -748,18 +748,18 @@ impl ApplyDiffProtoDriver for Overlay {
         id: &LayerId,
         _parent: Option<&LayerId>,
         diff: &mut dyn Read,
-    ) -> Result<NativeApply> {
+    ) -> Result<Native<u64>> {
         let dir = self.store.require(id)?;
         let opts = archive::ApplyOptions::default();
         if let Some(root) = self.store.layer_subdir(id, ROOT)? {
             let guard = self.store.begin_apply(id)?;
             let bytes = crate::apply_all_or_nothing(&guard, id, &root, diff, &opts)?;
             guard.finish()?;
-            return Ok(NativeApply::Applied(bytes));
+            return Ok(Native::Done(bytes));
         }
         let parent_root = match self.store.parent(id)? {
             Some(p) => self.store.layer_subdir(&p, ROOT)?,
-            None => return Ok(NativeApply::Fallback),
+            None => return Ok(Native::Fallback),
         };
         let Some(parent_root) = parent_root.filter(|_| !self.store.is_read_write(id)) else {
             return self.apply_through_mount(id, &dir, diff, &opts);
@@ -787,6 +787,6 @@ impl ApplyDiffProtoDriver for Overlay {
         let lower_id = dir.join(LOWER_ID);
         fs::remove_file(&lower_id).ctx("remove", &lower_id)?;
         guard.finish()?;
-        Ok(NativeApply::Applied(bytes))
+        Ok(Native::Done(bytes))
     }
 }

@@ -18,7 +18,7 @@ use std::path::{Path, PathBuf};
 use graphdriver::{
     Error, IoContext, LayerId, LayerInfo, LayerStore, MountOpts, ProtoDriver, Result,
 };
-use naive_diff::{ApplyDiffProtoDriver, NaiveDiffDriverWithApply, NativeApply};
+use naive_diff::{DiffHooks, NaiveDiffDriver, Native};
 
 use crate::Kind;
 use crate::copy::{CopyMode, copy_tree};
@@ -46,8 +46,8 @@ impl Vfs {
     pub fn driver(
         home: &Path,
         durability: graphdriver::Durability,
-    ) -> Result<NaiveDiffDriverWithApply<Vfs>> {
-        Ok(NaiveDiffDriverWithApply::new(Vfs::new(home, durability)?))
+    ) -> Result<NaiveDiffDriver<Vfs>> {
+        Ok(NaiveDiffDriver::new(Vfs::new(home, durability)?))
     }
 
     /// The tree of layer `id` (whether or not it exists).
@@ -138,7 +138,7 @@ impl ProtoDriver for Vfs {
     }
 }
 
-impl ApplyDiffProtoDriver for Vfs {
+impl DiffHooks for Vfs {
     /// Always applies natively: marks the layer incomplete, applies into its root in a confined
     /// child, and makes it visible again; on failure the layer stays, holding the part of the diff
     /// applied so far (a committed layer is refused before anything changes).
@@ -147,12 +147,12 @@ impl ApplyDiffProtoDriver for Vfs {
         id: &LayerId,
         _parent: Option<&LayerId>,
         diff: &mut dyn Read,
-    ) -> Result<NativeApply> {
+    ) -> Result<Native<u64>> {
         let guard = self.store.begin_apply(id)?;
         let root = self.checked_root(id)?;
         let opts = archive::ApplyOptions::default();
         let bytes = crate::apply_all_or_nothing(&guard, id, &root, diff, &opts)?;
         guard.finish()?;
-        Ok(NativeApply::Applied(bytes))
+        Ok(Native::Done(bytes))
     }
 }

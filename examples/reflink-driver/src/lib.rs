@@ -9,7 +9,8 @@
 //!
 //! * [`LayerStore`] does the bookkeeping: parents, atomic creation, crash recovery, mount
 //!   reference counts, removal checks;
-//! * [`NaiveDiffDriver`] provides diff, changes, apply and sizes;
+//! * [`NaiveDiffDriver`] provides diff, changes, apply and sizes (the empty [`DiffHooks`] impl
+//!   says this driver answers none of them natively);
 //! * [`graphdriver::register_driver!`] makes it selectable as `driver = "reflink"`;
 //! * `graphdriver_conformance::conformance_tests!(driver = "reflink")` proves it correct.
 
@@ -27,7 +28,7 @@ use graphdriver::{
     Driver, DriverOptions, IoContext, LayerId, LayerInfo, LayerStore, MountOpts, ProtoDriver,
     Result,
 };
-use naive_diff::NaiveDiffDriver;
+use naive_diff::{DiffHooks, NaiveDiffDriver};
 
 /// The registered name.
 pub const NAME: &str = "reflink";
@@ -217,6 +218,9 @@ fn copy_metadata(md: &fs::Metadata, src: &Path, dst: &Path) -> Result<()> {
     .map_err(io::Error::from)
     .ctx("set times", dst)
 }
+
+/// No native diff, changes, apply or size: every call takes the naive path.
+impl DiffHooks for Reflink {}
 
 impl ProtoDriver for Reflink {
     fn name(&self) -> &str {
