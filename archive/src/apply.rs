@@ -43,6 +43,7 @@
 //! [`untar`] add to this thread's skipped list ([`take_skipped`]) after the apply.
 
 pub(crate) use crate::codec::header::checksum_matches as header_checksum_matches;
+mod copyup;
 mod resolve;
 
 use std::collections::{BTreeSet, HashMap, HashSet};
@@ -54,6 +55,7 @@ use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use rustix::fs::{AtFlags, FileType, Mode, OFlags, Timespec, Timestamps, XattrFlags};
 use tar::EntryType;
@@ -83,6 +85,12 @@ pub struct ApplyOptions {
     /// `true` (the default): give every entry the numeric uid/gid the tar says. `false`: leave
     /// entries owned by the calling process (rootless use).
     pub same_owner: bool,
+    /// With [`WhiteoutFormat::Overlay`]: the lower directories of the upper being written,
+    /// topmost first. A hardlink whose target the upper lacks but a lower shows (a layer tar
+    /// may link to an unchanged file of its parent) copies that file up first, as overlayfs
+    /// does before a `link(2)` to a lower file; lowers are only read, below their descriptors,
+    /// never following a symlink. Empty (the default): such a link fails, naming its target.
+    pub link_lowers: Vec<Arc<OwnedFd>>,
 }
 
 impl Default for ApplyOptions {
@@ -93,6 +101,7 @@ impl Default for ApplyOptions {
             max_entries: None,
             max_bytes: None,
             same_owner: true,
+            link_lowers: Vec::new(),
         }
     }
 }
@@ -147,13 +156,19 @@ pub fn apply_layer_report(
     opts: &ApplyOptions,
 ) -> Result<ApplyReport> {
     let mode = Mode_::Layer(opts.whiteout_format);
+    let link_lowers = match opts.whiteout_format {
+        WhiteoutFormat::Overlay(ns) if !opts.link_lowers.is_empty() => {
+            Some((ns, opts.link_lowers.clone()))
+        }
+        _ => None,
+    };
     run(
         dest,
         reader,
         mode,
         opts.same_owner,
-        opts.max_entries,
-        opts.max_bytes,
+        (opts.max_entries, opts.max_bytes),
+        link_lowers,
     )
 }
 
@@ -253,7 +268,7 @@ pub fn untar(dest: &Path, reader: impl Read, opts: &TarOptions) -> Result<()> {
 /// [`untar`], returning what it skipped (device nodes, as in [`apply_layer_report`]) with the
 /// bytes written, and leaving this thread's skipped list alone.
 pub fn untar_report(dest: &Path, reader: impl Read, opts: &TarOptions) -> Result<ApplyReport> {
-    run(dest, reader, Mode_::Plain(opts), true, None, None)
+    run(dest, reader, Mode_::Plain(opts), true, (None, None), None)
 }
 
 /// What kind of extraction runs.
@@ -271,8 +286,8 @@ fn run(
     reader: impl Read,
     mode: Mode_<'_>,
     same_owner: bool,
-    max_entries: Option<u64>,
-    max_bytes: Option<u64>,
+    (max_entries, max_bytes): (Option<u64>, Option<u64>),
+    link_lowers: Option<(OverlayXattr, Vec<Arc<OwnedFd>>)>,
 ) -> Result<ApplyReport> {
     let root = open_root(dest).map_err(|e| Error::io("open", dest, e))?;
     let mut ap = Applier {
@@ -292,6 +307,7 @@ fn run(
         staged: false,
         skipped: Skipped::default(),
         buf: vec![0u8; 128 * 1024],
+        link_lowers,
     };
     // One large buffer in front of the stream: headers, padding and small files come out of
     // memory instead of one read(2) each.
@@ -399,6 +415,37 @@ struct Applier<'a> {
     skipped: Skipped,
     /// Copy buffer.
     buf: Vec<u8>,
+    /// Lowers for hardlink copy-up, with their xattr namespace ([`ApplyOptions::link_lowers`]).
+    link_lowers: Option<(OverlayXattr, Vec<Arc<OwnedFd>>)>,
+}
+
+/// Whether the directory open as `parent` carries the opaque marker of `ns`.
+fn dir_is_opaque(parent: BorrowedFd<'_>, ns: OverlayXattr) -> io::Result<bool> {
+    let dir = reopen_dir(parent, OsStr::new("."))?;
+    let mut buf = [0u8; 8];
+    match rustix::fs::fgetxattr(&dir, ns.opaque_name(), &mut buf) {
+        Ok(n) => Ok(buf.get(..n) == Some(b"y".as_slice())),
+        Err(rustix::io::Errno::NODATA) | Err(rustix::io::Errno::NOTSUP) => Ok(false),
+        Err(rustix::io::Errno::RANGE) => Ok(false),
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// Removes the overlay whiteouts (char devices 0/0) directly in the directory open as `dir`.
+fn remove_whiteouts_in(dir: BorrowedFd<'_>) -> io::Result<()> {
+    for entry in crate::fs::read_dir_sorted(dir)? {
+        if !matches!(
+            entry.file_type,
+            FileType::CharacterDevice | FileType::Unknown
+        ) {
+            continue;
+        }
+        let st = rustix::fs::statat(dir, &entry.name, AtFlags::SYMLINK_NOFOLLOW)?;
+        if FileType::from_raw_mode(st.st_mode) == FileType::CharacterDevice && st.st_rdev == 0 {
+            rustix::fs::unlinkat(dir, &entry.name, AtFlags::empty())?;
+        }
+    }
+    Ok(())
 }
 
 /// Normalises a tar entry name to a path relative to the target; `Err` says why not.
@@ -622,6 +669,12 @@ impl Applier<'_> {
                         .map_err(|e| Error::io("open opaque directory", parent, e))?;
                     rustix::fs::fsetxattr(&dir, ns.opaque_name(), b"y", XattrFlags::empty())
                         .map_err(|e| Error::io("setxattr opaque", parent, e.into()))?;
+                    // An opaque directory hides every lower: whiteouts in it hide nothing, and
+                    // overlayfs lists the entries of such a directory as they are, so a
+                    // whiteout there would show as a name that cannot be opened.
+                    remove_whiteouts_in(dir.as_fd()).map_err(|e| {
+                        Error::io("remove whiteouts in opaque directory", parent, e)
+                    })?;
                 }
             }
             return Ok(());
@@ -641,6 +694,10 @@ impl Applier<'_> {
         let rel = parent.join(victim);
         match format {
             WhiteoutFormat::Oci => self.delete(name, parent, victim)?,
+            WhiteoutFormat::Overlay(ns) if !self.needs_whiteout(name, parent, &rel, ns)? => {
+                // Nothing below to hide: only delete what this layer has there.
+                self.delete(name, parent, victim)?
+            }
             WhiteoutFormat::Overlay(_) => {
                 self.mark_written(&rel);
                 let meta = Meta {
@@ -657,6 +714,25 @@ impl Applier<'_> {
             }
         }
         Ok(())
+    }
+
+    /// Whether an overlay whiteout for `rel` hides anything: with lowers given
+    /// ([`ApplyOptions::link_lowers`]) whether one of them shows it through the upper;
+    /// without, unless the parent directory is opaque.
+    fn needs_whiteout(
+        &mut self,
+        name: &str,
+        parent: &Path,
+        rel: &Path,
+        ns: OverlayXattr,
+    ) -> Result<bool> {
+        if let Some((_, lowers)) = &self.link_lowers {
+            return copyup::visible_in_lowers(self.root.as_fd(), lowers, ns, rel)
+                .map_err(|e| Error::io("look up in the lower layers", rel, e));
+        }
+        let opaque = dir_is_opaque(self.parent_fd(name, parent)?, ns)
+            .map_err(|e| Error::io("read opaque marker of", parent, e))?;
+        Ok(!opaque)
     }
 
     /// Deletes `victim` in `parent` (and everything below it) for the whiteout entry `name`.
@@ -933,6 +1009,19 @@ impl Applier<'_> {
     fn hardlink(&mut self, name: &str, rel: &Path, target: &[u8]) -> Result<()> {
         let target_rel = normalize(target)
             .map_err(|r| Error::bad_entry(name, format!("hardlink target: {r}")))?;
+        if let Some((ns, lowers)) = &self.link_lowers
+            && !target_rel.as_os_str().is_empty()
+        {
+            copyup::copy_up(self.root.as_fd(), lowers, *ns, &target_rel, self.same_owner).map_err(
+                |e| {
+                    Error::io(
+                        format!("copy up the hardlink target of {name:?} from a lower layer"),
+                        &target_rel,
+                        e,
+                    )
+                },
+            )?;
+        }
         let Some(((tparent, tbase), (_, base))) = split(&target_rel).zip(split(rel)) else {
             return Err(Error::bad_entry(
                 name,

@@ -587,6 +587,34 @@ fn cname(b: &[u8]) -> CString {
     CString::new(b).unwrap_or_default()
 }
 
+/// Whether two open files hold the same bytes (read in chunks, bounded memory).
+fn same_bytes(mut a: std::fs::File, mut b: std::fs::File) -> io::Result<bool> {
+    use std::io::Read;
+    let (mut x, mut y) = (vec![0u8; 64 << 10], vec![0u8; 64 << 10]);
+    loop {
+        let n = read_full(&mut a, &mut x)?;
+        let m = read_full(&mut b, &mut y)?;
+        if n != m || x[..n] != y[..m] {
+            return Ok(false);
+        }
+        if n == 0 {
+            return Ok(true);
+        }
+    }
+    fn read_full(f: &mut std::fs::File, buf: &mut [u8]) -> io::Result<usize> {
+        let mut got = 0;
+        while got < buf.len() {
+            match f.read(&mut buf[got..]) {
+                Ok(0) => break,
+                Ok(n) => got += n,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(got)
+    }
+}
+
 /// The lower layers of an overlay upper, each open as a descriptor; every lookup goes below
 /// those descriptors ([`fs::open_beneath`], never following a symlink).
 struct Lowers<'a> {
@@ -669,6 +697,48 @@ impl Lowers<'_> {
         Ok(None)
     }
 
+    /// Whether the regular file `name` of the upper directory `dir` (`lstat` `st`) is an
+    /// unchanged copy of its lower entry in lower `l` (`lstat` `lst`): the same type, mode,
+    /// owner, size, mtime (to the nanosecond), capability and content. An apply's copy-up for a
+    /// hardlink to a lower file leaves such copies (see `ApplyOptions::link_lowers`), as does a
+    /// rewrite of the same bytes with the time put back; a tree comparison sees no change
+    /// there, and neither does this. Contents are read only when all metadata is equal.
+    fn is_copy_up(
+        &self,
+        dir: std::os::fd::BorrowedFd<'_>,
+        name: &CStr,
+        st: &Stat,
+        l: usize,
+        lst: &Stat,
+        rel: &[u8],
+    ) -> Result<bool> {
+        let same_meta = ftype(st) == FileType::RegularFile
+            && st.st_mode == lst.st_mode
+            && st.st_uid == lst.st_uid
+            && st.st_gid == lst.st_gid
+            && st.st_size == lst.st_size
+            && st.st_mtime == lst.st_mtime
+            && st.st_mtime_nsec == lst.st_mtime_nsec;
+        if !same_meta {
+            return Ok(false);
+        }
+        let (parent, lname) = split_rel(rel);
+        let Some(pfd) = self.open_dir(l, parent)? else {
+            return Ok(false);
+        };
+        let lname = cname(lname);
+        let upper_cap = capability(XattrTarget::At(dir, name), &self.paths[l], rel)?;
+        let lower_cap = capability(XattrTarget::At(pfd.as_fd(), &lname), &self.paths[l], rel)?;
+        if upper_cap != lower_cap {
+            return Ok(false);
+        }
+        let a = fs::open_file_checked(dir, name, st)
+            .map_err(|e| ioerr("open", &self.paths[l], rel, e))?;
+        let b = fs::open_file_checked(pfd.as_fd(), &lname, lst)
+            .map_err(|e| ioerr("open", &self.paths[l], rel, e))?;
+        same_bytes(a, b).map_err(|e| ioerr("read", &self.paths[l], rel, e))
+    }
+
     /// The capability xattr of the lower entry that wins for `rel`.
     fn cap(&self, rel: &[u8]) -> Result<Option<Vec<u8>>> {
         let Some((l, _)) = self.lookup(rel)? else {
@@ -747,12 +817,16 @@ impl Lowers<'_> {
 /// * a non-directory present in a lower is a `Modify` (a type change is also a `Modify`);
 /// * a directory present in a lower is a `Modify` only when something below it changed or its
 ///   mode, owner or `security.capability` differ from the lower's;
-/// * an **opaque** directory (`<ns>.overlay.opaque=y`) is `Modify` (or `Add` if no lower has
-///   it); everything below it in upper is `Add`, and every name the lower view had in it that
-///   upper does not is reported as a `Delete`. This is containers/storage's meaning of opacity
-///   ("the lower contents are gone") expressed in plain change-list terms, so that
+/// * an **opaque** directory (`<ns>.overlay.opaque=y`) is `Add` if no lower has it; otherwise
+///   it and every directory below it that the lower view also has are compared with the lower
+///   view as whole trees: every name the lower view had that upper does not is a `Delete`,
+///   names in both are compared as above, whiteouts there hide nothing. This is
+///   containers/storage's meaning of opacity ("the lower contents are gone") expressed in
+///   plain change-list terms, the same list a comparison of the mounted trees gives, so that
 ///   [`crate::export_changes`] of the result reproduces the upper view through ordinary
-///   whiteouts.
+///   whiteouts;
+/// * a regular file that is an unchanged copy of its lower file (same metadata to the
+///   nanosecond, and content: what an apply's hardlink copy-up leaves) is no change.
 ///
 /// The upper is walked iteratively through a [`DirStack`] (bounded descriptors, any depth) and
 /// every lower is read below its own descriptor, never following a symlink: a symlink where a
@@ -783,6 +857,7 @@ pub fn changes_from_overlay_upper(
         ents,
         i: 0,
         forced_add: false,
+        opaque_scope: false,
         meta_differs: None,
     }];
     while let Some(f) = frames.last_mut() {
@@ -803,6 +878,7 @@ pub fn changes_from_overlay_upper(
         };
         f.i += 1;
         let forced_add = f.forced_add;
+        let opaque_scope = f.opaque_scope;
         let name = std::mem::take(&mut ent.name);
         let rel = join_rel(stack.rel(), &name);
         let relp = Path::new(OsStr::from_bytes(&rel)).to_path_buf();
@@ -811,12 +887,17 @@ pub fn changes_from_overlay_upper(
         let at = XattrTarget::At(stack.top(), &name);
         refuse_redirect(at, is_dir, ns, upper, &rel)?;
         if is_whiteout(&st) {
-            if !forced_add {
+            // Below an opaque directory a whiteout hides nothing; elsewhere it deletes only a
+            // name the lower view has (a layer tar may white out a name that never existed).
+            if !forced_add && !opaque_scope && lw.lookup(&rel)?.is_some() {
                 out.insert(abs(&relp), ChangeKind::Delete);
             }
             continue;
         }
-        let mut enter = |stack: &mut DirStack, forced_add: bool, meta_differs: Option<bool>| {
+        let mut enter = |stack: &mut DirStack,
+                         forced_add: bool,
+                         opaque_scope: bool,
+                         meta_differs: Option<bool>| {
             stack
                 .push(&name, Some(&st))
                 .map_err(|e| ioerr("open directory", upper, &rel, e))?;
@@ -826,6 +907,7 @@ pub fn changes_from_overlay_upper(
                 ents,
                 i: 0,
                 forced_add,
+                opaque_scope,
                 meta_differs,
             });
             Ok::<(), Error>(())
@@ -833,16 +915,18 @@ pub fn changes_from_overlay_upper(
         if forced_add {
             out.insert(abs(&relp), ChangeKind::Add);
             if is_dir {
-                enter(&mut stack, true, None)?;
+                enter(&mut stack, true, false, None)?;
             }
             continue;
         }
         let lower = lw.lookup(&rel)?;
         if !is_dir {
-            let kind = if lower.is_some() {
-                ChangeKind::Modify
-            } else {
-                ChangeKind::Add
+            let kind = match &lower {
+                None => ChangeKind::Add,
+                Some((l, lst)) if lw.is_copy_up(stack.top(), &name, &st, *l, lst, &rel)? => {
+                    continue;
+                }
+                Some(_) => ChangeKind::Modify,
             };
             out.insert(abs(&relp), kind);
             continue;
@@ -850,23 +934,30 @@ pub fn changes_from_overlay_upper(
         let lower_st = match lower {
             None => {
                 out.insert(abs(&relp), ChangeKind::Add);
-                enter(&mut stack, true, None)?;
+                enter(&mut stack, true, false, None)?;
                 continue;
             }
             Some((_, l)) if ftype(&l) != FileType::Directory => {
                 out.insert(abs(&relp), ChangeKind::Modify);
-                enter(&mut stack, true, None)?;
+                enter(&mut stack, true, false, None)?;
                 continue;
             }
             Some((_, l)) => l,
         };
-        let opaque = fs::get_xattr(at, &cname(ns.opaque_name().as_bytes()))
-            .map_err(|e| ioerr("read xattr of", upper, &rel, e))?
-            .as_deref()
-            == Some(b"y");
+        #[allow(clippy::unnecessary_cast)]
+        let meta_differs = st.st_mode as u32 != lower_st.st_mode as u32
+            || st.st_uid != lower_st.st_uid
+            || st.st_gid != lower_st.st_gid
+            || capability(at, upper, &rel)? != lw.cap(&rel)?;
+        let opaque = opaque_scope
+            || fs::get_xattr(at, &cname(ns.opaque_name().as_bytes()))
+                .map_err(|e| ioerr("read xattr of", upper, &rel, e))?
+                .as_deref()
+                == Some(b"y");
         if opaque {
-            out.insert(abs(&relp), ChangeKind::Modify);
-            enter(&mut stack, true, None)?;
+            // The lower contents are gone, here and in every directory below that the upper
+            // has: compared as two trees, as `changes` of the mounted views would.
+            enter(&mut stack, false, true, Some(meta_differs))?;
             for lname in lw.children(&rel)? {
                 let c = cname(&lname);
                 match fs::stat_at(stack.top(), &c) {
@@ -882,12 +973,7 @@ pub fn changes_from_overlay_upper(
             }
             continue;
         }
-        #[allow(clippy::unnecessary_cast)]
-        let meta_differs = st.st_mode as u32 != lower_st.st_mode as u32
-            || st.st_uid != lower_st.st_uid
-            || st.st_gid != lower_st.st_gid
-            || capability(at, upper, &rel)? != lw.cap(&rel)?;
-        enter(&mut stack, false, Some(meta_differs))?;
+        enter(&mut stack, false, false, Some(meta_differs))?;
     }
     Ok(out
         .into_iter()
@@ -899,8 +985,11 @@ pub fn changes_from_overlay_upper(
 struct UpperFrame {
     ents: Vec<DirEntry>,
     i: usize,
-    /// Everything below is added (an added, retyped or opaque directory).
+    /// Everything below is added (an added or retyped directory).
     forced_add: bool,
+    /// Inside an opaque directory: the lowers' contents are hidden, so every directory below
+    /// that a lower has too is compared as a whole (missing names are deletions).
+    opaque_scope: bool,
     /// For a directory present in the lower view: whether its own metadata differs (it is then
     /// `Modify`, as it is when anything below it changed).
     meta_differs: Option<bool>,

@@ -54,9 +54,10 @@
 
 use std::ffi::CStr;
 use std::io::{self, Read};
-use std::os::fd::RawFd;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::path::Path;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use crate::Error;
@@ -72,6 +73,11 @@ use crate::{Job, TestFault};
 pub(crate) const INPUT_FD: RawFd = 3;
 /// The fd the child writes its one result message to.
 pub(crate) const RESULT_FD: RawFd = 4;
+
+/// The first fd of the lower directories an overlay apply keeps ([`ApplyOptions::link_lowers`]).
+///
+/// [`ApplyOptions::link_lowers`]: archive::ApplyOptions::link_lowers
+pub(crate) const LOWERS_FD: RawFd = 5;
 
 /// Set in the child right after fork; the parent's copy stays `false` forever.
 pub(crate) static IN_CONFINED_CHILD: AtomicBool = AtomicBool::new(false);
@@ -97,7 +103,12 @@ pub(crate) fn run(input: RawFd, result: RawFd, dest: &CStr, job: &Job<'_>, fault
     {
         exit(EXIT_PARENT_GONE);
     }
-    if let Err((step, errno)) = setup_fds(input, result) {
+    // The lowers of an overlay apply stay open (read-only, for hardlink copy-up) at 5, 6, ….
+    let lowers: Vec<RawFd> = match job {
+        Job::Apply(opts) => opts.link_lowers.iter().map(|fd| fd.as_raw_fd()).collect(),
+        Job::Untar(_) => Vec::new(),
+    };
+    if let Err((step, errno)) = setup_fds(input, result, &lowers) {
         // The fds may be half moved; try the original result end, then give up.
         let e = confinement(step, errno);
         write_all(result, &encode(&Message::Err(e)));
@@ -139,27 +150,42 @@ fn payload_message(payload: &(dyn std::any::Any + Send)) -> String {
     }
 }
 
-/// Rule 1: pipe ends to 3 and 4, everything else closed, 0–2 on `/dev/null`.
-fn setup_fds(input: RawFd, result: RawFd) -> Result<(), (&'static str, Errno)> {
+/// Rule 1: pipe ends to 3 and 4, the `lowers` to 5, 6, … (see [`LOWERS_FD`]), everything else
+/// closed, 0–2 on `/dev/null`.
+fn setup_fds(input: RawFd, result: RawFd, lowers: &[RawFd]) -> Result<(), (&'static str, Errno)> {
+    let first_free = LOWERS_FD + lowers.len() as RawFd;
     // SAFETY: plain fd syscalls on fds this process owns; F_DUPFD never clobbers an open fd.
     unsafe {
-        let in_hi = libc::fcntl(input, libc::F_DUPFD, 5);
+        let in_hi = libc::fcntl(input, libc::F_DUPFD, first_free);
         if in_hi < 0 {
             return Err(("duplicate the input pipe", Errno::last()));
         }
-        let out_hi = libc::fcntl(result, libc::F_DUPFD, 5);
+        let out_hi = libc::fcntl(result, libc::F_DUPFD, first_free);
         if out_hi < 0 {
             return Err(("duplicate the result pipe", Errno::last()));
         }
-        // Both copies are >= 5, so these dup2s cannot close each other's source.
+        let mut lowers_hi = Vec::with_capacity(lowers.len());
+        for &fd in lowers {
+            let hi = libc::fcntl(fd, libc::F_DUPFD_CLOEXEC, first_free);
+            if hi < 0 {
+                return Err(("duplicate a lower directory", Errno::last()));
+            }
+            lowers_hi.push(hi);
+        }
+        // Every copy is >= first_free, so these dup2s cannot close each other's source.
         if libc::dup2(in_hi, INPUT_FD) < 0 {
             return Err(("move the input pipe to fd 3", Errno::last()));
         }
         if libc::dup2(out_hi, RESULT_FD) < 0 {
             return Err(("move the result pipe to fd 4", Errno::last()));
         }
+        for (i, hi) in lowers_hi.into_iter().enumerate() {
+            if libc::dup2(hi, LOWERS_FD + i as RawFd) < 0 {
+                return Err(("move a lower directory into place", Errno::last()));
+            }
+        }
         // close_range (5.9), or a listing of /proc/self/fd before 5.9: see `fds`.
-        crate::fds::close_from(5)?;
+        crate::fds::close_from(first_free)?;
         let null = libc::open(c"/dev/null".as_ptr(), libc::O_RDWR);
         if null < 0 {
             return Err(("open /dev/null", Errno::last()));
@@ -215,14 +241,24 @@ fn confine_and_run(
     // The `_report` variants: they return what was skipped (device nodes in a user namespace)
     // instead of keeping it in thread-local state, which the child must not touch.
     let report = match job {
-        Job::Apply(opts) if !ran_as_root => {
-            // In a user namespace only the caller's own ids are mapped: keep the caller as the
-            // owner of everything, as rootless engines do.
+        Job::Apply(opts) => {
             let mut opts = (*opts).clone();
-            opts.same_owner = false;
+            if !ran_as_root {
+                // In a user namespace only the caller's own ids are mapped: keep the caller as
+                // the owner of everything, as rootless engines do.
+                opts.same_owner = false;
+            }
+            // The parent's descriptors were moved; the clone names the child's. Replacing the
+            // clone's copies only drops references: the originals stay with `job`.
+            opts.link_lowers = (0..opts.link_lowers.len())
+                .map(|i| {
+                    // SAFETY: `setup_fds` put the lowers at LOWERS_FD.. and nothing else owns
+                    // them in this single-threaded child; each is wrapped exactly once.
+                    Arc::new(unsafe { OwnedFd::from_raw_fd(LOWERS_FD + i as RawFd) })
+                })
+                .collect();
             archive::apply_layer_report(root, reader, &opts)?
         }
-        Job::Apply(opts) => archive::apply_layer_report(root, reader, opts)?,
         Job::Untar(opts) => {
             let mut report = archive::untar_report(root, reader, opts)?;
             report.bytes = 0;

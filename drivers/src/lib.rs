@@ -22,6 +22,8 @@
 pub mod copy;
 pub use graphdriver::mountinfo;
 pub mod overlay;
+pub mod overlay2;
+mod probe;
 pub mod vfs;
 
 /// Applies `diff` to the layer tree `tree` of layer `id` under `guard`, all or nothing (the

@@ -22,6 +22,16 @@ mod overlay {
     );
 }
 
+mod overlay2 {
+    graphdriver_conformance::conformance_tests!(
+        driver = "overlay2",
+        needs_root = true,
+        deep_layers = 500,
+        copy_up_breaks_hardlinks = true,
+        lower_dir_rename_exdev = true,
+    );
+}
+
 /// The suite has teeth: vfs with one deliberate defect each must fail it.
 mod suite_finds_defects {
     use std::io::Read;

@@ -88,19 +88,22 @@ fn run(steps: &[Step], tmp: &Path) {
     let ovl: Box<dyn Driver> = Box::new(
         drivers::overlay::Overlay::driver(&tmp.join("overlay"), Default::default()).unwrap(),
     );
+    let ovl2: Box<dyn Driver> = Box::new(
+        drivers::overlay2::Overlay2::driver(&tmp.join("overlay2"), Default::default()).unwrap(),
+    );
     let mut parent: Option<LayerId> = None;
     for (n, s) in steps.iter().enumerate() {
         let l = id(&format!("l{n}"));
         match s {
             Step::Image(edits) => {
                 let tar = layer_tar(&tmp.join(format!("src{n}")), edits);
-                for d in [&vfs, &ovl] {
+                for d in [&vfs, &ovl, &ovl2] {
                     d.create(&l, parent.as_ref()).unwrap();
                     d.apply_diff(&l, parent.as_ref(), &mut &tar[..]).unwrap();
                 }
             }
             Step::ReadWrite(edits) => {
-                for d in [&vfs, &ovl] {
+                for d in [&vfs, &ovl, &ovl2] {
                     d.create_read_write(&l, parent.as_ref()).unwrap();
                     write_through(&**d, &l, edits);
                 }
@@ -118,23 +121,31 @@ fn run(steps: &[Step], tmp: &Path) {
     for n in 0..steps.len() {
         let l = id(&format!("l{n}"));
         let a = vfs.get(&l, &MountOpts::default()).unwrap();
-        let b = ovl.get(&l, &MountOpts::default()).unwrap();
-        let same = assert_same_tree(&a, &b, &opts);
-        vfs.put(&l).unwrap();
-        ovl.put(&l).unwrap();
-        if let Err(e) = same {
-            panic!("layer l{n} differs after {steps:?}:\n{e}");
+        for other in [&ovl, &ovl2] {
+            let b = other.get(&l, &MountOpts::default()).unwrap();
+            let same = assert_same_tree(&a, &b, &opts);
+            other.put(&l).unwrap();
+            if let Err(e) = same {
+                panic!("{}: layer l{n} differs after {steps:?}:\n{e}", other.name());
+            }
         }
+        vfs.put(&l).unwrap();
+        // overlay2's native changes (from diff/ alone) agree with vfs's tree comparison.
+        let p = n.checked_sub(1).map(|p| id(&format!("l{p}")));
+        let want = vfs.changes(&l, p.as_ref()).unwrap();
+        let got = ovl2.changes(&l, p.as_ref()).unwrap();
+        assert_eq!(got, want, "overlay2 changes of l{n} after {steps:?}");
     }
     ovl.cleanup().unwrap();
+    ovl2.cleanup().unwrap();
 }
 
 proptest! {
     #![proptest_config(ProptestConfig { cases: 12, ..ProptestConfig::default() })]
 
     #[test]
-    fn vfs_and_overlay_agree(steps in prop::collection::vec(step(), 1..5)) {
-        if root_or_skip("vfs_and_overlay_agree") {
+    fn vfs_and_overlays_agree(steps in prop::collection::vec(step(), 1..5)) {
+        if root_or_skip("vfs_and_overlays_agree") {
             let t = tempfile::tempdir().unwrap();
             run(&steps, t.path());
         }

@@ -24,6 +24,16 @@ macro_rules! driver_test {
                 let body: fn(&'static str) = $body;
                 body("overlay");
             }
+
+            #[test]
+            fn overlay2() {
+                if let Some(reason) = crate::util::skip_root_test() {
+                    eprintln!("skipping overlay2 test: {reason}");
+                    return;
+                }
+                let body: fn(&'static str) = $body;
+                body("overlay2");
+            }
         }
     };
 }

@@ -6,7 +6,7 @@
 //! [storage]
 //! driver = "overlay"                  # optional; otherwise prior state, then priority
 //! root = "/var/lib/graphctl"          # each driver's home is <root>/<driver>
-//! driver_priority = ["overlay", "vfs"]
+//! driver_priority = ["overlay2", "overlay", "vfs"]
 //!
 //! [storage.options.overlay]
 //! mount_options = "nodev"
@@ -28,7 +28,7 @@ use crate::registry::split_option;
 use crate::{DriverOption, DriverOptions, Error, Result};
 
 /// The driver order tried when nothing else decides.
-pub const DEFAULT_PRIORITY: &[&str] = &["overlay", "vfs"];
+pub const DEFAULT_PRIORITY: &[&str] = &["overlay2", "overlay", "vfs"];
 
 /// A resolved configuration.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -312,7 +312,7 @@ sync = true
     fn empty_file_gives_defaults() {
         let c = parse("").unwrap();
         assert_eq!(c.driver, None);
-        assert_eq!(c.driver_priority, vec!["overlay", "vfs"]);
+        assert_eq!(c.driver_priority, vec!["overlay2", "overlay", "vfs"]);
         assert_eq!(c.root, PathBuf::from("/default/root"));
     }
 

@@ -135,8 +135,9 @@ pub fn tar_tree(root: &Path, opts: &TarOptions) -> Result<TarStream> {
 /// applied and the hardlink group survives; the bytewise-smallest such name is chosen. Finding
 /// it takes one walk of the whole tree, done only when such a file is met (at most once per
 /// export). Without such a name, the file is written in full. With
-/// [`WhiteoutFormat::Overlay`] `root` is an upper directory, not the whole new tree, so no
-/// names outside the list are used. [`crate::changes_size`] counts the same way (a file linked
+/// [`WhiteoutFormat::Overlay`] `root` is an upper directory; the only names there outside a
+/// list of [`crate::changes_from_overlay_upper`] are unchanged copies of lower files (left by
+/// an apply's hardlink copy-up), which the parent has too, so they are used the same way. [`crate::changes_size`] counts the same way (a file linked
 /// to an unchanged name adds no bytes).
 ///
 /// `opts.include`/`exclude` filter the list; `opts.whiteout_format` applies as in
@@ -152,7 +153,7 @@ pub fn export_changes(root: &Path, changes: &[Change], opts: &TarOptions) -> Res
         let mut ex = Exporter::new(root.clone(), opts, skipped);
         let mut cur = ListCursor::new(fd, &root)?;
         // Whether names outside the list were looked for (once, on the first inode that needs it).
-        let mut scanned = ex.overlay_ns().is_some();
+        let mut scanned = false;
         for c in &list {
             let relp = rel_of(&c.path);
             if relp.as_os_str().is_empty() || !ex.selected(&relp).0 {

@@ -40,6 +40,7 @@ use naive_diff::{DiffHooks, NaiveDiffDriver, Native};
 use crate::Kind;
 use crate::copy::{CopyMode, copy_tree};
 use crate::mountinfo;
+use crate::probe;
 
 pub use plugin::init;
 
@@ -101,43 +102,29 @@ impl Overlay {
                     reason,
                 }
             })?;
-        let filesystems = fs::read_to_string("/proc/filesystems")
-            .map_err(|e| fail(format!("cannot read /proc/filesystems: {e}")))?;
-        if !filesystems
-            .lines()
-            .any(|l| l.split_whitespace().last() == Some("overlay"))
-        {
-            return Err(fail(
-                "the kernel does not list overlay in /proc/filesystems (load the overlay module)"
-                    .to_string(),
-            ));
+        match probe::overlay_listed() {
+            Ok(true) => {}
+            Ok(false) => {
+                return Err(fail(
+                    "the kernel does not list overlay in /proc/filesystems (load the overlay module)"
+                        .to_string(),
+                ));
+            }
+            Err(e) => return Err(fail(format!("cannot read /proc/filesystems: {e}"))),
         }
-        if !rustix::process::geteuid().is_root() {
+        if !probe::can_mount() {
             return Err(fail(
                 "needs root (CAP_SYS_ADMIN) to mount overlay".to_string(),
             ));
         }
-        if let Some(bad) = home
-            .to_str()
-            .and_then(|h| h.chars().find(|c| matches!(c, ',' | ':' | '=')))
-        {
-            return Err(fail(format!(
-                "the home {} contains {bad:?}, which overlay mount options cannot express",
-                home.display()
-            )));
-        }
-        if home.to_str().is_none() {
-            return Err(fail(format!(
-                "the home {} is not valid UTF-8",
-                home.display()
-            )));
+        if let Some(why) = probe::home_unexpressible(home) {
+            return Err(fail(why));
         }
         let (store, _recovery) = LayerStore::open(home, config.durability)?;
-        let magic = rustix::fs::statfs(home)
-            .map_err(|e| fail(format!("statfs {}: {e}", home.display())))?
-            .f_type as i64;
-        let backing_fs = fs_name(magic);
-        if let Some(why) = incompatible(magic) {
+        let magic = probe::backing_magic(home)
+            .map_err(|e| fail(format!("statfs {}: {e}", home.display())))?;
+        let backing_fs = probe::fs_name(magic);
+        if let Some(why) = probe::incompatible(magic) {
             return Err(Error::IncompatibleFs {
                 driver: NAME.to_string(),
                 fs: backing_fs,
@@ -148,17 +135,18 @@ impl Overlay {
         // A read-only home (a snapshot, a read-only bind mount) can still be listed and read:
         // the checks that need to write are skipped, and every change fails with EROFS.
         let read_only = store.is_read_only();
-        let index_param = Path::new("/sys/module/overlay/parameters/index").exists();
+        let index_param = probe::has_index_param();
         // The probes below write and mount in the home. Once they passed for this kernel,
         // filesystem and options, a record says so and later starts skip them: every command
         // is one mount cheaper, and a full disk can still run ls, rm and cleanup.
-        let probe_key = probe_key(magic, index_param, config.mount_options.as_deref());
-        let probed = read_only || probe_record_matches(home, &probe_key);
+        let probe_key = probe::probe_key(magic, index_param, config.mount_options.as_deref());
+        let probed = read_only || probe::probe_record_matches(home, &probe_key);
         if !probed {
-            remove_stale_scratch(home);
+            probe::remove_stale_scratch(home);
         }
         if !probed
-            && !supports_d_type(home).map_err(|e| fail(format!("checking d_type support: {e}")))?
+            && !probe::supports_d_type(home)
+                .map_err(|e| fail(format!("checking d_type support: {e}")))?
         {
             return Err(Error::IncompatibleFs {
                 driver: NAME.to_string(),
@@ -195,7 +183,7 @@ impl Overlay {
             }
         }
         if !probed {
-            write_probe_record(home, &probe_key);
+            probe::write_probe_record(home, &probe_key);
         }
         // Mount counts are not trusted across reboots and manual umounts: mountinfo is.
         driver.store.repair_mounts(|id| {
@@ -480,45 +468,6 @@ impl Drop for UnmountOnDrop<'_> {
     }
 }
 
-/// Removes the scratch directories (`.probe-<pid>`, `.dtype-<pid>`) of earlier processes that
-/// died during init, unmounting a probe mount they left behind.
-fn remove_stale_scratch(home: &Path) {
-    let Ok(entries) = fs::read_dir(home) else {
-        return;
-    };
-    for entry in entries.flatten() {
-        let name = entry.file_name();
-        let Some(pid) = name
-            .to_str()
-            .and_then(|n| {
-                n.strip_prefix(".probe-")
-                    .or_else(|| n.strip_prefix(".dtype-"))
-            })
-            .and_then(|p| p.parse::<i32>().ok())
-        else {
-            continue;
-        };
-        let alive = rustix::process::Pid::from_raw(pid)
-            .is_some_and(|p| rustix::process::test_kill_process(p).is_ok());
-        if alive {
-            continue;
-        }
-        let path = entry.path();
-        let merged = path.join(MERGED);
-        if mountinfo::is_mountpoint(&merged).unwrap_or(false) {
-            let _ = mountinfo::unmount(&merged);
-        }
-        match archive::fs::remove_tree(&path) {
-            Ok(()) => {
-                tracing::warn!(path = %path.display(), "removed the scratch directory of an interrupted init")
-            }
-            Err(e) => {
-                tracing::error!(path = %path.display(), error = %e, "could not remove a stale scratch directory")
-            }
-        }
-    }
-}
-
 fn mkdir(path: &Path, mode: u32) -> Result<()> {
     fs::DirBuilder::new()
         .mode(mode)
@@ -532,101 +481,6 @@ fn uid(raw: u32) -> rustix::fs::Uid {
 
 fn gid(raw: u32) -> rustix::fs::Gid {
     rustix::fs::Gid::from_raw(raw)
-}
-
-/// The usual name of a filesystem by its statfs magic.
-fn fs_name(magic: i64) -> String {
-    match magic {
-        0xEF53 => "extfs".into(),
-        0x01021994 => "tmpfs".into(),
-        0x58465342 => "xfs".into(),
-        0x9123683E => "btrfs".into(),
-        0x2FC12FC1 => "zfs".into(),
-        0x794C7630 => "overlayfs".into(),
-        0x61756673 => "aufs".into(),
-        0xF15F => "ecryptfs".into(),
-        0x6969 => "nfs".into(),
-        0x65735546 => "fuse".into(),
-        other => format!("unknown (magic {other:#x})"),
-    }
-}
-
-/// Why overlay cannot use a filesystem as its backing store, if it cannot.
-fn incompatible(magic: i64) -> Option<&'static str> {
-    match magic {
-        0x794C7630 => Some("overlay cannot use an overlay filesystem as upper and work directory"),
-        0x61756673 => Some("overlay cannot run on aufs"),
-        0xF15F => Some("overlay cannot run on ecryptfs"),
-        _ => None,
-    }
-}
-
-/// Creates a file in a scratch dir under `home` and checks that readdir reports its type.
-/// The record of passed init probes in the home (a dot-name: never a layer id).
-const PROBE_RECORD: &str = ".probed";
-
-/// What the init probes depend on: the running kernel, the backing filesystem, whether the
-/// `index` parameter exists and the user's mount options. A record with another key (a new
-/// kernel after a reboot, other options) makes the next start probe again.
-fn probe_key(magic: i64, index_param: bool, mount_options: Option<&str>) -> String {
-    let kernel = fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
-    format!(
-        "v1 kernel={} fs={magic:x} index={index_param} options={}",
-        kernel.trim(),
-        mount_options.unwrap_or("").trim()
-    )
-}
-
-/// True if the home's probe record holds `key` (read without following a symlink; anything
-/// unreadable counts as no record, so the probes run).
-fn probe_record_matches(home: &Path, key: &str) -> bool {
-    let Ok(fd) = rustix::fs::open(
-        home.join(PROBE_RECORD),
-        rustix::fs::OFlags::RDONLY | rustix::fs::OFlags::NOFOLLOW | rustix::fs::OFlags::CLOEXEC,
-        rustix::fs::Mode::empty(),
-    ) else {
-        return false;
-    };
-    let mut text = String::new();
-    let read = fs::File::from(fd).take(4096).read_to_string(&mut text);
-    read.is_ok() && text == key
-}
-
-/// Records that the probes passed for `key`: written to a new file and renamed into place,
-/// best effort (a failure only means the next start probes again).
-fn write_probe_record(home: &Path, key: &str) {
-    let tmp = home.join(format!("{PROBE_RECORD}-{}", std::process::id()));
-    let written = fs::write(&tmp, key).and_then(|()| fs::rename(&tmp, home.join(PROBE_RECORD)));
-    if let Err(e) = written {
-        let _ = fs::remove_file(&tmp);
-        tracing::debug!(home = %home.display(), error = %e, "could not record the init probes");
-    }
-}
-
-fn supports_d_type(home: &Path) -> io::Result<bool> {
-    let scratch = home.join(format!(".dtype-{}", std::process::id()));
-    let _ = archive::fs::remove_tree(&scratch);
-    fs::create_dir(&scratch)?;
-    let result = (|| {
-        fs::write(scratch.join("f"), b"")?;
-        let fd = rustix::fs::open(
-            &scratch,
-            rustix::fs::OFlags::RDONLY
-                | rustix::fs::OFlags::DIRECTORY
-                | rustix::fs::OFlags::CLOEXEC,
-            rustix::fs::Mode::empty(),
-        )?;
-        let mut found = false;
-        for entry in rustix::fs::Dir::read_from(&fd)? {
-            let entry = entry?;
-            if entry.file_name() == c"f" {
-                found = entry.file_type() != rustix::fs::FileType::Unknown;
-            }
-        }
-        Ok(found)
-    })();
-    let _ = archive::fs::remove_tree(&scratch);
-    result
 }
 
 impl ProtoDriver for Overlay {

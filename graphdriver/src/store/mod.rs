@@ -286,6 +286,13 @@ impl LayerStore {
         nofollow::read_small(layer.as_fd(), name, &path)
     }
 
+    /// Like [`read_layer_file`](Self::read_layer_file) for a record of up to `max` bytes (a
+    /// longer file is an error naming the limit), such as overlay2's lower chain.
+    pub fn read_layer_record(&self, id: &LayerId, name: &str, max: u64) -> Result<Option<String>> {
+        let (layer, path) = self.layer_entry(id, name, "read layer file")?;
+        nofollow::read_limited(layer.as_fd(), name, &path, max)
+    }
+
     /// Layer `id`'s directory (opened without following a symlink; [`Error::NotFound`] if
     /// absent) and the path of its entry `name`, which must be one component (`op` names the
     /// operation in the error otherwise).

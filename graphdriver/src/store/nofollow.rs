@@ -168,13 +168,34 @@ fn check_regular(fd: &OwnedFd, path: &Path) -> Result<()> {
 /// The content of small regular file `name` of `dir` (at most 4 KiB), without following a
 /// symlink; `None` if it does not exist.
 pub(super) fn read_small(dir: BorrowedFd<'_>, name: &str, path: &Path) -> Result<Option<String>> {
+    read_limited(dir, name, path, MAX_SMALL_FILE)
+}
+
+/// The content of regular file `name` of `dir`, at most `max` bytes (longer is an error naming
+/// the limit, never a silently cut record), without following a symlink; `None` if absent.
+pub(super) fn read_limited(
+    dir: BorrowedFd<'_>,
+    name: &str,
+    path: &Path,
+    max: u64,
+) -> Result<Option<String>> {
     let Some(file) = open_file(dir, name, path, false, false)? else {
         return Ok(None);
     };
     let mut s = String::new();
-    file.take(MAX_SMALL_FILE)
+    file.take(max.saturating_add(1))
         .read_to_string(&mut s)
         .map_err(|e| Error::io("read", path, e))?;
+    if s.len() as u64 > max {
+        return Err(Error::io(
+            "read",
+            path,
+            io::Error::new(
+                io::ErrorKind::InvalidData,
+                format!("expected a record of at most {max} bytes, found more"),
+            ),
+        ));
+    }
     Ok(Some(s))
 }
 

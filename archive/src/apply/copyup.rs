@@ -1,0 +1,324 @@
+//! Copy-up for hardlinks into an overlay upper: a layer tar may link to a file its parent
+//! layers hold (our own exporter writes such links so hardlink groups survive, see
+//! [`crate::export_changes`]); applied straight into an upper directory, that file is not
+//! there. Like overlayfs before a `link(2)` to a lower file, the file is first copied up from
+//! the topmost lower that has it, with the parent directories it needs.
+//!
+//! Lowers are read below their descriptors one component at a time, never following a symlink,
+//! with overlay's lookup rules: a whiteout (char 0/0) ends the search, an opaque directory hides
+//! the lowers below it, and a non-directory hides what a lower below has under its name.
+
+use std::ffi::{CStr, CString};
+use std::fs::File;
+use std::io;
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::os::unix::ffi::OsStrExt;
+use std::path::Path;
+use std::sync::Arc;
+
+use rustix::fs::{AtFlags, FileType, Mode, OFlags, Stat, Timespec, Timestamps};
+
+use crate::fs::{self as lfs, XattrTarget};
+use crate::whiteout::OverlayXattr;
+
+/// What an entry is, for overlay's lookup.
+enum Found {
+    Missing,
+    Whiteout,
+    Dir(Stat),
+    Other(Stat),
+}
+
+fn look(dir: BorrowedFd<'_>, name: &CStr) -> io::Result<Found> {
+    match rustix::fs::statat(dir, name, AtFlags::SYMLINK_NOFOLLOW) {
+        Ok(st) => Ok(match FileType::from_raw_mode(st.st_mode) {
+            FileType::Directory => Found::Dir(st),
+            FileType::CharacterDevice if st.st_rdev == 0 => Found::Whiteout,
+            _ => Found::Other(st),
+        }),
+        Err(rustix::io::Errno::NOENT) => Ok(Found::Missing),
+        Err(e) => Err(e.into()),
+    }
+}
+
+fn is_opaque(dir: BorrowedFd<'_>, ns: OverlayXattr) -> io::Result<bool> {
+    let name =
+        CString::new(ns.opaque_name()).map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
+    Ok(lfs::get_xattr(XattrTarget::Fd(dir), &name)?.is_some_and(|v| v == b"y"))
+}
+
+fn open_dir(dir: BorrowedFd<'_>, name: &CStr) -> io::Result<OwnedFd> {
+    lfs::open_dir_at(dir, name)
+}
+
+/// Copies `rel` (a path of normal components, at least one) up from `lowers` (topmost first)
+/// into the upper open as `root`, if the upper lacks it and a lower shows it. Returns whether
+/// it copied; `false` leaves the caller's own error (the link target is missing) to stand.
+pub(super) fn copy_up(
+    root: BorrowedFd<'_>,
+    lowers: &[Arc<OwnedFd>],
+    ns: OverlayXattr,
+    rel: &Path,
+    same_owner: bool,
+) -> io::Result<bool> {
+    let comps: Vec<CString> = rel
+        .components()
+        .map(|c| CString::new(c.as_os_str().as_bytes()))
+        .collect::<Result<_, _>>()
+        .map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
+    let Some((last, parents)) = comps.split_last() else {
+        return Ok(false);
+    };
+    // The upper: which parents it has; an opaque directory or a whiteout on the way hides the
+    // lowers, so there is nothing to copy up.
+    let mut upper_dirs: Vec<OwnedFd> = Vec::new();
+    let mut cur = lfs::open_dir_at(root, c".")?;
+    for name in parents {
+        match look(cur.as_fd(), name)? {
+            Found::Missing => break,
+            Found::Dir(_) => {
+                let next = open_dir(cur.as_fd(), name)?;
+                if is_opaque(next.as_fd(), ns)? {
+                    return Ok(false);
+                }
+                upper_dirs.push(std::mem::replace(&mut cur, next));
+            }
+            Found::Whiteout | Found::Other(_) => return Ok(false),
+        }
+    }
+    if upper_dirs.len() == parents.len() && !matches!(look(cur.as_fd(), last)?, Found::Missing) {
+        return Ok(false);
+    }
+    let existing = upper_dirs.len();
+    upper_dirs.push(cur);
+
+    // The lowers, topmost first: the metadata of each parent comes from the topmost lower that
+    // has it, the file from the topmost that shows it.
+    let mut dir_meta: Vec<Option<Stat>> = vec![None; parents.len()];
+    let mut source: Option<(OwnedFd, Stat)> = None;
+    'lowers: for lower in lowers {
+        let mut stop_below = false;
+        let mut cur = lfs::open_dir_at(lower.as_fd(), c".")?;
+        for (k, name) in parents.iter().enumerate() {
+            match look(cur.as_fd(), name)? {
+                Found::Missing => continue 'lowers,
+                Found::Dir(st) => {
+                    dir_meta[k].get_or_insert(st);
+                    cur = open_dir(cur.as_fd(), name)?;
+                    stop_below |= is_opaque(cur.as_fd(), ns)?;
+                }
+                Found::Whiteout | Found::Other(_) => return Ok(false),
+            }
+        }
+        match look(cur.as_fd(), last)? {
+            Found::Other(st) => {
+                source = Some((cur, st));
+                break;
+            }
+            Found::Missing if !stop_below => {}
+            Found::Missing | Found::Whiteout | Found::Dir(_) => return Ok(false),
+        }
+        if stop_below {
+            return Ok(false);
+        }
+    }
+    let Some((src_dir, st)) = source else {
+        return Ok(false);
+    };
+    if dir_meta.iter().skip(existing).any(Option::is_none) {
+        return Ok(false);
+    }
+
+    // The deepest directory the upper already had gets its times back afterwards: the copy-up
+    // is not a change of it.
+    let deepest = upper_dirs
+        .get(existing)
+        .ok_or_else(|| io::Error::from(io::ErrorKind::NotFound))?;
+    let deepest_st = rustix::fs::fstat(deepest.as_fd())?;
+    let mut dir = lfs::open_dir_at(deepest.as_fd(), c".")?;
+    let mut created: Vec<(OwnedFd, Stat)> = Vec::new();
+    for (name, meta) in parents.iter().zip(&dir_meta).skip(existing) {
+        let Some(meta) = meta else {
+            return Ok(false);
+        };
+        rustix::fs::mkdirat(dir.as_fd(), name.as_c_str(), Mode::from_raw_mode(0o700))?;
+        let next = open_dir(dir.as_fd(), name)?;
+        if same_owner {
+            rustix::fs::fchown(
+                next.as_fd(),
+                Some(rustix::fs::Uid::from_raw(meta.st_uid)),
+                Some(rustix::fs::Gid::from_raw(meta.st_gid)),
+            )?;
+        }
+        rustix::fs::fchmod(next.as_fd(), Mode::from_raw_mode(meta.st_mode & 0o7777))?;
+        created.push((lfs::open_dir_at(next.as_fd(), c".")?, *meta));
+        dir = next;
+    }
+    copy_entry(src_dir.as_fd(), dir.as_fd(), last, &st, same_owner, ns)?;
+    for (fd, meta) in created.iter().rev() {
+        set_times(fd.as_fd(), meta)?;
+    }
+    set_times(deepest.as_fd(), &deepest_st)?;
+    Ok(true)
+}
+
+fn times_of(st: &Stat) -> Timestamps {
+    Timestamps {
+        last_access: Timespec {
+            tv_sec: st.st_atime,
+            tv_nsec: st.st_atime_nsec as _,
+        },
+        last_modification: Timespec {
+            tv_sec: st.st_mtime,
+            tv_nsec: st.st_mtime_nsec as _,
+        },
+    }
+}
+
+fn set_times(fd: BorrowedFd<'_>, st: &Stat) -> io::Result<()> {
+    rustix::fs::futimens(fd, &times_of(st))?;
+    Ok(())
+}
+
+/// Copies the non-directory `name` of `from` into `to` under the same name: content, mode,
+/// owner (with `same_owner`), xattrs other than overlay's own, and times.
+fn copy_entry(
+    from: BorrowedFd<'_>,
+    to: BorrowedFd<'_>,
+    name: &CStr,
+    st: &Stat,
+    same_owner: bool,
+    ns: OverlayXattr,
+) -> io::Result<()> {
+    let mode = st.st_mode & 0o7777;
+    let owner = || {
+        (
+            Some(rustix::fs::Uid::from_raw(st.st_uid)),
+            Some(rustix::fs::Gid::from_raw(st.st_gid)),
+        )
+    };
+    match FileType::from_raw_mode(st.st_mode) {
+        FileType::RegularFile => {
+            let src = rustix::fs::openat(
+                from,
+                name,
+                OFlags::RDONLY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+                Mode::empty(),
+            )?;
+            let dst = rustix::fs::openat(
+                to,
+                name,
+                OFlags::WRONLY | OFlags::CREATE | OFlags::EXCL | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+                Mode::from_raw_mode(0o600),
+            )?;
+            let (mut src, mut dst) = (File::from(src), File::from(dst));
+            io::copy(&mut src, &mut dst)?;
+            // Owner first: a chown clears `security.capability`.
+            if same_owner {
+                let (u, g) = owner();
+                rustix::fs::fchown(&dst, u, g)?;
+            }
+            copy_xattrs(XattrTarget::Fd(src.as_fd()), to, name, ns)?;
+            rustix::fs::fchmod(&dst, Mode::from_raw_mode(mode))?;
+            rustix::fs::futimens(&dst, &times_of(st))?;
+            return Ok(());
+        }
+        FileType::Symlink => {
+            let target = rustix::fs::readlinkat(from, name, Vec::new())?;
+            rustix::fs::symlinkat(target.as_c_str(), to, name)?;
+        }
+        FileType::Fifo | FileType::CharacterDevice | FileType::BlockDevice => {
+            rustix::fs::mknodat(
+                to,
+                name,
+                FileType::from_raw_mode(st.st_mode),
+                Mode::from_raw_mode(mode),
+                st.st_rdev,
+            )?;
+        }
+        _ => return Err(io::Error::from(io::ErrorKind::Unsupported)),
+    }
+    if same_owner {
+        let (u, g) = owner();
+        rustix::fs::chownat(to, name, u, g, AtFlags::SYMLINK_NOFOLLOW)?;
+    }
+    copy_xattrs(XattrTarget::At(from, name), to, name, ns)?;
+    if FileType::from_raw_mode(st.st_mode) != FileType::Symlink {
+        rustix::fs::chmodat(to, name, Mode::from_raw_mode(mode), AtFlags::empty())?;
+    }
+    rustix::fs::utimensat(to, name, &times_of(st), AtFlags::SYMLINK_NOFOLLOW)?;
+    Ok(())
+}
+
+/// Copies the xattrs of `src` to the entry `name` of `to`, except overlay's own.
+fn copy_xattrs(
+    src: XattrTarget<'_>,
+    to: BorrowedFd<'_>,
+    name: &CStr,
+    ns: OverlayXattr,
+) -> io::Result<()> {
+    for attr in lfs::list_xattrs(src)? {
+        if attr.as_bytes().starts_with(ns.prefix().as_bytes()) {
+            continue;
+        }
+        if let Some(value) = lfs::get_xattr(src, &attr)? {
+            lfs::set_xattr_at(to, name, &attr, &value)?;
+        }
+    }
+    Ok(())
+}
+
+/// Whether the merged view below the upper open as `root` would show `rel` from a lower: no
+/// directory on the way in the upper is opaque or replaced, and a lower (topmost first, with
+/// overlay's lookup rules) has it. A whiteout for a name no lower shows hides nothing; written
+/// anyway it would show in listings of a directory overlayfs reads as it is (one only the
+/// upper has, or an opaque one) as a name that cannot be opened.
+pub(super) fn visible_in_lowers(
+    root: BorrowedFd<'_>,
+    lowers: &[Arc<OwnedFd>],
+    ns: OverlayXattr,
+    rel: &Path,
+) -> io::Result<bool> {
+    let comps: Vec<CString> = rel
+        .components()
+        .map(|c| CString::new(c.as_os_str().as_bytes()))
+        .collect::<Result<_, _>>()
+        .map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
+    let Some((last, parents)) = comps.split_last() else {
+        return Ok(false);
+    };
+    let mut cur = lfs::open_dir_at(root, c".")?;
+    for name in parents {
+        match look(cur.as_fd(), name)? {
+            Found::Missing => break,
+            Found::Dir(_) => {
+                cur = open_dir(cur.as_fd(), name)?;
+                if is_opaque(cur.as_fd(), ns)? {
+                    return Ok(false);
+                }
+            }
+            Found::Whiteout | Found::Other(_) => return Ok(false),
+        }
+    }
+    'lowers: for lower in lowers {
+        let mut stop_below = false;
+        let mut cur = lfs::open_dir_at(lower.as_fd(), c".")?;
+        for name in parents {
+            match look(cur.as_fd(), name)? {
+                Found::Missing => continue 'lowers,
+                Found::Dir(_) => {
+                    cur = open_dir(cur.as_fd(), name)?;
+                    stop_below |= is_opaque(cur.as_fd(), ns)?;
+                }
+                Found::Whiteout | Found::Other(_) => return Ok(false),
+            }
+        }
+        match look(cur.as_fd(), last)? {
+            Found::Dir(_) | Found::Other(_) => return Ok(true),
+            Found::Whiteout => return Ok(false),
+            Found::Missing if stop_below => return Ok(false),
+            Found::Missing => {}
+        }
+    }
+    Ok(false)
+}
