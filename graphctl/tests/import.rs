@@ -4,16 +4,9 @@
 use std::fs;
 use std::path::Path;
 
-use sha2::{Digest, Sha256};
+use graphdriver_image::test_util::{self, Layer, OciLayoutBuilder, tar_dir};
 
 use crate::util::{Store, sample_image};
-
-fn sha256(data: &[u8]) -> String {
-    Sha256::digest(data)
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect()
-}
 
 /// The sample image's diff ids, from its config.
 fn diff_ids() -> Vec<String> {
@@ -41,26 +34,12 @@ fn diff_ids() -> Vec<String> {
         .collect()
 }
 
-/// The chain ids of the sample image, computed here independently of graphctl.
+/// The chain ids of the sample image (hex), computed independently of graphctl.
 fn chain_ids() -> Vec<String> {
-    let mut out: Vec<String> = Vec::new();
-    for d in diff_ids() {
-        let next = match out.last() {
-            None => d.clone(),
-            Some(prev) => format!("sha256:{}", sha256(format!("{prev} {d}").as_bytes())),
-        };
-        out.push(next);
-    }
-    out.iter()
+    test_util::chain_ids(&diff_ids())
+        .iter()
         .map(|c| c.trim_start_matches("sha256:").to_string())
         .collect()
-}
-
-/// Tars up the directory `dir` (files only, sorted) into `out`.
-fn tar_dir(dir: &Path, out: &Path) {
-    let mut b = tar::Builder::new(fs::File::create(out).unwrap());
-    b.append_dir_all(".", dir).unwrap();
-    b.finish().unwrap();
 }
 
 #[test]
@@ -91,7 +70,7 @@ fn oci_layout_dir_gives_chain_ids() {
 fn oci_layout_tar() {
     let s = Store::new("vfs");
     let tarfile = s.scratch("image.tar");
-    tar_dir(&sample_image(), &tarfile);
+    tar_dir(&sample_image(), &tarfile).unwrap();
     let top = s.ok(&["import", tarfile.to_str().unwrap()]);
     assert_eq!(top.trim(), chain_ids()[2]);
 }
@@ -111,19 +90,8 @@ fn docker_save(dir: &Path) -> std::path::PathBuf {
     };
     let manifest: serde_json::Value =
         serde_json::from_slice(&blob(index["manifests"][0]["digest"].as_str().unwrap())).unwrap();
-    let config = blob(manifest["config"]["digest"].as_str().unwrap());
-    let out = dir.join("docker.tar");
-    let mut b = tar::Builder::new(fs::File::create(&out).unwrap());
-    let mut add = |path: &str, data: &[u8]| {
-        let mut h = tar::Header::new_ustar();
-        h.set_size(data.len() as u64);
-        h.set_mode(0o644);
-        b.append_data(&mut h, path, data).unwrap();
-    };
-    let config_name = format!("{}.json", sha256(&config));
-    add(&config_name, &config);
-    let mut layers = Vec::new();
-    for (i, l) in manifest["layers"].as_array().unwrap().iter().enumerate() {
+    let mut image = OciLayoutBuilder::new().repo_tag("sample:latest");
+    for l in manifest["layers"].as_array().unwrap() {
         // docker save stores layers uncompressed.
         let data = blob(l["digest"].as_str().unwrap());
         let mut plain = Vec::new();
@@ -132,24 +100,15 @@ fn docker_save(dir: &Path) -> std::path::PathBuf {
             &mut plain,
         )
         .unwrap();
-        let path = format!("layer{i}/layer.tar");
-        add(&path, &plain);
-        layers.push(path);
+        image = image.layer(Layer::plain(plain));
     }
-    let manifest_json = serde_json::json!([{
-        "Config": config_name,
-        "RepoTags": ["sample:latest"],
-        "Layers": layers,
-    }]);
-    add("manifest.json", manifest_json.to_string().as_bytes());
-    let mut b = b;
-    // A symlink entry, as docker writes for a layer shared by two images.
-    let mut h = tar::Header::new_ustar();
-    h.set_entry_type(tar::EntryType::Symlink);
-    h.set_size(0);
-    b.append_link(&mut h, "alias/layer.tar", "../layer0/layer.tar")
-        .unwrap();
-    b.finish().unwrap();
+    let saved = dir.join("docker-save");
+    image.write_docker_save(&saved).unwrap();
+    // A symlink, as docker writes for a layer shared by two images.
+    fs::create_dir(saved.join("alias")).unwrap();
+    std::os::unix::fs::symlink("../l0/layer.tar", saved.join("alias/layer.tar")).unwrap();
+    let out = dir.join("docker.tar");
+    tar_dir(&saved, &out).unwrap();
     out
 }
 

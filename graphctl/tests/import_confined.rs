@@ -9,18 +9,13 @@ use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 
-use serde_json::{Value, json};
-use sha2::{Digest, Sha256};
+use graphdriver_image::test_util::{
+    BuiltImage, Layer, OciLayoutBuilder, sha256_hex as sha256, tar_dir,
+};
+use serde_json::Value;
 
 use crate::import::{copy_sample, top_layer_blob};
 use crate::util::{Store, TestCommand, layer_tar};
-
-fn sha256(data: &[u8]) -> String {
-    Sha256::digest(data)
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect()
-}
 
 const CANARY: &[u8] = b"CANARY-7f3e-host-secret";
 
@@ -68,113 +63,27 @@ fn run_with_deadline(cmd: TestCommand) -> (i32, String) {
     }
 }
 
-/// Writes `data` as a blob of the OCI layout `dir`; returns its descriptor.
-fn put_blob(dir: &Path, media_type: &str, data: &[u8]) -> Value {
-    let hex = sha256(data);
-    fs::create_dir_all(dir.join("blobs/sha256")).unwrap();
-    fs::write(dir.join("blobs/sha256").join(&hex), data).unwrap();
-    json!({"mediaType": media_type, "digest": format!("sha256:{hex}"), "size": data.len()})
-}
-
-/// Adds an image of uncompressed `layers` to the OCI layout `dir`; returns its manifest's
-/// descriptor and its chain ids (hex).
-fn put_image(dir: &Path, layers: &[Vec<u8>]) -> (Value, Vec<String>) {
-    let mut descs = Vec::new();
-    let mut diff_ids = Vec::new();
-    let mut chain: Vec<String> = Vec::new();
-    for l in layers {
-        descs.push(put_blob(dir, "application/vnd.oci.image.layer.v1.tar", l));
-        let d = format!("sha256:{}", sha256(l));
-        let next = match chain.last() {
-            None => d.clone(),
-            Some(prev) => format!("sha256:{}", sha256(format!("{prev} {d}").as_bytes())),
-        };
-        chain.push(next);
-        diff_ids.push(d);
+/// Writes an image of uncompressed `layers` into the OCI layout `dir` (named `name` in its
+/// `index.json`, if given); returns its layer ids (chain ids, hex).
+fn put_image(dir: &Path, layers: &[Vec<u8>], name: Option<&str>) -> Vec<String> {
+    let mut b = OciLayoutBuilder::new().plain_layers(layers);
+    if let Some(n) = name {
+        b = b.ref_name(n);
     }
-    let config = json!({
-        "architecture": "amd64", "os": "linux",
-        "rootfs": {"type": "layers", "diff_ids": diff_ids},
-    });
-    let config = put_blob(
-        dir,
-        "application/vnd.oci.image.config.v1+json",
-        config.to_string().as_bytes(),
-    );
-    let manifest = json!({
-        "schemaVersion": 2,
-        "mediaType": "application/vnd.oci.image.manifest.v1+json",
-        "config": config,
-        "layers": descs,
-    });
-    let desc = put_blob(
-        dir,
-        "application/vnd.oci.image.manifest.v1+json",
-        manifest.to_string().as_bytes(),
-    );
-    let ids = chain
-        .iter()
-        .map(|c| c.trim_start_matches("sha256:").to_string())
-        .collect();
-    (desc, ids)
+    b.write_oci(dir).unwrap().layer_ids()
 }
 
-/// Writes `oci-layout` and an `index.json` listing `manifests` (with ref names).
-fn write_index(dir: &Path, manifests: &[(Option<&str>, Value)]) {
-    let list: Vec<Value> = manifests
-        .iter()
-        .map(|(name, d)| {
-            let mut d = d.clone();
-            if let Some(n) = name {
-                d["annotations"] = json!({"org.opencontainers.image.ref.name": n});
-            }
-            d
-        })
-        .collect();
-    fs::write(dir.join("oci-layout"), r#"{"imageLayoutVersion":"1.0.0"}"#).unwrap();
-    fs::write(
-        dir.join("index.json"),
-        json!({"schemaVersion": 2, "manifests": list}).to_string(),
-    )
-    .unwrap();
-}
-
-/// A `docker save` directory (legacy layout) of one image with `layers`, its config named
-/// `config_name`; returns the directory, the layer paths and the chain ids.
-fn docker_dir(
-    parent: &Path,
-    layers: &[Vec<u8>],
-    config_name: &str,
-) -> (PathBuf, Vec<String>, Vec<String>) {
+/// A `docker save` directory (legacy layout) of one image `small:latest` with `layers`, its
+/// config named `config_name`; returns the directory and what was written.
+fn docker_dir(parent: &Path, layers: &[Vec<u8>], config_name: &str) -> (PathBuf, BuiltImage) {
     let dir = parent.join("docker-dir");
-    fs::create_dir_all(&dir).unwrap();
-    let mut paths = Vec::new();
-    let mut diff_ids = Vec::new();
-    let mut chain: Vec<String> = Vec::new();
-    for (i, l) in layers.iter().enumerate() {
-        let p = format!("l{i}/layer.tar");
-        fs::create_dir_all(dir.join(format!("l{i}"))).unwrap();
-        fs::write(dir.join(&p), l).unwrap();
-        paths.push(p);
-        let d = format!("sha256:{}", sha256(l));
-        chain.push(match chain.last() {
-            None => d.clone(),
-            Some(prev) => format!("sha256:{}", sha256(format!("{prev} {d}").as_bytes())),
-        });
-        diff_ids.push(d);
-    }
-    let config = json!({"rootfs": {"type": "layers", "diff_ids": diff_ids}});
-    fs::write(dir.join(config_name), config.to_string()).unwrap();
-    fs::write(
-        dir.join("manifest.json"),
-        json!([{"Config": config_name, "RepoTags": ["small:latest"], "Layers": paths}]).to_string(),
-    )
-    .unwrap();
-    let ids = chain
-        .iter()
-        .map(|c| c.trim_start_matches("sha256:").to_string())
-        .collect();
-    (dir, paths, ids)
+    let built = OciLayoutBuilder::new()
+        .plain_layers(layers)
+        .config_name(config_name)
+        .repo_tag("small:latest")
+        .write_docker_save(&dir)
+        .unwrap();
+    (dir, built)
 }
 
 fn small_layers() -> Vec<Vec<u8>> {
@@ -243,7 +152,8 @@ fn docker_dir_layer_symlinked_out_of_the_image_is_refused() {
     let s = Store::new("vfs");
     let (host, host_digest) = host_file(&s);
     let layers = small_layers();
-    let (dir, paths, ids) = docker_dir(s.dir.path(), &layers, "config.json");
+    let (dir, built) = docker_dir(s.dir.path(), &layers, "config.json");
+    let (paths, ids) = (&built.layer_paths, built.layer_ids());
     // A layer shared with the layer before it, linked as docker save does: followed.
     let out = s.ok(&["import", dir.to_str().unwrap()]);
     assert_eq!(out.trim(), ids[1]);
@@ -286,7 +196,8 @@ fn docker_dir_layer_symlinked_out_of_the_image_is_refused() {
 fn docker_dir_repeated_layer_linked_inside_is_followed() {
     let s = Store::new("vfs");
     let layers = small_layers();
-    let (dir, paths, ids) = docker_dir(s.dir.path(), &layers, "config.json");
+    let (dir, built) = docker_dir(s.dir.path(), &layers, "config.json");
+    let (paths, ids) = (&built.layer_paths, built.layer_ids());
     // Move layer 1 and link its path to the new place inside the image.
     fs::create_dir_all(dir.join("shared")).unwrap();
     fs::rename(dir.join(&paths[1]), dir.join("shared/layer.tar")).unwrap();
@@ -328,14 +239,15 @@ fn a_blob_longer_than_declared_is_refused() {
     let s = Store::new("vfs");
     let dir = s.dir.path().join("img");
     let layer = layer_tar(&[("a", b"a")]);
-    let (desc, _) = put_image(&dir, std::slice::from_ref(&layer));
-    write_index(&dir, &[(None, desc)]);
-    // Append to the layer blob: still the digest's name, now longer than its descriptor.
+    // The layer blob stored longer than its descriptor, still under the digest's name.
     let hex = sha256(&layer);
-    let path = dir.join("blobs/sha256").join(&hex);
     let mut longer = layer.clone();
     longer.extend_from_slice(&[0u8; 4096]);
-    fs::write(&path, &longer).unwrap();
+    let built = OciLayoutBuilder::new()
+        .layer(Layer::plain(layer.clone()).stored_as(longer.clone()))
+        .write_oci(&dir)
+        .unwrap();
+    assert_eq!(built.layer_paths, [format!("blobs/sha256/{hex}")]);
     let msg = s.err(&["import", dir.to_str().unwrap()]);
     assert!(
         msg.contains(&format!("sha256:{hex}"))
@@ -351,8 +263,7 @@ fn a_poisoned_chain_id_is_not_reused() {
     let s = Store::new("vfs");
     let dir = s.dir.path().join("img");
     let layers = small_layers();
-    let (desc, ids) = put_image(&dir, &layers);
-    write_index(&dir, &[(None, desc)]);
+    let ids = put_image(&dir, &layers, None);
     // Someone applies other content under the image's first chain id.
     let evil = s.scratch("evil.tar");
     fs::write(&evil, layer_tar(&[("etc/", b""), ("etc/one", b"evil")])).unwrap();
@@ -392,8 +303,7 @@ fn apply_records_the_diff_id_import_reuses() {
     let s = Store::new("vfs");
     let dir = s.dir.path().join("img");
     let layers = small_layers();
-    let (desc, ids) = put_image(&dir, &layers);
-    write_index(&dir, &[(None, desc)]);
+    let ids = put_image(&dir, &layers, None);
     let l0 = s.scratch("l0.tar");
     fs::write(&l0, &layers[0]).unwrap();
     s.ok(&["apply", &ids[0], l0.to_str().unwrap()]);
@@ -407,9 +317,8 @@ fn apply_records_the_diff_id_import_reuses() {
 fn a_tag_selects_one_image_of_several() {
     let s = Store::new("vfs");
     let dir = s.dir.path().join("img");
-    let (one, ids_one) = put_image(&dir, &small_layers()[..1]);
-    let (two, ids_two) = put_image(&dir, &[layer_tar(&[("two", b"2")])]);
-    write_index(&dir, &[(Some("one"), one), (Some("v2:two"), two)]);
+    let ids_one = put_image(&dir, &small_layers()[..1], Some("one"));
+    let ids_two = put_image(&dir, &[layer_tar(&[("two", b"2")])], Some("v2:two"));
     let msg = s.err(&["import", dir.to_str().unwrap()]);
     assert!(
         msg.contains("one") && msg.contains("v2:two") && msg.contains("PATH:NAME"),
@@ -430,7 +339,8 @@ fn docker_save_repo_tags_select_and_manifests_null_falls_back() {
     let s = Store::new("vfs");
     // A config whose name is not its digest (moby reads it by name).
     let other = "e".repeat(64);
-    let (dir, _, ids) = docker_dir(s.dir.path(), &small_layers(), &format!("{other}.json"));
+    let (dir, built) = docker_dir(s.dir.path(), &small_layers(), &format!("{other}.json"));
+    let ids = built.layer_ids();
     // `docker load` reads manifest.json when index.json lists nothing.
     fs::write(
         dir.join("index.json"),
@@ -472,8 +382,7 @@ fn image_tar_links_out_and_huge_long_names_are_refused() {
     let (_, host_digest) = host_file(&s);
     let dir = s.dir.path().join("img");
     let layer = layer_tar(&[("a", b"a")]);
-    let (desc, ids) = put_image(&dir, std::slice::from_ref(&layer));
-    write_index(&dir, &[(None, desc)]);
+    let ids = put_image(&dir, std::slice::from_ref(&layer), None);
     let hex = sha256(&layer);
     let mut members: Vec<(String, Vec<u8>)> = Vec::new();
     for e in fs::read_dir(dir.join("blobs/sha256")).unwrap() {
@@ -590,13 +499,10 @@ fn images_made_by_skopeo_import_and_equal_gnu_tar() {
         ]),
         layer_tar(&[("etc/", b""), ("etc/one", b"changed"), ("etc/two", b"2")]),
     ];
-    let (dir, _, ids) = docker_dir(work.dir.path(), &layers, "config.json");
+    let (dir, built) = docker_dir(work.dir.path(), &layers, "config.json");
+    let ids = built.layer_ids();
     let docker_tar = work.scratch("docker.tar");
-    {
-        let mut b = tar::Builder::new(fs::File::create(&docker_tar).unwrap());
-        b.append_dir_all(".", &dir).unwrap();
-        b.finish().unwrap();
-    }
+    tar_dir(&dir, &docker_tar).unwrap();
     // What GNU tar makes of the layers, one after the other.
     let reference = work.scratch("reference");
     fs::create_dir(&reference).unwrap();

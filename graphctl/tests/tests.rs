@@ -23,4 +23,5 @@ mod kernel_profile;
 mod one_driver;
 mod safety;
 mod store_trust;
+mod tools;
 mod workflow;

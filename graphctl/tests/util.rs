@@ -361,26 +361,10 @@ pub fn is_mount_point(path: &Path) -> bool {
     info.lines().any(|l| l.split(' ').nth(4) == Some(want))
 }
 
-/// A plain layer tar from `(path, contents)` pairs (directories end in `/`).
+/// A plain layer tar from `(path, contents)` pairs (directories end in `/`): see
+/// [`graphdriver_image::test_util::layer_tar`].
 pub fn layer_tar(entries: &[(&str, &[u8])]) -> Vec<u8> {
-    let mut b = tar::Builder::new(Vec::new());
-    for (path, data) in entries {
-        let mut h = tar::Header::new_ustar();
-        if path.ends_with('/') {
-            h.set_entry_type(tar::EntryType::Directory);
-            h.set_mode(0o755);
-            h.set_size(0);
-        } else {
-            h.set_entry_type(tar::EntryType::Regular);
-            h.set_mode(0o644);
-            h.set_size(data.len() as u64);
-        }
-        h.set_mtime(1_700_000_000);
-        h.set_uid(0);
-        h.set_gid(0);
-        b.append_data(&mut h, path, *data).unwrap();
-    }
-    b.into_inner().unwrap()
+    graphdriver_image::test_util::layer_tar(entries).unwrap()
 }
 
 /// A new pseudo-terminal: (master, slave). A command given the slave as stdin, stdout or

@@ -130,6 +130,8 @@ mod layout;
 mod path;
 mod source;
 mod tar_index;
+#[cfg(feature = "test-util")]
+pub mod test_util;
 
 use std::path::{Path, PathBuf};
 

@@ -4,72 +4,21 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::cell::RefCell;
-use std::fs;
 use std::path::{Path, PathBuf};
-
-use serde_json::{Value, json};
-use sha2::{Digest, Sha256};
 
 use drivers as _;
 
 use super::*;
-
-fn hex(data: &[u8]) -> String {
-    format!("{:x}", Sha256::digest(data))
-}
-
-fn put_blob(dir: &Path, media_type: &str, data: &[u8]) -> Value {
-    let h = hex(data);
-    fs::create_dir_all(dir.join("blobs/sha256")).unwrap();
-    fs::write(dir.join("blobs/sha256").join(&h), data).unwrap();
-    json!({"mediaType": media_type, "digest": format!("sha256:{h}"), "size": data.len()})
-}
-
-fn layer_tar(name: &str, data: &[u8]) -> Vec<u8> {
-    let mut b = tar::Builder::new(Vec::new());
-    let mut h = tar::Header::new_ustar();
-    h.set_size(data.len() as u64);
-    h.set_mode(0o644);
-    b.append_data(&mut h, name, data).unwrap();
-    b.into_inner().unwrap()
-}
+use crate::test_util::{Layer, OciLayoutBuilder, layer_tar, sha256_hex as hex};
 
 /// An OCI layout at `dir` of uncompressed `layers`, the config listing `diff_ids` (the
 /// layers' own when `None`); returns the real DiffIDs.
 fn layout(dir: &Path, layers: &[Vec<u8>], diff_ids: Option<Vec<String>>) -> Vec<String> {
-    let real: Vec<String> = layers
-        .iter()
-        .map(|l| format!("sha256:{}", hex(l)))
-        .collect();
-    let descs: Vec<Value> = layers
-        .iter()
-        .map(|l| put_blob(dir, "application/vnd.oci.image.layer.v1.tar", l))
-        .collect();
-    let config = json!({
-        "architecture": "amd64", "os": "linux",
-        "rootfs": {"type": "layers", "diff_ids": diff_ids.unwrap_or_else(|| real.clone())},
-    });
-    let config = put_blob(
-        dir,
-        "application/vnd.oci.image.config.v1+json",
-        config.to_string().as_bytes(),
-    );
-    let manifest = json!({
-        "schemaVersion": 2,
-        "mediaType": "application/vnd.oci.image.manifest.v1+json",
-        "config": config, "layers": descs,
-    });
-    let m = put_blob(
-        dir,
-        "application/vnd.oci.image.manifest.v1+json",
-        manifest.to_string().as_bytes(),
-    );
-    fs::write(
-        dir.join("index.json"),
-        json!({"schemaVersion": 2, "manifests": [m]}).to_string(),
-    )
-    .unwrap();
-    real
+    let mut b = OciLayoutBuilder::new().plain_layers(layers);
+    if let Some(ids) = diff_ids {
+        b = b.config_diff_ids(ids);
+    }
+    b.write_oci(dir).unwrap().diff_ids
 }
 
 struct Store {
@@ -115,7 +64,10 @@ impl Store {
 }
 
 fn two_layers() -> Vec<Vec<u8>> {
-    vec![layer_tar("a", b"one"), layer_tar("b", b"two")]
+    vec![
+        layer_tar(&[("a", b"one")]).unwrap(),
+        layer_tar(&[("b", b"two")]).unwrap(),
+    ]
 }
 
 #[test]
@@ -152,13 +104,16 @@ fn layers_are_named_by_chain_id_and_reused() {
 fn a_blob_digest_mismatch_leaves_the_store_unchanged() {
     let s = Store::new();
     let layers = two_layers();
-    layout(&s.image, &layers, None);
     // The second blob's bytes change, its name (the digest the manifest gives) does not: the
     // bad digest is only known after the layer was applied.
     let good = hex(&layers[1]);
-    let bad = layer_tar("b", b"TWO");
+    let bad = layer_tar(&[("b", b"TWO")]).unwrap();
     assert_eq!(bad.len(), layers[1].len());
-    fs::write(s.image.join("blobs/sha256").join(&good), &bad).unwrap();
+    OciLayoutBuilder::new()
+        .layer(Layer::plain(layers[0].clone()))
+        .layer(Layer::plain(layers[1].clone()).stored_as(bad.clone()))
+        .write_oci(&s.image)
+        .unwrap();
     let e = s.import().unwrap_err();
     match &e {
         Error::DigestMismatch {
@@ -268,10 +223,7 @@ fn an_oci_archive_imports_as_its_directory_does() {
     let s = Store::new();
     let diff_ids = layout(&s.image, &two_layers(), None);
     let archive = s.image.with_extension("tar");
-    let mut b = tar::Builder::new(fs::File::create(&archive).unwrap());
-    b.append_dir_all(".", &s.image).unwrap();
-    b.finish().unwrap();
-    drop(b);
+    crate::test_util::tar_dir(&s.image, &archive).unwrap();
     let report = import(s.selected.driver.as_ref(), &s.store, &archive, &()).unwrap();
     let top = chain_ids(&diff_ids).pop().unwrap();
     assert_eq!(
@@ -283,29 +235,14 @@ fn an_oci_archive_imports_as_its_directory_does() {
 #[test]
 fn a_docker_save_directory_is_read_by_name_and_tag() {
     let s = Store::new();
-    let layers = two_layers();
     let dir = &s.image;
-    let mut paths = Vec::new();
-    for (i, l) in layers.iter().enumerate() {
-        fs::create_dir_all(dir.join(format!("l{i}"))).unwrap();
-        fs::write(dir.join(format!("l{i}/layer.tar")), l).unwrap();
-        paths.push(format!("l{i}/layer.tar"));
-    }
-    let diff_ids: Vec<String> = layers
-        .iter()
-        .map(|l| format!("sha256:{}", hex(l)))
-        .collect();
-    // moby's config, read leniently: no architecture or os needed.
-    fs::write(
-        dir.join("cfg.json"),
-        json!({"rootfs": {"type": "layers", "diff_ids": diff_ids}}).to_string(),
-    )
-    .unwrap();
-    fs::write(
-        dir.join("manifest.json"),
-        json!([{"Config": "cfg.json", "RepoTags": ["small:latest"], "Layers": paths}]).to_string(),
-    )
-    .unwrap();
+    let diff_ids = OciLayoutBuilder::new()
+        .plain_layers(&two_layers())
+        .config_name("cfg.json")
+        .repo_tag("small:latest")
+        .write_docker_save(dir)
+        .unwrap()
+        .diff_ids;
     let image = Image::open_tagged(dir, Some("small")).unwrap();
     let got: Vec<(&str, Option<&str>, &str)> = image
         .layers()
@@ -329,4 +266,21 @@ fn a_docker_save_directory_is_read_by_name_and_tag() {
         .import(s.selected.driver.as_ref(), &s.store, &())
         .unwrap();
     assert_eq!(s.ids().len(), 2);
+}
+
+#[test]
+fn gzip_and_zstd_layers_import_under_the_chain_ids_of_their_plain_tars() {
+    let s = Store::new();
+    let [a, b] = <[Vec<u8>; 2]>::try_from(two_layers()).unwrap();
+    let built = OciLayoutBuilder::new()
+        .layer(Layer::gzip(a))
+        .layer(Layer::zstd(b))
+        .write_oci(&s.image)
+        .unwrap();
+    // The blobs are compressed: their digests are not the DiffIDs.
+    assert_ne!(built.layer_digests, built.diff_ids);
+    let report = s.import().unwrap();
+    let ids: Vec<String> = report.layers.iter().map(|l| l.id.to_string()).collect();
+    assert_eq!(ids, built.layer_ids());
+    assert_eq!(chain_ids(&built.diff_ids), built.chain_ids);
 }
