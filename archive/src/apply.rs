@@ -19,8 +19,8 @@
 //!   from PAX `SCHILY.xattr.*` records on files, directories, symlinks and nodes, except
 //!   overlayfs' own `trusted.overlay.*` / `user.overlay.*`, which a layer must not forge.
 //!   mtimes are set as entries are written; directory mtimes are set at the very end, after
-//!   everything below them has been written and every removal done (front-coded paths, one
-//!   moving cursor: no fd per level, no full-path calls).
+//!   everything below them has been written and every removal done (one moving cursor: no fd
+//!   per level, no full-path calls).
 //! * **Whiteouts** per [`WhiteoutFormat`] (a char 0/0 entry is one, see [`apply_layer`]);
 //!   removals are iterative ([`remove_tree_at`]); `.wh..wh.plnk/…` entries are staged under
 //!   that (reserved) name in the target and removed at the end.
@@ -30,6 +30,11 @@
 //!   data segments are written (`pwrite`).
 //! * **Limits** ([`ApplyOptions::max_entries`], [`ApplyOptions::max_bytes`]) refuse archive
 //!   bombs with [`Error::LimitExceeded`].
+//! * **Memory does not grow with the layer.** What must be known until the end — the paths
+//!   this layer wrote (which an opaque directory keeps; OCI whiteouts only), the opaque
+//!   directories and the directory times — is kept in logs with a fixed memory budget that
+//!   spill to an unlinked scratch file in the target (`spill.rs`); opaque directories are
+//!   pruned by merging the sorted written paths with a depth-first walk.
 //!
 //! After the end-of-archive blocks the rest of the input is read and discarded, so a process
 //! writing into a pipe never blocks on a reader that stopped early.
@@ -45,11 +50,12 @@
 pub(crate) use crate::codec::header::checksum_matches as header_checksum_matches;
 mod copyup;
 mod resolve;
+mod spill;
+#[cfg(any(test, feature = "test-util"))]
+pub use spill::set_spill_limit;
 
-use std::collections::{BTreeSet, HashMap, HashSet};
 use std::ffi::{CString, OsStr};
 use std::fs::File;
-use std::hash::{BuildHasher, RandomState};
 use std::io::{self, Read};
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
@@ -66,6 +72,7 @@ use crate::{
     WHITEOUT_OPAQUE, WHITEOUT_PREFIX, WhiteoutFormat,
 };
 use resolve::{Cursor, list_dir, open_root};
+use spill::{PathLog, TimeLog};
 
 /// Size of the buffer in front of the input stream.
 const INPUT_BUFFER: usize = 1 << 20;
@@ -298,9 +305,9 @@ fn run(
         max_bytes,
         entries: 0,
         bytes: 0,
-        written: PathSet::new(),
-        opaque: BTreeSet::new(),
-        dir_times: DirTimes::default(),
+        written: PathLog::default(),
+        opaque: PathLog::default(),
+        dir_times: TimeLog::default(),
         cache: None,
         link_cache: None,
         new_owner: None,
@@ -390,12 +397,13 @@ struct Applier<'a> {
     entries: u64,
     /// Regular-file bytes written so far.
     bytes: u64,
-    /// Paths this layer wrote, with all their ancestors (for opaque directories).
-    written: PathSet,
+    /// Paths this layer wrote (their ancestors count as written too), for opaque directories;
+    /// kept with OCI whiteouts only, the one form that prunes. Bounded memory (`spill.rs`).
+    written: PathLog,
     /// Directories marked opaque (OCI form, processed at the end).
-    opaque: BTreeSet<PathBuf>,
-    /// Directory mtimes to set at the end.
-    dir_times: DirTimes,
+    opaque: PathLog,
+    /// Directory mtimes to set at the end, in the order the directories came.
+    dir_times: TimeLog,
     /// The parent directory used last.
     cache: Option<Cursor>,
     /// The directory of the hardlink target used last (a second cursor: links and their
@@ -534,7 +542,7 @@ impl Applier<'_> {
             }
         }
 
-        self.mark_written(&rel);
+        self.mark_written(&rel)?;
         match kind {
             EntryType::Regular | EntryType::Continuous | EntryType::GNUSparse => {
                 self.regular(tar, &entry, &name, &rel, &meta)?;
@@ -613,19 +621,15 @@ impl Applier<'_> {
         })
     }
 
-    /// Records `rel` and its ancestors as written by this layer.
-    fn mark_written(&mut self, rel: &Path) {
-        let mut p = rel;
-        loop {
-            // Look up before inserting: most ancestors are present already.
-            if !self.written.insert(p) {
-                break;
-            }
-            match p.parent() {
-                Some(parent) => p = parent,
-                None => break,
-            }
+    /// Records `rel` (and so its ancestors) as written by this layer, for opaque directories:
+    /// only with OCI whiteouts, the one form in which they are pruned.
+    fn mark_written(&mut self, rel: &Path) -> Result<()> {
+        if matches!(self.mode, Mode_::Layer(WhiteoutFormat::Oci)) {
+            self.written
+                .insert(self.root.as_fd(), rel)
+                .map_err(|e| Error::io("record written path", rel, e))?;
         }
+        Ok(())
     }
 
     /// Opens (creating if missing) the parent directory `parent`, reusing the cached fd.
@@ -658,10 +662,12 @@ impl Applier<'_> {
         base: &[u8],
     ) -> Result<()> {
         if base == WHITEOUT_OPAQUE.as_bytes() {
-            self.mark_written(parent);
+            self.mark_written(parent)?;
             match format {
                 WhiteoutFormat::Oci => {
-                    self.opaque.insert(parent.to_path_buf());
+                    self.opaque
+                        .insert(self.root.as_fd(), parent)
+                        .map_err(|e| Error::io("record opaque directory", parent, e))?;
                 }
                 WhiteoutFormat::Overlay(ns) => {
                     let pfd = self.parent_fd(name, parent)?;
@@ -699,7 +705,7 @@ impl Applier<'_> {
                 self.delete(name, parent, victim)?
             }
             WhiteoutFormat::Overlay(_) => {
-                self.mark_written(&rel);
+                self.mark_written(&rel)?;
                 let meta = Meta {
                     mode: 0,
                     uid: 0,
@@ -922,7 +928,9 @@ impl Applier<'_> {
         self.set_owner_mode_fd(dir.as_fd(), rel, meta, self.same_owner, true)?;
         self.set_xattrs_fd(dir.as_fd(), rel, meta)?;
         if !rel.starts_with(WHITEOUT_LINK_DIR) {
-            self.dir_times.push(rel, meta.mtime);
+            self.dir_times
+                .push(self.root.as_fd(), rel, meta.mtime)
+                .map_err(|e| Error::io("record directory time", rel, e))?;
         }
         Ok(())
     }
@@ -1137,174 +1145,180 @@ impl Applier<'_> {
     fn finish(&mut self) -> Result<()> {
         self.cache = None;
         self.link_cache = None;
-        let opaque: Vec<PathBuf> = self.opaque.iter().cloned().collect();
-        for dir in opaque {
-            self.prune(&dir)?;
-        }
+        self.prune_opaque()?;
         if self.staged {
             remove_tree_at(self.root.as_fd(), OsStr::new(WHITEOUT_LINK_DIR))
                 .map_err(|e| Error::io("remove", WHITEOUT_LINK_DIR, e))?;
         }
         let times = std::mem::take(&mut self.dir_times);
         let mut cursor: Option<Cursor> = None;
-        let mut result = Ok(());
-        times.for_each(|rel, mtime| {
-            if result.is_err() {
-                return;
-            }
-            let ts = Timestamps {
-                last_access: mtime,
-                last_modification: mtime,
-            };
-            let (parent, base) = split(rel).unwrap_or((Path::new(""), OsStr::new(".")));
-            let pfd = match cursor.take() {
-                Some(c) if c.is_at(parent) => c,
-                // Stale or missing parents (removed by a later entry) are skipped.
-                prev => match Cursor::open(self.root.as_fd(), prev, parent, false) {
-                    Ok(c) => c,
-                    Err(_) => return,
-                },
-            };
-            match rustix::fs::utimensat(pfd.fd(), base, &ts, AtFlags::SYMLINK_NOFOLLOW) {
-                Ok(()) | Err(rustix::io::Errno::NOENT) => {}
-                Err(e) => result = Err(Error::io("set directory mtime", rel, e.into())),
-            }
-            cursor = Some(pfd);
-        });
-        result
+        let root = self.root.as_fd();
+        times.for_each(
+            |rel, mtime| {
+                let ts = Timestamps {
+                    last_access: mtime,
+                    last_modification: mtime,
+                };
+                let (parent, base) = split(rel).unwrap_or((Path::new(""), OsStr::new(".")));
+                let pfd = match cursor.take() {
+                    Some(c) if c.is_at(parent) => c,
+                    // Stale or missing parents (removed by a later entry) are skipped.
+                    prev => match Cursor::open(root, prev, parent, false) {
+                        Ok(c) => c,
+                        Err(_) => return Ok(()),
+                    },
+                };
+                match rustix::fs::utimensat(pfd.fd(), base, &ts, AtFlags::SYMLINK_NOFOLLOW) {
+                    Ok(()) | Err(rustix::io::Errno::NOENT) => {}
+                    Err(e) => return Err(Error::io("set directory mtime", rel, e.into())),
+                }
+                cursor = Some(pfd);
+                Ok(())
+            },
+            |e| Error::io("read directory times", "/", e),
+        )
     }
 
-    /// Removes from the opaque directory `rel`, and from the directories this layer wrote below
-    /// it, everything this layer did not write. Iterative: one pending list of directories, one
-    /// cursor, whatever the depth.
-    fn prune(&self, rel: &Path) -> Result<()> {
-        let mut pending = vec![rel.to_path_buf()];
-        let mut cursor: Option<Cursor> = None;
-        while let Some(dir) = pending.pop() {
-            let Ok(c) = Cursor::open(self.root.as_fd(), cursor.take(), &dir, false) else {
-                continue;
-            };
-            let rd = reopen_dir(c.fd(), OsStr::new(".")).map_err(|e| Error::io("open", &dir, e))?;
-            let names = list_dir(rd.as_fd()).map_err(|e| Error::io("readdir", &dir, e))?;
-            for name in names {
-                let child = dir.join(&name);
-                if self.written.contains(&child) {
-                    let is_dir = rustix::fs::statat(rd.as_fd(), &name, AtFlags::SYMLINK_NOFOLLOW)
-                        .map(|st| FileType::from_raw_mode(st.st_mode) == FileType::Directory)
-                        .unwrap_or(false);
-                    if is_dir {
-                        pending.push(child);
+    /// Prunes every opaque directory (see [`Applier::prune`]), outer ones first.
+    ///
+    /// The opaque directories and the written paths are both read as sorted streams. The walk
+    /// of an opaque directory asks about paths in increasing order, so one pass over the
+    /// written paths serves all the opaque directories that are not below one another. An
+    /// opaque directory below another one that the walk entered (a directory this layer wrote)
+    /// is done by that walk; one it did not enter (reached through a symlink, say) is left for
+    /// another pass with a fresh stream, as are the ones below those, and so on.
+    fn prune_opaque(&mut self) -> Result<()> {
+        let mut todo = std::mem::take(&mut self.opaque);
+        if todo.is_empty() {
+            return Ok(());
+        }
+        let spill_err = |e| Error::io("read recorded paths", "/", e);
+        self.written.prepare().map_err(spill_err)?;
+        let root = self.root.as_fd();
+        loop {
+            todo.prepare().map_err(spill_err)?;
+            let mut later = PathLog::default();
+            {
+                let mut ops = todo.iter().map_err(spill_err)?;
+                let mut written = self.written.iter().map_err(spill_err)?;
+                while let Some(dir) = ops.head().map(<[u8]>::to_vec) {
+                    ops.advance().map_err(spill_err)?;
+                    let mut entered = |key: &[u8]| -> io::Result<()> {
+                        // Opaque directories before `key` are below `dir` (see the loop
+                        // after the walk) and were not entered: another pass.
+                        while let Some(o) = ops.head() {
+                            if o < key {
+                                later.insert_key(root, o)?;
+                            } else if o != key {
+                                break;
+                            }
+                            // The walk entered this one: it prunes it as `prune` would.
+                            ops.advance()?;
+                        }
+                        Ok(())
+                    };
+                    self.prune(&dir, &mut written, &mut entered)?;
+                    while let Some(o) = ops.head()
+                        && spill::at_or_under(&dir, o)
+                    {
+                        later.insert_key(root, o).map_err(spill_err)?;
+                        ops.advance().map_err(spill_err)?;
                     }
-                } else {
-                    remove_tree_at(rd.as_fd(), &name)
-                        .map_err(|e| Error::io("remove", &child, e))?;
                 }
             }
-            cursor = Some(c);
+            if later.is_empty() {
+                return Ok(());
+            }
+            todo = later;
+        }
+    }
+
+    /// Removes from the opaque directory whose key is `dir`, and from the directories this
+    /// layer wrote below it, everything this layer did not write (`written`, which is asked in
+    /// increasing order). Depth first with each directory's names in byte order, the order of
+    /// `written`; one stack of the names left per level, one cursor, whatever the depth.
+    /// `entered` is told every directory the walk goes into.
+    fn prune(
+        &self,
+        dir: &[u8],
+        written: &mut spill::Merged<'_>,
+        entered: &mut impl FnMut(&[u8]) -> io::Result<()>,
+    ) -> Result<()> {
+        /// The names of one directory still to look at, largest first.
+        struct Level {
+            names: Vec<std::ffi::OsString>,
+            /// Length of the directory's path (and key).
+            len: usize,
+        }
+        let root = self.root.as_fd();
+        let mut cursor: Option<Cursor> = None;
+        // Opens and lists the directory `path` (`None` when it cannot be opened: gone, or no
+        // directory).
+        let list = |cursor: &mut Option<Cursor>, path: &[u8]| -> Result<Option<Level>> {
+            let rel = Path::new(OsStr::from_bytes(path));
+            let Ok(c) = Cursor::open(root, cursor.take(), rel, false) else {
+                return Ok(None);
+            };
+            let rd = reopen_dir(c.fd(), OsStr::new(".")).map_err(|e| Error::io("open", rel, e))?;
+            let mut names = list_dir(rd.as_fd()).map_err(|e| Error::io("readdir", rel, e))?;
+            *cursor = Some(c);
+            names.sort_unstable_by(|a, b| b.as_bytes().cmp(a.as_bytes()));
+            Ok(Some(Level {
+                names,
+                len: path.len(),
+            }))
+        };
+        let spill_err = |e| Error::io("read recorded paths", "/", e);
+        let mut path = spill::path_of(dir);
+        let mut key = dir.to_vec();
+        let mut stack: Vec<Level> = list(&mut cursor, &path)?.into_iter().collect();
+        while let Some(level) = stack.last_mut() {
+            path.truncate(level.len);
+            key.truncate(level.len);
+            let Some(name) = level.names.pop() else {
+                stack.pop();
+                continue;
+            };
+            let parent_len = level.len;
+            let parent = Path::new(OsStr::from_bytes(&path[..parent_len]));
+            if !cursor.as_ref().is_some_and(|c| c.is_at(parent)) {
+                match Cursor::open(root, cursor.take(), parent, false) {
+                    Ok(c) => cursor = Some(c),
+                    Err(_) => {
+                        stack.pop();
+                        continue;
+                    }
+                }
+            }
+            let Some(c) = cursor.as_ref() else {
+                return Err(Error::io(
+                    "prune",
+                    parent,
+                    io::Error::other("internal: no cursor"),
+                ));
+            };
+            if parent_len > 0 {
+                path.push(b'/');
+                key.push(0);
+            }
+            path.extend_from_slice(name.as_bytes());
+            key.extend_from_slice(name.as_bytes());
+            let child = Path::new(OsStr::from_bytes(&path));
+            if written.covers(&key).map_err(spill_err)? {
+                let is_dir = rustix::fs::statat(c.fd(), &name, AtFlags::SYMLINK_NOFOLLOW)
+                    .map(|st| FileType::from_raw_mode(st.st_mode) == FileType::Directory)
+                    .unwrap_or(false);
+                if is_dir {
+                    entered(&key).map_err(spill_err)?;
+                    if let Some(level) = list(&mut cursor, &path)? {
+                        stack.push(level);
+                    }
+                }
+            } else {
+                remove_tree_at(c.fd(), &name).map_err(|e| Error::io("remove", child, e))?;
+            }
         }
         Ok(())
-    }
-}
-
-/// A set of normalised relative paths, stored as 128-bit keyed hashes (two independently,
-/// randomly keyed SipHash values) so that its memory does not grow with the length of the
-/// names: a 10,000-level tree has 20,000-byte names. The keys are random per run, so a layer
-/// cannot be built to make two of its paths collide.
-struct PathSet {
-    /// First hash key.
-    a: RandomState,
-    /// Second hash key.
-    b: RandomState,
-    /// The hashes.
-    set: HashSet<u128>,
-}
-
-impl PathSet {
-    fn new() -> Self {
-        PathSet {
-            a: RandomState::new(),
-            b: RandomState::new(),
-            set: HashSet::new(),
-        }
-    }
-
-    fn key(&self, p: &Path) -> u128 {
-        let bytes = p.as_os_str().as_bytes();
-        (u128::from(self.a.hash_one(bytes)) << 64) | u128::from(self.b.hash_one(bytes))
-    }
-
-    /// Adds `p`; `false` when it was present.
-    fn insert(&mut self, p: &Path) -> bool {
-        let k = self.key(p);
-        self.set.insert(k)
-    }
-
-    fn contains(&self, p: &Path) -> bool {
-        self.set.contains(&self.key(p))
-    }
-}
-
-/// Directory mtimes recorded during the apply, front-coded (each path stored as the length it
-/// shares with the previous one plus the rest), so a deep tree costs a few bytes per directory.
-/// A directory met again (a layer may repeat an entry any number of times) updates its record
-/// instead of adding one: memory follows the number of distinct directories, not the length
-/// of the stream.
-struct DirTimes {
-    /// The last path pushed.
-    last: Vec<u8>,
-    /// (bytes shared with the previous path, the rest, mtime).
-    items: Vec<(usize, Box<[u8]>, Timespec)>,
-    /// Keyed hashes of the paths pushed (see [`PathSet`]) → their index in `items`.
-    seen: PathSet,
-    index: HashMap<u128, usize>,
-}
-
-impl Default for DirTimes {
-    fn default() -> Self {
-        DirTimes {
-            last: Vec::new(),
-            items: Vec::new(),
-            seen: PathSet::new(),
-            index: HashMap::new(),
-        }
-    }
-}
-
-impl DirTimes {
-    fn push(&mut self, rel: &Path, mtime: Timespec) {
-        let key = self.seen.key(rel);
-        if let Some(&i) = self.index.get(&key) {
-            // The last metadata of a repeated entry wins; its place in the order stays.
-            if let Some(item) = self.items.get_mut(i) {
-                item.2 = mtime;
-            }
-            return;
-        }
-        self.index.insert(key, self.items.len());
-        let bytes = rel.as_os_str().as_bytes();
-        // Most directories extend the previous one (a memcmp); others share a short prefix.
-        let shared = if bytes.starts_with(&self.last) {
-            self.last.len()
-        } else {
-            self.last
-                .iter()
-                .zip(bytes)
-                .take_while(|(a, b)| a == b)
-                .count()
-        };
-        self.items.push((shared, bytes[shared..].into(), mtime));
-        self.last.truncate(shared);
-        self.last.extend_from_slice(&bytes[shared..]);
-    }
-
-    /// Calls `f` with every path and mtime, in the order they were pushed.
-    fn for_each(self, mut f: impl FnMut(&Path, Timespec)) {
-        let mut buf: Vec<u8> = Vec::new();
-        for (shared, rest, mtime) in self.items {
-            buf.truncate(shared);
-            buf.extend_from_slice(&rest);
-            f(Path::new(OsStr::from_bytes(&buf)), mtime);
-        }
     }
 }
 
@@ -1382,19 +1396,30 @@ mod tests {
     /// this way) keeps one record, with the last metadata, in its first place in the order.
     #[test]
     fn repeated_directories_keep_one_time_record_each() {
-        let mut t = DirTimes::default();
+        let d = tempfile::tempdir().unwrap();
+        let root = open_root(d.path()).unwrap();
+        let root = root.as_fd();
+        let mut t = TimeLog::default();
         let ts = |s| Timespec {
             tv_sec: s,
             tv_nsec: 0,
         };
         for i in 0..200_000 {
-            t.push(Path::new("a"), ts(i));
-            t.push(Path::new("a/b"), ts(-i));
+            t.push(root, Path::new("a"), ts(i)).unwrap();
+            t.push(root, Path::new("a/b"), ts(-i)).unwrap();
         }
-        t.push(Path::new("c"), ts(7));
-        assert_eq!(t.items.len(), 3);
+        t.push(root, Path::new("c"), ts(7)).unwrap();
+        assert_eq!(t.in_memory(), 3);
+        assert!(!t.spilled());
         let mut got = Vec::new();
-        t.for_each(|p, m| got.push((p.to_path_buf(), m.tv_sec)));
+        t.for_each(
+            |p, m| {
+                got.push((p.to_path_buf(), m.tv_sec));
+                Ok::<(), io::Error>(())
+            },
+            |e| e,
+        )
+        .unwrap();
         assert_eq!(
             got,
             [

@@ -83,6 +83,8 @@ pub use graphdriver::quote;
 pub use layerfs as fs;
 mod whiteout;
 
+#[cfg(any(test, feature = "test-util"))]
+pub use apply::set_spill_limit;
 pub use apply::{
     ApplyOptions, ApplyReport, MAX_SKIPPED, MAX_TRAILING, apply_layer, apply_layer_report,
     note_skipped, take_skipped, untar, untar_report,
