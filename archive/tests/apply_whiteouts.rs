@@ -93,13 +93,17 @@ fn overlay_form_whiteouts() {
             .file("dir/.wh..wh..opq", b"")
             .file("dir/.wh.x", b"")
             .file("dir/keep", b"k")
+            .file(".wh.y", b"")
             .finish();
         let mut o = ApplyOptions::default();
         o.whiteout_format = WhiteoutFormat::Overlay(ns);
         apply_layer(d.path(), &tar[..], &o).unwrap();
-        let md = std::fs::symlink_metadata(d.path().join("dir/x")).unwrap();
+        // Outside an opaque directory a whiteout is a char device 0/0 ...
+        let md = std::fs::symlink_metadata(d.path().join("y")).unwrap();
         assert!(md.file_type().is_char_device());
         assert_eq!(md.rdev(), 0);
+        // ... inside one it hides nothing, and overlayfs would list it as an unopenable name.
+        assert!(!exists(&d.path().join("dir/x")));
         assert_eq!(
             xattr::get(d.path().join("dir"), ns.opaque_name())
                 .unwrap()

@@ -116,6 +116,11 @@ fn store_after_a_killed_changes(driver: &'static str) -> Store {
 }
 
 driver_test!(rm_works_after_a_killed_changes, |driver| {
+    if driver == "overlay2" {
+        // overlay2 answers `changes` of a layer against its parent from diff/ alone, without
+        // a get: there is no reference for a kill to leave behind.
+        return;
+    }
     let s = store_after_a_killed_changes(driver);
     // Its reference died with it: the layers can be removed, and nothing stays mounted.
     s.ok(&["rm", "ctr"]);
@@ -129,6 +134,11 @@ driver_test!(rm_works_after_a_killed_changes, |driver| {
 });
 
 driver_test!(cleanup_unmounts_what_a_killed_changes_left, |driver| {
+    if driver == "overlay2" {
+        // overlay2 answers `changes` of a layer against its parent from diff/ alone, without
+        // a get: there is no reference for a kill to leave behind.
+        return;
+    }
     let s = store_after_a_killed_changes(driver);
     s.ok(&["cleanup"]);
     assert!(
@@ -222,7 +232,9 @@ driver_test!(
         let s = Store::new(driver);
         let canary = canary(&s);
         s.ok(&["create", "base"]);
-        let root = s.root.join(driver).join("base").join("root");
+        // The layer's tree: `root/` on vfs and overlay, `diff/` on overlay2.
+        let tree = if driver == "overlay2" { "diff" } else { "root" };
+        let root = s.root.join(driver).join("base").join(tree);
         fs::remove_dir(&root).unwrap();
         std::os::unix::fs::symlink(&canary, &root).unwrap();
         let tar = s.scratch("a.tar");

@@ -299,7 +299,7 @@ impl Overlay2 {
             let dangling = fs::read_link(&path).is_ok() && !path.join(".").is_dir();
             if dangling {
                 let _ = fs::remove_file(&path);
-                tracing::warn!(link = %path.display(), "removed a short link to a vanished layer");
+                tracing::debug!(link = %path.display(), "removed a short link to a vanished layer");
             }
         }
     }
