@@ -5,7 +5,7 @@
 use std::collections::{BTreeMap, HashSet};
 use std::ffi::{CStr, CString, OsStr};
 use std::io::{self, Read};
-use std::os::fd::{AsFd, OwnedFd};
+use std::os::fd::OwnedFd;
 use std::os::unix::ffi::{OsStrExt, OsStringExt};
 use std::path::{Path, PathBuf};
 
@@ -551,17 +551,6 @@ pub fn changes_size(root: &Path, changes: &[Change]) -> Result<u64> {
         .fold(total, |t, (_, s)| t.saturating_add(s)))
 }
 
-/// What one lower layer says about a path.
-enum LowerState {
-    /// The path exists in this lower, with this `lstat`.
-    Present(Stat),
-    /// Not in this lower; look further down.
-    Absent,
-    /// Deleted or hidden by this lower (a whiteout, an opaque or non-directory ancestor): the
-    /// path does not exist in the merged lower view and no deeper lower is consulted.
-    Hidden,
-}
-
 #[allow(clippy::unnecessary_cast)]
 fn is_whiteout(st: &Stat) -> bool {
     ftype(st) == FileType::CharacterDevice && st.st_rdev as u64 == 0
@@ -572,14 +561,6 @@ fn is_absent(e: &io::Error) -> bool {
         e.raw_os_error(),
         Some(libc::ENOENT | libc::ENOTDIR | libc::ELOOP)
     )
-}
-
-/// Splits `a/b/c` into `a/b` and `c` (`""` and `c` at the top).
-fn split_rel(rel: &[u8]) -> (&[u8], &[u8]) {
-    match rel.iter().rposition(|&b| b == b'/') {
-        Some(i) => (&rel[..i], &rel[i + 1..]),
-        None => (&b""[..], rel),
-    }
 }
 
 fn cname(b: &[u8]) -> CString {
@@ -615,15 +596,56 @@ fn same_bytes(mut a: std::fs::File, mut b: std::fs::File) -> io::Result<bool> {
     }
 }
 
-/// The lower layers of an overlay upper, each open as a descriptor; every lookup goes below
-/// those descriptors ([`fs::open_beneath`], never following a symlink).
-struct Lowers<'a> {
-    fds: Vec<OwnedFd>,
-    paths: &'a [PathBuf],
-    ns: OverlayXattr,
+/// One lower layer followed along the walk of the upper: its directory at the upper's current
+/// path while it has one.
+struct LowerCursor {
+    /// The lower's directories from its root down to the deepest one on the upper's path.
+    stack: DirStack,
+    /// The upper depth at which this lower has no directory on the path any more (`None`: it
+    /// has the upper's current directory, at the top of `stack`).
+    diverged_at: Option<usize>,
+    /// At the divergence a whiteout or non-directory stands on the path: it hides the lowers
+    /// below for everything under it.
+    blocked: bool,
+    /// The upper depth of the shallowest opaque directory on the path in this lower: the
+    /// lowers below see nothing under it that this lower lacks.
+    opaque_from: Option<usize>,
 }
 
-impl Lowers<'_> {
+/// The lower layers of an overlay upper, each followed by a [`LowerCursor`] as the upper is
+/// walked ([`Lowers::push`], [`Lowers::pop`]): every lookup is one `fstatat` below a held
+/// descriptor, never a path resolved from the root, so the cost of a walk follows the upper's
+/// size, not its size times its depth. Each cursor holds one descriptor (the top; parents are
+/// reopened through `..` and checked on the way up), so a chain of hundreds of lowers fits in
+/// the usual descriptor limit. Nothing is ever followed through a symlink.
+struct Lowers<'a> {
+    cursors: Vec<LowerCursor>,
+    paths: &'a [PathBuf],
+    ns: OverlayXattr,
+    /// The upper's current depth.
+    depth: usize,
+}
+
+impl<'a> Lowers<'a> {
+    fn open(paths: &'a [PathBuf], ns: OverlayXattr) -> Result<Lowers<'a>> {
+        let mut cursors = Vec::with_capacity(paths.len());
+        for p in paths {
+            cursors.push(LowerCursor {
+                stack: DirStack::with_max_held(open_root(p)?, 1)
+                    .map_err(|e| Error::io("open directory", p, e))?,
+                diverged_at: None,
+                blocked: false,
+                opaque_from: None,
+            });
+        }
+        Ok(Lowers {
+            cursors,
+            paths,
+            ns,
+            depth: 0,
+        })
+    }
+
     fn is_opaque(&self, t: XattrTarget<'_>, l: usize, rel: &[u8]) -> Result<bool> {
         let attr = cname(self.ns.opaque_name().as_bytes());
         Ok(fs::get_xattr(t, &attr)
@@ -632,69 +654,102 @@ impl Lowers<'_> {
             == Some(b"y"))
     }
 
-    /// The directory `dir` (relative, possibly empty) of lower `l`, opened without following
-    /// symlinks; `None` when it is not there as a directory.
-    fn open_dir(&self, l: usize, dir: &[u8]) -> Result<Option<OwnedFd>> {
-        let flags = rustix::fs::OFlags::RDONLY | rustix::fs::OFlags::DIRECTORY;
-        match fs::open_beneath(
-            self.fds[l].as_fd(),
-            Path::new(OsStr::from_bytes(dir)),
-            flags,
-        ) {
-            Ok(fd) => Ok(Some(fd)),
-            Err(e) if is_absent(&e) => Ok(None),
-            Err(e) => Err(ioerr("open directory", &self.paths[l], dir, e)),
+    /// The upper entered its directory `name` (now at `rel`): every lower that has the parent
+    /// follows into its own `name` if that is a directory.
+    fn push(&mut self, name: &CStr, rel: &[u8]) -> Result<()> {
+        self.depth += 1;
+        let depth = self.depth;
+        for l in 0..self.cursors.len() {
+            if self.cursors[l].diverged_at.is_some() {
+                continue;
+            }
+            let st = match fs::stat_at(self.cursors[l].stack.top(), name) {
+                Ok(st) => Some(st),
+                Err(e) if is_absent(&e) => None,
+                Err(e) => return Err(ioerr("lstat", &self.paths[l], rel, e)),
+            };
+            match st {
+                Some(st) if ftype(&st) == FileType::Directory => {
+                    self.cursors[l]
+                        .stack
+                        .push(name, Some(&st))
+                        .map_err(|e| ioerr("open directory", &self.paths[l], rel, e))?;
+                    let opaque =
+                        self.is_opaque(XattrTarget::Fd(self.cursors[l].stack.top()), l, rel)?;
+                    let c = &mut self.cursors[l];
+                    if opaque && c.opaque_from.is_none() {
+                        c.opaque_from = Some(depth);
+                    }
+                }
+                other => {
+                    let c = &mut self.cursors[l];
+                    c.diverged_at = Some(depth);
+                    c.blocked = other.is_some();
+                }
+            }
         }
+        Ok(())
     }
 
-    fn state(&self, l: usize, rel: &[u8]) -> Result<LowerState> {
-        let (parent, name) = split_rel(rel);
-        let name = cname(name);
-        if let Some(pfd) = self.open_dir(l, parent)? {
-            match fs::stat_at(pfd.as_fd(), &name) {
-                Ok(st) if is_whiteout(&st) => return Ok(LowerState::Hidden),
-                Ok(st) => return Ok(LowerState::Present(st)),
-                Err(e) if is_absent(&e) => {}
+    /// The upper left its current directory (`rel`) for the parent.
+    fn pop(&mut self, rel: &[u8]) -> Result<()> {
+        let depth = self.depth;
+        for l in 0..self.cursors.len() {
+            let c = &mut self.cursors[l];
+            match c.diverged_at {
+                None => {
+                    c.stack.pop().map_err(|e| {
+                        ioerr("return to a parent directory in", &self.paths[l], rel, e)
+                    })?;
+                    if c.opaque_from == Some(depth) {
+                        c.opaque_from = None;
+                    }
+                }
+                Some(d) if d == depth => {
+                    c.diverged_at = None;
+                    c.blocked = false;
+                }
+                Some(_) => {}
+            }
+        }
+        self.depth = depth.saturating_sub(1);
+        Ok(())
+    }
+
+    /// The winning lower entry for `name` in the upper's current directory (`rel` is its whole
+    /// path, for messages): its lower index and `lstat`.
+    fn lookup(&self, name: &CStr, rel: &[u8]) -> Result<Option<(usize, Stat)>> {
+        for (l, c) in self.cursors.iter().enumerate() {
+            if c.diverged_at.is_some() {
+                if c.blocked || c.opaque_from.is_some() {
+                    return Ok(None);
+                }
+                continue;
+            }
+            match fs::stat_at(c.stack.top(), name) {
+                Ok(st) if is_whiteout(&st) => return Ok(None),
+                Ok(st) => return Ok(Some((l, st))),
+                Err(e) if is_absent(&e) => {
+                    if c.opaque_from.is_some() {
+                        return Ok(None);
+                    }
+                }
                 Err(e) => return Err(ioerr("lstat", &self.paths[l], rel, e)),
             }
         }
-        // Not here: does an ancestor in this lower hide the lowers below it? One component at a
-        // time from the lower's root.
-        let mut cur: Option<OwnedFd> = None;
-        let mut at = 0;
-        for comp in parent.split(|&b| b == b'/').filter(|c| !c.is_empty()) {
-            at += comp.len() + usize::from(at > 0);
-            let here = &parent[..at.min(parent.len())];
-            let dir = cur.as_ref().map_or(self.fds[l].as_fd(), |f| f.as_fd());
-            let c = cname(comp);
-            let st = match fs::stat_at(dir, &c) {
-                Ok(st) => st,
-                Err(e) if is_absent(&e) => return Ok(LowerState::Absent),
-                Err(e) => return Err(ioerr("lstat", &self.paths[l], here, e)),
-            };
-            if ftype(&st) != FileType::Directory {
-                return Ok(LowerState::Hidden);
-            }
-            let fd = fs::open_dir_checked(dir, &c, &st)
-                .map_err(|e| ioerr("open directory", &self.paths[l], here, e))?;
-            if self.is_opaque(XattrTarget::Fd(fd.as_fd()), l, here)? {
-                return Ok(LowerState::Hidden);
-            }
-            cur = Some(fd);
-        }
-        Ok(LowerState::Absent)
+        Ok(None)
     }
 
-    /// The winning lower entry for `rel`: its lower index and `lstat`.
-    fn lookup(&self, rel: &[u8]) -> Result<Option<(usize, Stat)>> {
-        for l in 0..self.fds.len() {
-            match self.state(l, rel)? {
-                LowerState::Present(st) => return Ok(Some((l, st))),
-                LowerState::Hidden => return Ok(None),
-                LowerState::Absent => {}
-            }
-        }
-        Ok(None)
+    /// The capability xattr of the lower entry that wins for `name` (at `rel`).
+    fn cap(&self, name: &CStr, rel: &[u8]) -> Result<Option<Vec<u8>>> {
+        let Some((l, _)) = self.lookup(name, rel)? else {
+            return Ok(None);
+        };
+        capability(
+            XattrTarget::At(self.cursors[l].stack.top(), name),
+            &self.paths[l],
+            rel,
+        )
     }
 
     /// Whether the regular file `name` of the upper directory `dir` (`lstat` `st`) is an
@@ -708,8 +763,7 @@ impl Lowers<'_> {
         dir: std::os::fd::BorrowedFd<'_>,
         name: &CStr,
         st: &Stat,
-        l: usize,
-        lst: &Stat,
+        (l, lst): (usize, &Stat),
         rel: &[u8],
     ) -> Result<bool> {
         let same_meta = ftype(st) == FileType::RegularFile
@@ -722,59 +776,38 @@ impl Lowers<'_> {
         if !same_meta {
             return Ok(false);
         }
-        let (parent, lname) = split_rel(rel);
-        let Some(pfd) = self.open_dir(l, parent)? else {
-            return Ok(false);
-        };
-        let lname = cname(lname);
+        let lower_dir = self.cursors[l].stack.top();
         let upper_cap = capability(XattrTarget::At(dir, name), &self.paths[l], rel)?;
-        let lower_cap = capability(XattrTarget::At(pfd.as_fd(), &lname), &self.paths[l], rel)?;
+        let lower_cap = capability(XattrTarget::At(lower_dir, name), &self.paths[l], rel)?;
         if upper_cap != lower_cap {
             return Ok(false);
         }
         let a = fs::open_file_checked(dir, name, st)
             .map_err(|e| ioerr("open", &self.paths[l], rel, e))?;
-        let b = fs::open_file_checked(pfd.as_fd(), &lname, lst)
+        let b = fs::open_file_checked(lower_dir, name, lst)
             .map_err(|e| ioerr("open", &self.paths[l], rel, e))?;
         same_bytes(a, b).map_err(|e| ioerr("read", &self.paths[l], rel, e))
     }
 
-    /// The capability xattr of the lower entry that wins for `rel`.
-    fn cap(&self, rel: &[u8]) -> Result<Option<Vec<u8>>> {
-        let Some((l, _)) = self.lookup(rel)? else {
-            return Ok(None);
-        };
-        let (parent, name) = split_rel(rel);
-        let Some(pfd) = self.open_dir(l, parent)? else {
-            return Ok(None);
-        };
-        let name = cname(name);
-        capability(XattrTarget::At(pfd.as_fd(), &name), &self.paths[l], rel)
-    }
-
-    /// Names the merged lower view has inside directory `rel`.
+    /// Names the merged lower view has in the upper's current directory (`rel`).
     fn children(&self, rel: &[u8]) -> Result<Vec<Vec<u8>>> {
         let mut names = std::collections::BTreeSet::new();
         let mut hidden = HashSet::new();
-        for l in 0..self.fds.len() {
-            let st = match self.state(l, rel)? {
-                LowerState::Hidden => break,
-                LowerState::Absent => continue,
-                LowerState::Present(st) => st,
-            };
-            if ftype(&st) != FileType::Directory {
-                break;
-            }
-            let Some(dir) = self.open_dir(l, rel)? else {
+        for (l, c) in self.cursors.iter().enumerate() {
+            if c.diverged_at.is_some() {
+                if c.blocked || c.opaque_from.is_some() {
+                    break;
+                }
                 continue;
-            };
+            }
+            let dir = c.stack.top();
             let path = || self.paths[l].join(OsStr::from_bytes(rel));
-            for ent in fs::read_dir_sorted(dir.as_fd())
-                .map_err(|e| Error::io("read directory", path(), e))?
+            for ent in
+                fs::read_dir_sorted(dir).map_err(|e| Error::io("read directory", path(), e))?
             {
                 let whiteout = match ent.file_type {
                     FileType::CharacterDevice | FileType::Unknown => {
-                        match fs::stat_at(dir.as_fd(), &ent.name) {
+                        match fs::stat_at(dir, &ent.name) {
                             Ok(st) => is_whiteout(&st),
                             Err(e) if is_absent(&e) => continue,
                             Err(e) => {
@@ -795,7 +828,7 @@ impl Lowers<'_> {
                     names.insert(name);
                 }
             }
-            if self.is_opaque(XattrTarget::Fd(dir.as_fd()), l, rel)? {
+            if c.opaque_from.is_some() {
                 break;
             }
         }
@@ -839,15 +872,7 @@ pub fn changes_from_overlay_upper(
     lowers: &[PathBuf],
     ns: OverlayXattr,
 ) -> Result<Vec<Change>> {
-    let mut fds = Vec::with_capacity(lowers.len());
-    for l in lowers {
-        fds.push(open_root(l)?);
-    }
-    let lw = Lowers {
-        fds,
-        paths: lowers,
-        ns,
-    };
+    let mut lw = Lowers::open(lowers, ns)?;
     let mut out = BTreeMap::new();
     let mut stack =
         DirStack::new(open_root(upper)?).map_err(|e| Error::io("open directory", upper, e))?;
@@ -870,6 +895,7 @@ pub fn changes_from_overlay_upper(
                 }
             }
             if !frames.is_empty() {
+                lw.pop(stack.rel())?;
                 stack
                     .pop()
                     .map_err(|e| Error::io("return to a parent directory in", upper, e))?;
@@ -889,18 +915,20 @@ pub fn changes_from_overlay_upper(
         if is_whiteout(&st) {
             // Below an opaque directory a whiteout hides nothing; elsewhere it deletes only a
             // name the lower view has (a layer tar may white out a name that never existed).
-            if !forced_add && !opaque_scope && lw.lookup(&rel)?.is_some() {
+            if !forced_add && !opaque_scope && lw.lookup(&name, &rel)?.is_some() {
                 out.insert(abs(&relp), ChangeKind::Delete);
             }
             continue;
         }
         let mut enter = |stack: &mut DirStack,
+                         lw: &mut Lowers<'_>,
                          forced_add: bool,
                          opaque_scope: bool,
                          meta_differs: Option<bool>| {
             stack
                 .push(&name, Some(&st))
                 .map_err(|e| ioerr("open directory", upper, &rel, e))?;
+            lw.push(&name, &rel)?;
             let ents = fs::read_dir_sorted(stack.top())
                 .map_err(|e| ioerr("read directory", upper, &rel, e))?;
             frames.push(UpperFrame {
@@ -915,15 +943,15 @@ pub fn changes_from_overlay_upper(
         if forced_add {
             out.insert(abs(&relp), ChangeKind::Add);
             if is_dir {
-                enter(&mut stack, true, false, None)?;
+                enter(&mut stack, &mut lw, true, false, None)?;
             }
             continue;
         }
-        let lower = lw.lookup(&rel)?;
+        let lower = lw.lookup(&name, &rel)?;
         if !is_dir {
             let kind = match &lower {
                 None => ChangeKind::Add,
-                Some((l, lst)) if lw.is_copy_up(stack.top(), &name, &st, *l, lst, &rel)? => {
+                Some((l, lst)) if lw.is_copy_up(stack.top(), &name, &st, (*l, lst), &rel)? => {
                     continue;
                 }
                 Some(_) => ChangeKind::Modify,
@@ -934,12 +962,12 @@ pub fn changes_from_overlay_upper(
         let lower_st = match lower {
             None => {
                 out.insert(abs(&relp), ChangeKind::Add);
-                enter(&mut stack, true, false, None)?;
+                enter(&mut stack, &mut lw, true, false, None)?;
                 continue;
             }
             Some((_, l)) if ftype(&l) != FileType::Directory => {
                 out.insert(abs(&relp), ChangeKind::Modify);
-                enter(&mut stack, true, false, None)?;
+                enter(&mut stack, &mut lw, true, false, None)?;
                 continue;
             }
             Some((_, l)) => l,
@@ -948,7 +976,7 @@ pub fn changes_from_overlay_upper(
         let meta_differs = st.st_mode as u32 != lower_st.st_mode as u32
             || st.st_uid != lower_st.st_uid
             || st.st_gid != lower_st.st_gid
-            || capability(at, upper, &rel)? != lw.cap(&rel)?;
+            || capability(at, upper, &rel)? != lw.cap(&name, &rel)?;
         let opaque = opaque_scope
             || fs::get_xattr(at, &cname(ns.opaque_name().as_bytes()))
                 .map_err(|e| ioerr("read xattr of", upper, &rel, e))?
@@ -957,7 +985,7 @@ pub fn changes_from_overlay_upper(
         if opaque {
             // The lower contents are gone, here and in every directory below that the upper
             // has: compared as two trees, as `changes` of the mounted views would.
-            enter(&mut stack, false, true, Some(meta_differs))?;
+            enter(&mut stack, &mut lw, false, true, Some(meta_differs))?;
             for lname in lw.children(&rel)? {
                 let c = cname(&lname);
                 match fs::stat_at(stack.top(), &c) {
@@ -973,7 +1001,7 @@ pub fn changes_from_overlay_upper(
             }
             continue;
         }
-        enter(&mut stack, false, false, Some(meta_differs))?;
+        enter(&mut stack, &mut lw, false, false, Some(meta_differs))?;
     }
     Ok(out
         .into_iter()

@@ -172,3 +172,96 @@ fn redirect_dir_is_refused() {
     assert!(msg.contains("trusted.overlay.redirect"), "{msg}");
     assert!(msg.contains("renamed"), "{msg}");
 }
+
+/// Builds `levels` nested directories `d/d/…` below `base` with mkdirat (deeper than PATH_MAX
+/// as a path), and returns nothing; `leaf` is written in the deepest.
+fn deep(base: &Path, levels: usize, leaf: Option<&[u8]>) {
+    fs::create_dir_all(base).unwrap();
+    let mut fd = rustix::fs::open(
+        base,
+        rustix::fs::OFlags::RDONLY | rustix::fs::OFlags::DIRECTORY,
+        rustix::fs::Mode::empty(),
+    )
+    .unwrap();
+    for _ in 0..levels {
+        match rustix::fs::mkdirat(&fd, "d", rustix::fs::Mode::from_raw_mode(0o755)) {
+            Ok(()) | Err(rustix::io::Errno::EXIST) => {}
+            Err(e) => panic!("mkdirat: {e}"),
+        }
+        fd = rustix::fs::openat(
+            &fd,
+            "d",
+            rustix::fs::OFlags::RDONLY | rustix::fs::OFlags::DIRECTORY,
+            rustix::fs::Mode::empty(),
+        )
+        .unwrap();
+    }
+    if let Some(data) = leaf {
+        let f = rustix::fs::openat(
+            &fd,
+            "leaf",
+            rustix::fs::OFlags::WRONLY | rustix::fs::OFlags::CREATE,
+            rustix::fs::Mode::from_raw_mode(0o644),
+        )
+        .unwrap();
+        rustix::io::write(&f, data).unwrap();
+    }
+}
+
+/// A 5,000-level upper over two lowers: each lookup goes below a descriptor that follows the
+/// walk (no path resolved from the root, which would be quadratic and exceed PATH_MAX), and the
+/// answer is the plain one: the new leaf and every directory above it.
+#[test]
+fn deep_uppers_are_walked_in_step_with_their_lowers() {
+    if !root_or_skip() {
+        return;
+    }
+    let t = tempfile::tempdir().unwrap();
+    let (l0, l1, upper) = (
+        t.path().join("l0"),
+        t.path().join("l1"),
+        t.path().join("upper"),
+    );
+    let levels = 5_000;
+    deep(&l1, levels, Some(b"old"));
+    deep(&l0, levels / 2, None);
+    deep(&upper, levels, Some(b"new"));
+    let got = changes_from_overlay_upper(&upper, &[l0, l1], OverlayXattr::Trusted).unwrap();
+    assert_eq!(
+        got.len(),
+        levels + 1,
+        "every directory on the path, and the leaf"
+    );
+    assert!(got.iter().all(|ch| ch.kind == ChangeKind::Modify));
+    assert!(got.iter().any(|ch| ch.path.ends_with("d/leaf")));
+}
+
+/// An opaque directory in an upper lower hides what the lowers below it have under it, also
+/// for the names an opaque upper directory is compared with.
+#[test]
+fn an_opaque_lower_directory_hides_deeper_lowers_below_it() {
+    if !root_or_skip() {
+        return;
+    }
+    let t = tempfile::tempdir().unwrap();
+    let (l0, l1, upper) = (
+        t.path().join("l0"),
+        t.path().join("l1"),
+        t.path().join("upper"),
+    );
+    write(&l0.join("a/b/kept"), b"k");
+    xattr::set(l0.join("a"), "trusted.overlay.opaque", b"y").unwrap();
+    write(&l1.join("a/b/hidden"), b"h");
+    write(&upper.join("a/b/new"), b"n");
+    xattr::set(upper.join("a/b"), "trusted.overlay.opaque", b"y").unwrap();
+    let got = changes_from_overlay_upper(&upper, &[l0, l1], OverlayXattr::Trusted).unwrap();
+    assert_eq!(
+        got,
+        vec![
+            c('C', "/a"),
+            c('C', "/a/b"),
+            c('D', "/a/b/kept"),
+            c('A', "/a/b/new")
+        ]
+    );
+}

@@ -278,12 +278,6 @@ fn limited(s: &Store, args: &[&str]) -> Output {
 }
 
 driver_test!(ten_thousand_levels_through_every_command, |driver| {
-    if driver == "overlay2" {
-        // Known defect, left for the next landing: overlay2's native changes look every entry
-        // up in the lowers from the lower's root, quadratic in the depth; 10,000 levels take
-        // longer than this test's limit.
-        return;
-    }
     let levels = 10_000;
     let s = Store::new(driver);
     let deep = s.scratch("deep.tar");

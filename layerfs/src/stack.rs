@@ -37,11 +37,20 @@ struct Frame {
 pub struct DirStack {
     frames: Vec<Frame>,
     rel: Vec<u8>,
+    /// Descriptors kept open at most (at least 1: the top).
+    max_held: usize,
 }
 
 impl DirStack {
     /// A stack holding only `root`, an open directory.
     pub fn new(root: OwnedFd) -> io::Result<DirStack> {
+        Self::with_max_held(root, MAX_HELD_FDS)
+    }
+
+    /// A stack holding only `root` that keeps at most `max_held` descriptors open (at least
+    /// one, the top's) instead of [`MAX_HELD_FDS`]: for walks that run many stacks side by side
+    /// (one per lower layer), trading a reopen through `..` on the way up for descriptors.
+    pub fn with_max_held(root: OwnedFd, max_held: usize) -> io::Result<DirStack> {
         let st = rustix::fs::fstat(&root)?;
         Ok(DirStack {
             frames: vec![Frame {
@@ -51,6 +60,7 @@ impl DirStack {
                 rel_len: 0,
             }],
             rel: Vec::new(),
+            max_held: max_held.max(1),
         })
     }
 
@@ -117,8 +127,8 @@ impl DirStack {
             rel_len,
         });
         let n = self.frames.len();
-        if n > MAX_HELD_FDS {
-            self.frames[n - 1 - MAX_HELD_FDS].fd = None;
+        if n > self.max_held {
+            self.frames[n - 1 - self.max_held].fd = None;
         }
     }
 
