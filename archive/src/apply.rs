@@ -314,8 +314,21 @@ fn run(
         staged: false,
         skipped: Skipped::default(),
         buf: vec![0u8; 128 * 1024],
+        lower_view: None,
         link_lowers,
     };
+    if let Some((ns, lowers)) = &ap.link_lowers {
+        let empty = reopen_dir(ap.root.as_fd(), OsStr::new("."))
+            .and_then(|d| crate::fs::read_dir_sorted(d.as_fd()))
+            .map(|ents| ents.is_empty())
+            .map_err(|e| Error::io("read directory", dest, e))?;
+        if empty {
+            ap.lower_view = Some(
+                copyup::LowerView::new(lowers, *ns)
+                    .map_err(|e| Error::io("open the lower layers of", dest, e))?,
+            );
+        }
+    }
     // One large buffer in front of the stream: headers, padding and small files come out of
     // memory instead of one read(2) each.
     let mut tar = TarReader::new(io::BufReader::with_capacity(INPUT_BUFFER, reader));
@@ -425,6 +438,9 @@ struct Applier<'a> {
     buf: Vec<u8>,
     /// Lowers for hardlink copy-up, with their xattr namespace ([`ApplyOptions::link_lowers`]).
     link_lowers: Option<(OverlayXattr, Vec<Arc<OwnedFd>>)>,
+    /// The lowers followed along the stream, for whiteout decisions in an upper that started
+    /// empty (see [`copyup::LowerView`]); `None` otherwise.
+    lower_view: Option<copyup::LowerView>,
 }
 
 /// Whether the directory open as `parent` carries the opaque marker of `ns`.
@@ -675,6 +691,10 @@ impl Applier<'_> {
                         .map_err(|e| Error::io("open opaque directory", parent, e))?;
                     rustix::fs::fsetxattr(&dir, ns.opaque_name(), b"y", XattrFlags::empty())
                         .map_err(|e| Error::io("setxattr opaque", parent, e.into()))?;
+                    if let Some(view) = &mut self.lower_view {
+                        view.mark_opaque(parent)
+                            .map_err(|e| Error::io("record opaque directory", parent, e))?;
+                    }
                     // An opaque directory hides every lower: whiteouts in it hide nothing, and
                     // overlayfs lists the entries of such a directory as they are, so a
                     // whiteout there would show as a name that cannot be opened.
@@ -732,6 +752,11 @@ impl Applier<'_> {
         rel: &Path,
         ns: OverlayXattr,
     ) -> Result<bool> {
+        if let Some(view) = &mut self.lower_view {
+            return view
+                .visible(rel)
+                .map_err(|e| Error::io("look up in the lower layers", rel, e));
+        }
         if let Some((_, lowers)) = &self.link_lowers {
             return copyup::visible_in_lowers(self.root.as_fd(), lowers, ns, rel)
                 .map_err(|e| Error::io("look up in the lower layers", rel, e));

@@ -618,20 +618,36 @@ struct LowerCursor {
 /// size, not its size times its depth. Each cursor holds one descriptor (the top; parents are
 /// reopened through `..` and checked on the way up), so a chain of hundreds of lowers fits in
 /// the usual descriptor limit. Nothing is ever followed through a symlink.
-struct Lowers<'a> {
+///
+/// The apply uses the same walk for its overlay lookups (`apply::copyup`).
+pub(crate) struct Lowers {
     cursors: Vec<LowerCursor>,
-    paths: &'a [PathBuf],
+    /// The lowers' paths, for messages.
+    paths: Vec<PathBuf>,
     ns: OverlayXattr,
     /// The upper's current depth.
     depth: usize,
 }
 
-impl<'a> Lowers<'a> {
-    fn open(paths: &'a [PathBuf], ns: OverlayXattr) -> Result<Lowers<'a>> {
-        let mut cursors = Vec::with_capacity(paths.len());
+impl Lowers {
+    fn open(paths: &[PathBuf], ns: OverlayXattr) -> Result<Lowers> {
+        let mut fds = Vec::with_capacity(paths.len());
         for p in paths {
+            fds.push(open_root(p)?);
+        }
+        Lowers::from_fds(fds, paths.to_vec(), ns)
+    }
+
+    /// Cursors at the roots `fds` (topmost first); `paths` name them in messages.
+    pub(crate) fn from_fds(
+        fds: Vec<OwnedFd>,
+        paths: Vec<PathBuf>,
+        ns: OverlayXattr,
+    ) -> Result<Lowers> {
+        let mut cursors = Vec::with_capacity(fds.len());
+        for (fd, p) in fds.into_iter().zip(&paths) {
             cursors.push(LowerCursor {
-                stack: DirStack::with_max_held(open_root(p)?, 1)
+                stack: DirStack::with_max_held(fd, 1)
                     .map_err(|e| Error::io("open directory", p, e))?,
                 diverged_at: None,
                 blocked: false,
@@ -656,7 +672,7 @@ impl<'a> Lowers<'a> {
 
     /// The upper entered its directory `name` (now at `rel`): every lower that has the parent
     /// follows into its own `name` if that is a directory.
-    fn push(&mut self, name: &CStr, rel: &[u8]) -> Result<()> {
+    pub(crate) fn push(&mut self, name: &CStr, rel: &[u8]) -> Result<()> {
         self.depth += 1;
         let depth = self.depth;
         for l in 0..self.cursors.len() {
@@ -692,7 +708,7 @@ impl<'a> Lowers<'a> {
     }
 
     /// The upper left its current directory (`rel`) for the parent.
-    fn pop(&mut self, rel: &[u8]) -> Result<()> {
+    pub(crate) fn pop(&mut self, rel: &[u8]) -> Result<()> {
         let depth = self.depth;
         for l in 0..self.cursors.len() {
             let c = &mut self.cursors[l];
@@ -718,7 +734,7 @@ impl<'a> Lowers<'a> {
 
     /// The winning lower entry for `name` in the upper's current directory (`rel` is its whole
     /// path, for messages): its lower index and `lstat`.
-    fn lookup(&self, name: &CStr, rel: &[u8]) -> Result<Option<(usize, Stat)>> {
+    pub(crate) fn lookup(&self, name: &CStr, rel: &[u8]) -> Result<Option<(usize, Stat)>> {
         for (l, c) in self.cursors.iter().enumerate() {
             if c.diverged_at.is_some() {
                 if c.blocked || c.opaque_from.is_some() {
@@ -921,7 +937,7 @@ pub fn changes_from_overlay_upper(
             continue;
         }
         let mut enter = |stack: &mut DirStack,
-                         lw: &mut Lowers<'_>,
+                         lw: &mut Lowers,
                          forced_add: bool,
                          opaque_scope: bool,
                          meta_differs: Option<bool>| {

@@ -198,3 +198,59 @@ fn untar_filters_and_keeps_wh_names() {
     assert!(!exists(&d.path().join("a/skip")));
     assert!(!exists(&d.path().join("b")));
 }
+
+/// Overlay-form apply over lowers: a whiteout is written where a lower shows the name, not
+/// where nothing is hidden (a name no lower has; anywhere below a directory this layer made
+/// opaque). 40 levels with whiteouts on each (ustar names), the opaque marker halfway: the
+/// lookups follow the stream from directory to directory.
+#[test]
+fn overlay_whiteouts_are_written_only_where_a_lower_shows_the_name() {
+    if !test_support::root_or_skip("overlay whiteouts over lowers (mknod, trusted.* xattrs)") {
+        return;
+    }
+    let t = tempfile::tempdir().unwrap();
+    let (lower, upper) = (t.path().join("lower"), t.path().join("upper"));
+    let levels = 40;
+    let mut dir = lower.clone();
+    for _ in 0..levels {
+        dir = dir.join("d");
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(dir.join("x"), b"lower").unwrap();
+    }
+    std::fs::create_dir(&upper).unwrap();
+    let mut tb = Tb::new();
+    let mut rel = String::new();
+    for k in 1..=levels {
+        rel.push_str(if k == 1 { "d" } else { "/d" });
+        tb.dir(&rel);
+        if k == levels / 2 {
+            tb.file(&format!("{rel}/.wh..wh..opq"), b"");
+        }
+        tb.file(&format!("{rel}/.wh.x"), b"")
+            .file(&format!("{rel}/.wh.n"), b"");
+    }
+    let mut o = ApplyOptions::default();
+    o.whiteout_format = WhiteoutFormat::Overlay(OverlayXattr::Trusted);
+    o.link_lowers = vec![std::sync::Arc::new(
+        std::fs::File::open(&lower).unwrap().into(),
+    )];
+    apply_layer(&upper, &tb.finish()[..], &o).unwrap();
+    let mut dir = upper.clone();
+    for k in 1..=levels {
+        dir = dir.join("d");
+        let x = std::fs::symlink_metadata(dir.join("x"));
+        if k < levels / 2 {
+            let md = x.unwrap_or_else(|e| panic!("level {k}: expected a whiteout: {e}"));
+            assert!(
+                md.file_type().is_char_device() && md.rdev() == 0,
+                "level {k}"
+            );
+        } else {
+            assert!(
+                x.is_err(),
+                "level {k}: below the opaque directory nothing is hidden"
+            );
+        }
+        assert!(!exists(&dir.join("n")), "level {k}: no lower has n");
+    }
+}
