@@ -226,9 +226,6 @@ impl Overlay2 {
             })?;
             probe::write_probe_record(home, &key);
         }
-        if !read_only {
-            driver.remove_dangling_links();
-        }
         driver.store.repair_mounts(|id| {
             if driver.store.parent(id)?.is_none() {
                 return Ok(true);
@@ -283,24 +280,15 @@ impl Overlay2 {
         result.and(cleaned)
     }
 
-    /// Removes short links whose layer is gone (a create or remove interrupted between the link
-    /// and the layer), under the store lock so no create is between the two right now. Best
-    /// effort: a link left behind only occupies a name.
-    fn remove_dangling_links(&self) {
-        let Ok(_lock) = self.store.lock_exclusive() else {
-            return;
-        };
-        let dir = self.store.home().join(LINK_DIR);
-        let Ok(entries) = fs::read_dir(&dir) else {
-            return;
-        };
-        for entry in entries.flatten() {
-            let path = entry.path();
-            let dangling = fs::read_link(&path).is_ok() && !path.join(".").is_dir();
-            if dangling {
-                let _ = fs::remove_file(&path);
-                tracing::debug!(link = %path.display(), "removed a short link to a vanished layer");
-            }
+    /// Removes the short link `short` of a layer that is gone. A link left behind (by a crash
+    /// between the link and the layer) is never swept by another process, which could not
+    /// tell it from the link of a layer being created right now; it only reserves its name.
+    fn remove_link(&self, short: &str) {
+        let link = self.store.home().join(LINK_DIR).join(short);
+        if let Err(e) = fs::remove_file(&link)
+            && e.kind() != io::ErrorKind::NotFound
+        {
+            tracing::warn!(link = %link.display(), error = %e, "could not remove a short link");
         }
     }
 
@@ -430,8 +418,8 @@ impl Overlay2 {
             mkdir(&dir.join(WORK), 0o700)?;
             mkdir(&dir.join(MERGED), 0o700)?;
             fs::write(dir.join(LINK), &short).ctx("write", &dir.join(LINK))?;
-            // Made before the layer is visible: a crash leaves a dangling link (removed at the
-            // next start), never a layer without one.
+            // Made before the layer is visible: a crash leaves a dangling link (it only
+            // reserves its name), never a layer without one.
             std::os::unix::fs::symlink(format!("../{id}/{DIFF}"), &link).ctx("symlink", &link)
         });
         if created.is_err()
@@ -510,12 +498,7 @@ impl ProtoDriver for Overlay2 {
         let short = self.short(id).ok();
         self.store.remove(id, |_| self.unmount_layer(id))?;
         if let Some(short) = short {
-            let link = self.store.home().join(LINK_DIR).join(short);
-            if let Err(e) = fs::remove_file(&link)
-                && e.kind() != io::ErrorKind::NotFound
-            {
-                tracing::warn!(link = %link.display(), error = %e, "could not remove a short link");
-            }
+            self.remove_link(&short);
         }
         Ok(())
     }
@@ -648,8 +631,20 @@ impl DiffHooks for Overlay2 {
             }
         }
         let tree = self.subdir(id, DIFF)?;
+        let short = self.short(id)?;
         let guard = self.store.begin_apply(id)?;
-        let bytes = crate::apply_all_or_nothing(&guard, id, &tree, diff, &opts)?;
+        let applied = crate::apply_all_or_nothing(&guard, id, &tree, diff, &opts);
+        let bytes = match applied {
+            Ok(bytes) => bytes,
+            Err(e) => {
+                // A fresh layer is removed with its failed apply: so is its short link.
+                drop(guard);
+                if fs::symlink_metadata(self.store.layer_dir(id)).is_err() {
+                    self.remove_link(&short);
+                }
+                return Err(e);
+            }
+        };
         guard.finish()?;
         Ok(Native::Done(bytes))
     }
