@@ -1042,19 +1042,6 @@ impl Applier<'_> {
     fn hardlink(&mut self, name: &str, rel: &Path, target: &[u8]) -> Result<()> {
         let target_rel = normalize(target)
             .map_err(|r| Error::bad_entry(name, format!("hardlink target: {r}")))?;
-        if let Some((ns, lowers)) = &self.link_lowers
-            && !target_rel.as_os_str().is_empty()
-        {
-            copyup::copy_up(self.root.as_fd(), lowers, *ns, &target_rel, self.same_owner).map_err(
-                |e| {
-                    Error::io(
-                        format!("copy up the hardlink target of {name:?} from a lower layer"),
-                        &target_rel,
-                        e,
-                    )
-                },
-            )?;
-        }
         let Some(((tparent, tbase), (_, base))) = split(&target_rel).zip(split(rel)) else {
             return Err(Error::bad_entry(
                 name,
@@ -1070,17 +1057,43 @@ impl Applier<'_> {
                 )
             })
         };
-        let tc = match self.link_cache.take() {
-            Some(c) if c.is_at(tparent) => c,
-            prev => open_target(self.root.as_fd(), prev)?,
+        let stat_target = |tc: &Cursor| {
+            rustix::fs::statat(tc.fd(), tbase, AtFlags::SYMLINK_NOFOLLOW).map_err(|e| {
+                Error::io(
+                    format!("hardlink target of {name:?}"),
+                    &target_rel,
+                    e.into(),
+                )
+            })
         };
-        let tst = rustix::fs::statat(tc.fd(), tbase, AtFlags::SYMLINK_NOFOLLOW).map_err(|e| {
-            Error::io(
-                format!("hardlink target of {name:?}"),
-                &target_rel,
-                e.into(),
-            )
-        })?;
+        let resolved = match self.link_cache.take() {
+            Some(c) if c.is_at(tparent) => Ok(c),
+            prev => open_target(self.root.as_fd(), prev),
+        }
+        .and_then(|tc| stat_target(&tc).map(|st| (tc, st)));
+        let (tc, tst) = match resolved {
+            Ok(found) => found,
+            // Not in the upper: a file of a lower layer is copied up first, as overlayfs does
+            // before a link(2) to one. Only now, so links within the layer cost no lookups.
+            Err(Error::Io { source, .. })
+                if source.kind() == io::ErrorKind::NotFound && self.link_lowers.is_some() =>
+            {
+                if let Some((ns, lowers)) = &self.link_lowers {
+                    copyup::copy_up(self.root.as_fd(), lowers, *ns, &target_rel, self.same_owner)
+                        .map_err(|e| {
+                        Error::io(
+                            format!("copy up the hardlink target of {name:?} from a lower layer"),
+                            &target_rel,
+                            e,
+                        )
+                    })?;
+                }
+                let tc = open_target(self.root.as_fd(), None)?;
+                let st = stat_target(&tc)?;
+                (tc, st)
+            }
+            Err(e) => return Err(e),
+        };
         self.link_cache = Some(tc);
         if FileType::from_raw_mode(tst.st_mode) == FileType::Directory {
             return Err(Error::bad_entry(

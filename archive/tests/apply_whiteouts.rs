@@ -254,3 +254,53 @@ fn overlay_whiteouts_are_written_only_where_a_lower_shows_the_name() {
         assert!(!exists(&dir.join("n")), "level {k}: no lower has n");
     }
 }
+
+/// A hardlink to a file only a lower has: the file is copied up (content, mode, mtime) with
+/// its parent directory, then linked, as overlayfs does; a target hidden by a directory this
+/// layer made opaque is not copied and the link fails naming it.
+#[test]
+fn overlay_hardlinks_to_lower_files_copy_them_up_first() {
+    if !test_support::root_or_skip("overlay hardlink copy-up (trusted.* xattrs)") {
+        return;
+    }
+    let t = tempfile::tempdir().unwrap();
+    let (lower, upper) = (t.path().join("lower"), t.path().join("upper"));
+    std::fs::create_dir_all(lower.join("a")).unwrap();
+    std::fs::create_dir_all(lower.join("hidden")).unwrap();
+    std::fs::write(lower.join("a/f"), b"lower bytes").unwrap();
+    std::fs::write(lower.join("hidden/h"), b"h").unwrap();
+    std::fs::set_permissions(
+        lower.join("a/f"),
+        std::os::unix::fs::PermissionsExt::from_mode(0o640),
+    )
+    .unwrap();
+    let mtime = std::fs::metadata(lower.join("a/f")).unwrap().mtime();
+    std::fs::create_dir(&upper).unwrap();
+    let mut o = ApplyOptions::default();
+    o.whiteout_format = WhiteoutFormat::Overlay(OverlayXattr::Trusted);
+    o.link_lowers = vec![std::sync::Arc::new(
+        std::fs::File::open(&lower).unwrap().into(),
+    )];
+    let tar = Tb::new().dir("b").hardlink("b/g", "a/f").finish();
+    apply_layer(&upper, &tar[..], &o).unwrap();
+    let (f, g) = (
+        std::fs::metadata(upper.join("a/f")).unwrap(),
+        std::fs::metadata(upper.join("b/g")).unwrap(),
+    );
+    assert_eq!((f.dev(), f.ino()), (g.dev(), g.ino()), "linked to the copy");
+    assert_eq!(std::fs::read(upper.join("b/g")).unwrap(), b"lower bytes");
+    assert_eq!(f.mode() & 0o7777, 0o640);
+    assert_eq!(f.mtime(), mtime);
+    assert_eq!(std::fs::read(lower.join("a/f")).unwrap(), b"lower bytes");
+
+    let upper2 = t.path().join("upper2");
+    std::fs::create_dir(&upper2).unwrap();
+    let tar = Tb::new()
+        .dir("hidden")
+        .file("hidden/.wh..wh..opq", b"")
+        .hardlink("x", "hidden/h")
+        .finish();
+    let err = apply_layer(&upper2, &tar[..], &o).unwrap_err().to_string();
+    assert!(err.contains("hidden/h"), "{err}");
+    assert!(!upper2.join("hidden/h").exists());
+}
