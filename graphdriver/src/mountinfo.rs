@@ -136,14 +136,34 @@ pub fn bind_read_only(
 }
 
 /// Unmounts `target`. `EINVAL` (not a mount point) is an error too; callers that tolerate a
-/// vanished mount check [`is_mountpoint`] first.
+/// vanished mount check [`is_mountpoint`] first. `EBUSY` is retried for a quarter of a second
+/// (a forked child's fleeting copies of our descriptors) before it is reported.
 pub fn unmount(target: &Path) -> Result<()> {
-    rustix::mount::unmount(target, rustix::mount::UnmountFlags::empty()).map_err(|e| Error::Mount {
-        target: target.to_path_buf(),
-        options: "unmount".to_string(),
-        source: e.into(),
-    })
+    // A child forked by another thread (a confined apply) holds copies of every descriptor of
+    // this process until it closes them, microseconds later: a mount with a file open in it is
+    // busy for that moment. A few short retries tell that from a mount really in use.
+    let mut delay = std::time::Duration::from_millis(2);
+    let mut waited = std::time::Duration::ZERO;
+    loop {
+        match rustix::mount::unmount(target, rustix::mount::UnmountFlags::empty()) {
+            Err(rustix::io::Errno::BUSY) if waited < UNMOUNT_BUSY_PATIENCE => {
+                std::thread::sleep(delay);
+                waited += delay;
+                delay = (delay * 2).min(std::time::Duration::from_millis(50));
+            }
+            other => {
+                return other.map_err(|e| Error::Mount {
+                    target: target.to_path_buf(),
+                    options: "unmount".to_string(),
+                    source: e.into(),
+                });
+            }
+        }
+    }
 }
+
+/// How long [`unmount`] retries a mount that answers `EBUSY` before reporting it.
+const UNMOUNT_BUSY_PATIENCE: std::time::Duration = std::time::Duration::from_millis(250);
 
 #[cfg(test)]
 mod tests {
