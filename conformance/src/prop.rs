@@ -656,6 +656,16 @@ impl Model<'_> {
         }
     }
 
+    /// The reference of a new image layer on `parent` filled from `tar`: a copy of the
+    /// parent's reference with `tar` applied by `archive::apply_layer`, and the bytes that
+    /// apply reported.
+    fn reference_with(&self, parent: Option<usize>, tar: &[u8]) -> Outcome<(PathBuf, u64)> {
+        let reference = self.fresh_from(parent, "ref")?;
+        let bytes = archive::apply_layer(&reference, tar, &archive::ApplyOptions::default())
+            .map_err(|e| format!("reference apply: {e}"))?;
+        Ok((reference, bytes))
+    }
+
     /// Adds layer `id` to the model with its reference tree and checks it.
     fn push_layer(
         &mut self,
@@ -707,9 +717,7 @@ impl Model<'_> {
             applied.join(", ")
         ));
         let size = self.h.image_layer(&id, pid.as_ref(), &tar)?;
-        let reference = self.fresh_from(parent, "ref")?;
-        let want = archive::apply_layer(&reference, &tar[..], &archive::ApplyOptions::default())
-            .map_err(|e| format!("reference apply: {e}"))?;
+        let (reference, want) = self.reference_with(parent, &tar)?;
         if size != want {
             return Err(format!(
                 "apply_diff {id} returned {size} bytes, archive::apply_layer {want}"
@@ -796,9 +804,7 @@ impl Model<'_> {
                 "apply_diff of diff({src}) returned {size} bytes, diff_size said {want}"
             ));
         }
-        let reference = self.fresh_from(parent, "ref")?;
-        let applied = archive::apply_layer(&reference, &tar[..], &archive::ApplyOptions::default())
-            .map_err(|e| format!("reference apply: {e}"))?;
+        let (reference, applied) = self.reference_with(parent, &tar)?;
         if applied != size {
             return Err(format!(
                 "apply_diff of diff({src}) returned {size} bytes, archive::apply_layer {applied}"
