@@ -643,219 +643,254 @@ impl Model<'_> {
         lid(&format!("l{}", self.layers.len()))
     }
 
+    /// Runs one operation on the driver and the model, then checks what it affected. Each kind
+    /// of operation has its own method below.
     fn step(&mut self, op: &Op) -> Outcome {
         match op {
-            Op::CreateImage { parent, diff } => {
-                let parent = parent.and_then(|n| self.pick(n, |l| !l.rw));
-                let id = self.new_id();
-                let pid = parent.map(|p| self.layers[p].id.clone());
-                // Build the tar in a scratch copy of the parent.
-                let scratch = self.fresh_from(parent, "diff-src")?;
-                let mut applied = Vec::new();
-                for f in diff {
-                    self.t += 1;
-                    match f.skip_reason(&scratch, self.caps) {
-                        Some(why) => applied.push(format!("{f:?} skipped: {why}")),
-                        None => {
-                            f.apply(&scratch, self.t)
-                                .map_err(|e| format!("{f:?} on scratch: {e}"))?;
-                            applied.push(format!("{f:?}"));
-                        }
-                    }
+            Op::CreateImage { parent, diff } => self.create_image(*parent, diff),
+            Op::CreateRw { parent } => self.create_rw(*parent),
+            Op::Fs { rw, op } => self.fs(*rw, op),
+            Op::Commit { rw } => self.commit(*rw),
+            Op::GetNested { layer } => self.get_nested(*layer),
+            Op::Remove { layer } => self.remove(*layer),
+        }
+    }
+
+    /// The reference of a new image layer on `parent` filled from `tar`: a copy of the
+    /// parent's reference with `tar` applied by `archive::apply_layer`, and the bytes that
+    /// apply reported.
+    fn reference_with(&self, parent: Option<usize>, tar: &[u8]) -> Outcome<(PathBuf, u64)> {
+        let reference = self.fresh_from(parent, "ref")?;
+        let bytes = archive::apply_layer(&reference, tar, &archive::ApplyOptions::default())
+            .map_err(|e| format!("reference apply: {e}"))?;
+        Ok((reference, bytes))
+    }
+
+    /// Adds layer `id` to the model with its reference tree and checks it.
+    fn push_layer(
+        &mut self,
+        id: LayerId,
+        parent: Option<usize>,
+        rw: bool,
+        reference: PathBuf,
+    ) -> Outcome {
+        self.layers.push(MLayer {
+            id,
+            parent,
+            rw,
+            reference,
+            alive: true,
+        });
+        self.check(self.layers.len() - 1)
+    }
+
+    /// [`Op::CreateImage`]: builds the tar from `diff` in a scratch copy of the parent's
+    /// reference, applies it to a new image layer, and checks the size `apply_diff` returned
+    /// against the same tar applied to a copy of the parent's reference (the new reference).
+    fn create_image(&mut self, parent: Option<usize>, diff: &[FsOp]) -> Outcome {
+        let parent = parent.and_then(|n| self.pick(n, |l| !l.rw));
+        let id = self.new_id();
+        let pid = parent.map(|p| self.layers[p].id.clone());
+        // Build the tar in a scratch copy of the parent.
+        let scratch = self.fresh_from(parent, "diff-src")?;
+        let mut applied = Vec::new();
+        for f in diff {
+            self.t += 1;
+            match f.skip_reason(&scratch, self.caps) {
+                Some(why) => applied.push(format!("{f:?} skipped: {why}")),
+                None => {
+                    f.apply(&scratch, self.t)
+                        .map_err(|e| format!("{f:?} on scratch: {e}"))?;
+                    applied.push(format!("{f:?}"));
                 }
-                let changes = archive::changes(&scratch, self.parent_ref(parent))
-                    .map_err(|e| format!("changes of scratch tree: {e}"))?;
-                let tar = read_all(
-                    archive::export_changes(&scratch, &changes, &archive::TarOptions::default())
-                        .map_err(|e| format!("export_changes: {e}"))?,
-                )?;
-                self.trace.push(format!(
-                    "create image {id} on {} with diff [{}]",
-                    name(pid.as_ref()),
-                    applied.join(", ")
-                ));
-                let size = self.h.image_layer(&id, pid.as_ref(), &tar)?;
-                let reference = self.fresh_from(parent, "ref")?;
-                let want =
-                    archive::apply_layer(&reference, &tar[..], &archive::ApplyOptions::default())
-                        .map_err(|e| format!("reference apply: {e}"))?;
-                if size != want {
-                    return Err(format!(
-                        "apply_diff {id} returned {size} bytes, archive::apply_layer {want}"
-                    ));
-                }
-                self.layers.push(MLayer {
-                    id,
-                    parent,
-                    rw: false,
-                    reference,
-                    alive: true,
-                });
-                self.check(self.layers.len() - 1)
-            }
-            Op::CreateRw { parent } => {
-                let parent = parent.and_then(|n| self.pick(n, |l| !l.rw));
-                let id = self.new_id();
-                let pid = parent.map(|p| self.layers[p].id.clone());
-                self.trace
-                    .push(format!("create rw {id} on {}", name(pid.as_ref())));
-                self.h
-                    .driver()
-                    .create_read_write(&id, pid.as_ref())
-                    .map_err(|e| format!("create_read_write {id}: {e}"))?;
-                let reference = self.fresh_from(parent, "ref")?;
-                self.layers.push(MLayer {
-                    id,
-                    parent,
-                    rw: true,
-                    reference,
-                    alive: true,
-                });
-                self.check(self.layers.len() - 1)
-            }
-            Op::Fs { rw, op } => {
-                let Some(l) = self.pick(*rw, |l| l.rw) else {
-                    self.trace.push(format!("{op:?}: skipped, no rw layer"));
-                    return Ok(());
-                };
-                self.t += 1;
-                let t = self.t;
-                let id = self.layers[l].id.clone();
-                let reference = self.layers[l].reference.clone();
-                if let Some(why) = op.skip_reason(&reference, self.caps) {
-                    self.trace.push(format!("{id}: {op:?} skipped: {why}"));
-                    return Ok(());
-                }
-                let exdev_ok = self.caps.lower_dir_rename_exdev
-                    && matches!(op, FsOp::Rename { from, .. } if reference.join(from).is_dir());
-                let done = self.h.with_mounted(&id, |view| match op.apply(view, t) {
-                    Ok(()) => Ok(true),
-                    Err(e) if exdev_ok && e.raw_os_error() == Some(libc::EXDEV) => Ok(false),
-                    Err(e) => Err(format!("{op:?} through the mount of {id}: {e}")),
-                })?;
-                if done {
-                    op.apply(&reference, t)
-                        .map_err(|e| format!("{op:?} on the reference: {e}"))?;
-                    self.trace.push(format!("{id}: {op:?}"));
-                } else {
-                    op.prepare(&reference, t)
-                        .map_err(|e| format!("{op:?} (parents only) on the reference: {e}"))?;
-                    self.trace
-                        .push(format!("{id}: {op:?} refused with EXDEV (allowed)"));
-                }
-                self.check(l)
-            }
-            Op::Commit { rw } => {
-                let Some(l) = self.pick(*rw, |l| l.rw) else {
-                    self.trace.push("commit: skipped, no rw layer".to_string());
-                    return Ok(());
-                };
-                let parent = self.layers[l].parent;
-                let pid = parent.map(|p| self.layers[p].id.clone());
-                let src = self.layers[l].id.clone();
-                let id = self.new_id();
-                self.trace.push(format!(
-                    "commit {src} as image {id} on {}",
-                    name(pid.as_ref())
-                ));
-                let tar = self.h.diff_bytes(&src, pid.as_ref())?;
-                let size = self.h.image_layer(&id, pid.as_ref(), &tar)?;
-                let want = self
-                    .h
-                    .driver()
-                    .diff_size(&src, pid.as_ref())
-                    .map_err(|e| format!("diff_size {src}: {e}"))?;
-                if size != want {
-                    return Err(format!(
-                        "apply_diff of diff({src}) returned {size} bytes, diff_size said {want}"
-                    ));
-                }
-                let reference = self.fresh_from(parent, "ref")?;
-                let applied =
-                    archive::apply_layer(&reference, &tar[..], &archive::ApplyOptions::default())
-                        .map_err(|e| format!("reference apply: {e}"))?;
-                if applied != size {
-                    return Err(format!(
-                        "apply_diff of diff({src}) returned {size} bytes, archive::apply_layer {applied}"
-                    ));
-                }
-                let src_ref = &self.layers[l].reference;
-                let changed = archive::changes(src_ref, self.parent_ref(parent))
-                    .map_err(|e| format!("reference changes: {e}"))?;
-                let dirs: Vec<&Path> = changed.iter().map(|c| c.path.as_path()).collect();
-                super::compare_trees_for_diff(src_ref, &reference, &dirs, self.caps.diff_keeps_links_to_unchanged)
-                    .map_err(|e| format!("diff({src}) applied to the parent's reference does not reproduce {src}:\n{e}"))?;
-                self.layers.push(MLayer {
-                    id,
-                    parent,
-                    rw: false,
-                    reference,
-                    alive: true,
-                });
-                self.check(self.layers.len() - 1)
-            }
-            Op::GetNested { layer } => {
-                let Some(l) = self.pick(*layer, |_| true) else {
-                    return Ok(());
-                };
-                let id = self.layers[l].id.clone();
-                self.trace.push(format!("get {id} twice, put, check, put"));
-                let d = self.h.driver();
-                let p1 = d
-                    .get(&id, &MountOpts::default())
-                    .map_err(|e| format!("get {id}: {e}"))?;
-                let p2 = d
-                    .get(&id, &MountOpts::default())
-                    .map_err(|e| format!("second get {id}: {e}"));
-                let res = (|| {
-                    let p2 = p2?;
-                    if p1 != p2 {
-                        return Err(format!(
-                            "nested get {id} returned {} then {}",
-                            p1.display(),
-                            p2.display()
-                        ));
-                    }
-                    d.put(&id).map_err(|e| format!("put {id}: {e}"))?;
-                    super::compare_trees(&self.layers[l].reference, &p1)
-                        .map_err(|e| format!("after one of two puts, {id} differs:\n{e}"))
-                })();
-                let put = d.put(&id).map_err(|e| format!("last put {id}: {e}"));
-                res?;
-                put
-            }
-            Op::Remove { layer } => {
-                let Some(l) = self.pick(*layer, |_| true) else {
-                    return Ok(());
-                };
-                let id = self.layers[l].id.clone();
-                let has_children = self.layers.iter().any(|c| c.alive && c.parent == Some(l));
-                self.trace.push(format!(
-                    "remove {id}{}",
-                    if has_children { " (has children)" } else { "" }
-                ));
-                match (self.h.driver().remove(&id), has_children) {
-                    (Err(Error::HasChildren { .. }), true) => {}
-                    (Ok(()), false) => {
-                        self.layers[l].alive = false;
-                        if self.h.driver().exists(&id) {
-                            return Err(format!("{id} exists after remove"));
-                        }
-                    }
-                    (r, _) => {
-                        return Err(format!(
-                            "remove {id}: expected {}, found {r:?}",
-                            if has_children {
-                                "HasChildren"
-                            } else {
-                                "success"
-                            }
-                        ));
-                    }
-                }
-                self.check_list()
             }
         }
+        let changes = archive::changes(&scratch, self.parent_ref(parent))
+            .map_err(|e| format!("changes of scratch tree: {e}"))?;
+        let tar = read_all(
+            archive::export_changes(&scratch, &changes, &archive::TarOptions::default())
+                .map_err(|e| format!("export_changes: {e}"))?,
+        )?;
+        self.trace.push(format!(
+            "create image {id} on {} with diff [{}]",
+            name(pid.as_ref()),
+            applied.join(", ")
+        ));
+        let size = self.h.image_layer(&id, pid.as_ref(), &tar)?;
+        let (reference, want) = self.reference_with(parent, &tar)?;
+        if size != want {
+            return Err(format!(
+                "apply_diff {id} returned {size} bytes, archive::apply_layer {want}"
+            ));
+        }
+        self.push_layer(id, parent, false, reference)
+    }
+
+    /// [`Op::CreateRw`]: a read-write layer whose reference is a copy of its parent's.
+    fn create_rw(&mut self, parent: Option<usize>) -> Outcome {
+        let parent = parent.and_then(|n| self.pick(n, |l| !l.rw));
+        let id = self.new_id();
+        let pid = parent.map(|p| self.layers[p].id.clone());
+        self.trace
+            .push(format!("create rw {id} on {}", name(pid.as_ref())));
+        self.h
+            .driver()
+            .create_read_write(&id, pid.as_ref())
+            .map_err(|e| format!("create_read_write {id}: {e}"))?;
+        let reference = self.fresh_from(parent, "ref")?;
+        self.push_layer(id, parent, true, reference)
+    }
+
+    /// [`Op::Fs`]: `op` through the mount of a read-write layer, then on its reference (only
+    /// its missing parents when the driver refused a directory rename with an allowed `EXDEV`).
+    fn fs(&mut self, rw: usize, op: &FsOp) -> Outcome {
+        let Some(l) = self.pick(rw, |l| l.rw) else {
+            self.trace.push(format!("{op:?}: skipped, no rw layer"));
+            return Ok(());
+        };
+        self.t += 1;
+        let t = self.t;
+        let id = self.layers[l].id.clone();
+        let reference = self.layers[l].reference.clone();
+        if let Some(why) = op.skip_reason(&reference, self.caps) {
+            self.trace.push(format!("{id}: {op:?} skipped: {why}"));
+            return Ok(());
+        }
+        let exdev_ok = self.caps.lower_dir_rename_exdev
+            && matches!(op, FsOp::Rename { from, .. } if reference.join(from).is_dir());
+        let done = self.h.with_mounted(&id, |view| match op.apply(view, t) {
+            Ok(()) => Ok(true),
+            Err(e) if exdev_ok && e.raw_os_error() == Some(libc::EXDEV) => Ok(false),
+            Err(e) => Err(format!("{op:?} through the mount of {id}: {e}")),
+        })?;
+        if done {
+            op.apply(&reference, t)
+                .map_err(|e| format!("{op:?} on the reference: {e}"))?;
+            self.trace.push(format!("{id}: {op:?}"));
+        } else {
+            op.prepare(&reference, t)
+                .map_err(|e| format!("{op:?} (parents only) on the reference: {e}"))?;
+            self.trace
+                .push(format!("{id}: {op:?} refused with EXDEV (allowed)"));
+        }
+        self.check(l)
+    }
+
+    /// [`Op::Commit`]: the diff of a read-write layer applied to a new image layer on the same
+    /// parent; the bytes written must match `diff_size` and a reference apply, and the new
+    /// reference must reproduce the read-write layer's.
+    fn commit(&mut self, rw: usize) -> Outcome {
+        let Some(l) = self.pick(rw, |l| l.rw) else {
+            self.trace.push("commit: skipped, no rw layer".to_string());
+            return Ok(());
+        };
+        let parent = self.layers[l].parent;
+        let pid = parent.map(|p| self.layers[p].id.clone());
+        let src = self.layers[l].id.clone();
+        let id = self.new_id();
+        self.trace.push(format!(
+            "commit {src} as image {id} on {}",
+            name(pid.as_ref())
+        ));
+        let tar = self.h.diff_bytes(&src, pid.as_ref())?;
+        let size = self.h.image_layer(&id, pid.as_ref(), &tar)?;
+        let want = self
+            .h
+            .driver()
+            .diff_size(&src, pid.as_ref())
+            .map_err(|e| format!("diff_size {src}: {e}"))?;
+        if size != want {
+            return Err(format!(
+                "apply_diff of diff({src}) returned {size} bytes, diff_size said {want}"
+            ));
+        }
+        let (reference, applied) = self.reference_with(parent, &tar)?;
+        if applied != size {
+            return Err(format!(
+                "apply_diff of diff({src}) returned {size} bytes, archive::apply_layer {applied}"
+            ));
+        }
+        let src_ref = &self.layers[l].reference;
+        let changed = archive::changes(src_ref, self.parent_ref(parent))
+            .map_err(|e| format!("reference changes: {e}"))?;
+        let dirs: Vec<&Path> = changed.iter().map(|c| c.path.as_path()).collect();
+        super::compare_trees_for_diff(
+            src_ref,
+            &reference,
+            &dirs,
+            self.caps.diff_keeps_links_to_unchanged,
+        )
+        .map_err(|e| {
+            format!("diff({src}) applied to the parent's reference does not reproduce {src}:\n{e}")
+        })?;
+        self.push_layer(id, parent, false, reference)
+    }
+
+    /// [`Op::GetNested`]: two gets return the same path; after one put the view still equals
+    /// the reference; the last put is always made.
+    fn get_nested(&mut self, layer: usize) -> Outcome {
+        let Some(l) = self.pick(layer, |_| true) else {
+            return Ok(());
+        };
+        let id = self.layers[l].id.clone();
+        self.trace.push(format!("get {id} twice, put, check, put"));
+        let d = self.h.driver();
+        let p1 = d
+            .get(&id, &MountOpts::default())
+            .map_err(|e| format!("get {id}: {e}"))?;
+        let p2 = d
+            .get(&id, &MountOpts::default())
+            .map_err(|e| format!("second get {id}: {e}"));
+        let res = (|| {
+            let p2 = p2?;
+            if p1 != p2 {
+                return Err(format!(
+                    "nested get {id} returned {} then {}",
+                    p1.display(),
+                    p2.display()
+                ));
+            }
+            d.put(&id).map_err(|e| format!("put {id}: {e}"))?;
+            super::compare_trees(&self.layers[l].reference, &p1)
+                .map_err(|e| format!("after one of two puts, {id} differs:\n{e}"))
+        })();
+        let put = d.put(&id).map_err(|e| format!("last put {id}: {e}"));
+        res?;
+        put
+    }
+
+    /// [`Op::Remove`]: refused with `HasChildren` while the layer has live children, else the
+    /// layer is gone from the driver and the model.
+    fn remove(&mut self, layer: usize) -> Outcome {
+        let Some(l) = self.pick(layer, |_| true) else {
+            return Ok(());
+        };
+        let id = self.layers[l].id.clone();
+        let has_children = self.layers.iter().any(|c| c.alive && c.parent == Some(l));
+        self.trace.push(format!(
+            "remove {id}{}",
+            if has_children { " (has children)" } else { "" }
+        ));
+        match (self.h.driver().remove(&id), has_children) {
+            (Err(Error::HasChildren { .. }), true) => {}
+            (Ok(()), false) => {
+                self.layers[l].alive = false;
+                if self.h.driver().exists(&id) {
+                    return Err(format!("{id} exists after remove"));
+                }
+            }
+            (r, _) => {
+                return Err(format!(
+                    "remove {id}: expected {}, found {r:?}",
+                    if has_children {
+                        "HasChildren"
+                    } else {
+                        "success"
+                    }
+                ));
+            }
+        }
+        self.check_list()
     }
 
     fn check_list(&self) -> Outcome {

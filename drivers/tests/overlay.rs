@@ -332,3 +332,46 @@ fn a_planted_lower_id_symlink_is_not_read_through() {
         0
     );
 }
+
+/// A layer that is neither an image layer (`root/`) nor a whole overlay layer is refused by
+/// name, with what it does hold, and nothing is mounted.
+#[test]
+fn a_layer_of_neither_shape_is_refused_naming_what_it_holds() {
+    if !root_or_skip("a_layer_of_neither_shape_is_refused_naming_what_it_holds") {
+        return;
+    }
+    let t = tempfile::tempdir().unwrap();
+    let d = overlay(t.path());
+    stack(&d, t.path());
+    let dir = d.inner().layer_dir(&id("ctr"));
+    fs::remove_dir(dir.join("work")).unwrap();
+    let e = d.get(&id("ctr"), &MountOpts::default()).unwrap_err();
+    let msg = e.to_string();
+    assert!(msg.contains(&dir.display().to_string()), "{msg}");
+    assert!(msg.contains("found only upper/ merged/ lower-id"), "{msg}");
+    let e = d
+        .create_read_write(&id("ctr2"), Some(&id("ctr")))
+        .unwrap_err();
+    assert!(e.to_string().contains("found only upper/"), "{e}");
+    assert_eq!(mounts_at(&dir.join("merged")), 0);
+}
+
+/// A mounted layer that lost its `lower-id` does not stop the driver from starting: the
+/// mount repair keeps its count while `merged/` is mounted, and the last put unmounts it.
+#[test]
+fn a_mounted_layer_of_neither_shape_keeps_its_count_across_a_restart() {
+    if !root_or_skip("a_mounted_layer_of_neither_shape_keeps_its_count_across_a_restart") {
+        return;
+    }
+    let t = tempfile::tempdir().unwrap();
+    let d = overlay(t.path());
+    stack(&d, t.path());
+    let dir = d.inner().layer_dir(&id("ctr"));
+    d.get(&id("ctr"), &MountOpts::durable()).unwrap();
+    fs::remove_file(dir.join("lower-id")).unwrap();
+    drop(d);
+    let d = overlay(t.path());
+    assert_eq!(mounts_at(&dir.join("merged")), 1);
+    d.put(&id("ctr")).unwrap();
+    assert_eq!(mounts_at(&dir.join("merged")), 0);
+}

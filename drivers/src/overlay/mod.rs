@@ -62,6 +62,33 @@ const STAGING_MERGED: &str = "apply-merged";
 /// The kernel copies at most one page of mount data; the last byte is the terminating NUL.
 const MAX_MOUNT_DATA: usize = 4096;
 
+/// What a layer of this driver is on disk, as [`Overlay::shape`] reads it from the entries of
+/// its directory (see the module documentation for how each shape comes about).
+#[derive(Debug)]
+enum LayerShape {
+    /// A layer with a full tree in `root/` (a filled image layer or a base layer): returned by
+    /// `get` without mounting.
+    Root {
+        /// `<layer>/root`.
+        root: PathBuf,
+    },
+    /// A layer mounted as an overlay of its upper directory on the `root/` of another layer.
+    Overlay(OverlayDirs),
+}
+
+/// The entries of a [`LayerShape::Overlay`] layer.
+#[derive(Debug)]
+struct OverlayDirs {
+    /// `<layer>/upper`: the layer's own changes (whiteouts included).
+    upper: PathBuf,
+    /// `<layer>/work`: overlay's work directory for `upper`.
+    work: PathBuf,
+    /// `<layer>/merged`: where the overlay is mounted.
+    merged: PathBuf,
+    /// The layer named in `lower-id`, whose `root/` is the overlay's lower directory.
+    lower: LayerId,
+}
+
 /// Settings of the overlay driver.
 #[derive(Clone, Debug, Default)]
 pub struct OverlayConfig {
@@ -186,13 +213,12 @@ impl Overlay {
             probe::write_probe_record(home, &probe_key);
         }
         // Mount counts are not trusted across reboots and manual umounts: mountinfo is.
-        driver.store.repair_mounts(|id| {
-            let dir = driver.store.layer_dir(id);
-            if dir.join(ROOT).is_dir() {
-                Ok(true)
-            } else {
-                mountinfo::is_mountpoint(&dir.join(MERGED))
-            }
+        // A layer of neither shape (a damaged store) must not stop the driver from starting:
+        // its count stays only if something is mounted on its `merged/`.
+        driver.store.repair_mounts(|id| match driver.shape(id) {
+            Ok(LayerShape::Root { .. }) => Ok(true),
+            Ok(LayerShape::Overlay(o)) => mountinfo::is_mountpoint(&o.merged),
+            Err(_) => mountinfo::is_mountpoint(&driver.store.layer_dir(id).join(MERGED)),
         })?;
         Ok(driver)
     }
@@ -219,12 +245,62 @@ impl Overlay {
         })
     }
 
-    /// Checks that the upper and work directories of overlay layer `id` are real directories
-    /// (the kernel would follow a symlink there) and returns its `merged/`.
-    fn checked_overlay_dirs(&self, id: &LayerId) -> Result<PathBuf> {
-        self.subdir(id, UPPER)?;
-        self.subdir(id, WORK)?;
-        self.subdir(id, MERGED)
+    /// The shape of layer `id`, read from the entries of its directory; the one place that
+    /// decides what a layer is.
+    ///
+    /// A `root/` makes it [`LayerShape::Root`] (even if overlay entries are left beside it: an
+    /// apply that turned an overlay layer into a full tree renames `root/` in before it removes
+    /// them). Otherwise it must hold all of `upper/ work/ merged/ lower-id` for
+    /// [`LayerShape::Overlay`]. Every entry is checked without following a symlink (the
+    /// kernel would follow one given as upper or work): a planted link, or an entry of the wrong
+    /// type, is refused with an error naming its path, as [`LayerStore::layer_subdir`] and
+    /// [`LayerStore::read_layer_file`] do. A layer that is neither shape is an error naming the
+    /// layer directory and the entries it does hold.
+    fn shape(&self, id: &LayerId) -> Result<LayerShape> {
+        if let Some(root) = self.store.layer_subdir(id, ROOT)? {
+            return Ok(LayerShape::Root { root });
+        }
+        let upper = self.store.layer_subdir(id, UPPER)?;
+        let work = self.store.layer_subdir(id, WORK)?;
+        let merged = self.store.layer_subdir(id, MERGED)?;
+        let lower = self.store.read_layer_file(id, LOWER_ID)?;
+        match (upper, work, merged, lower) {
+            (Some(upper), Some(work), Some(merged), Some(lower)) => {
+                Ok(LayerShape::Overlay(OverlayDirs {
+                    upper,
+                    work,
+                    merged,
+                    lower: LayerId::new(lower.trim())?,
+                }))
+            }
+            (upper, work, merged, lower) => {
+                let found: Vec<&str> = [
+                    upper.map(|_| "upper/"),
+                    work.map(|_| "work/"),
+                    merged.map(|_| "merged/"),
+                    lower.map(|_| LOWER_ID),
+                ]
+                .into_iter()
+                .flatten()
+                .collect();
+                let found = if found.is_empty() {
+                    "none of them".to_string()
+                } else {
+                    format!("only {}", found.join(" "))
+                };
+                Err(Error::io(
+                    "open layer directory",
+                    self.store.layer_dir(id),
+                    io::Error::new(
+                        io::ErrorKind::NotFound,
+                        format!(
+                            "expected root/ (an image layer) or upper/ work/ merged/ lower-id \
+                             (an overlay layer), found {found}"
+                        ),
+                    ),
+                ))
+            }
+        }
     }
 
     /// Unmounts `merged/` of layer `id` if it is mounted; a `merged` that is not a real
@@ -326,43 +402,34 @@ impl Overlay {
             let Some(p) = parent else {
                 return mkdir(&dir.join(ROOT), 0o755);
             };
-            if let Some(proot) = self.store.layer_subdir(p, ROOT)? {
-                let meta = fs::symlink_metadata(&proot).ctx("stat", &proot)?;
-                mkdir(&dir.join(UPPER), meta.mode() & 0o7777)?;
-                let upper = dir.join(UPPER);
-                fs::set_permissions(&upper, fs::Permissions::from_mode(meta.mode() & 0o7777))
-                    .ctx("chmod", &upper)?;
-                rustix::fs::chown(&upper, Some(uid(meta.uid())), Some(gid(meta.gid())))
-                    .map_err(|e| Error::io("chown", &upper, e.into()))?;
-                fs::write(
-                    dir.join(LOWER_ID),
-                    parent.map(LayerId::as_str).unwrap_or_default(),
-                )
-                .ctx("write", &dir.join(LOWER_ID))?;
-            } else {
+            let upper = dir.join(UPPER);
+            let lower = match self.shape(p)? {
+                // An empty upper on the parent's tree, owned and with the mode of its root.
+                LayerShape::Root { root: proot } => {
+                    let meta = fs::symlink_metadata(&proot).ctx("stat", &proot)?;
+                    mkdir(&upper, meta.mode() & 0o7777)?;
+                    fs::set_permissions(&upper, fs::Permissions::from_mode(meta.mode() & 0o7777))
+                        .ctx("chmod", &upper)?;
+                    rustix::fs::chown(&upper, Some(uid(meta.uid())), Some(gid(meta.gid())))
+                        .map_err(|e| Error::io("chown", &upper, e.into()))?;
+                    p.clone()
+                }
                 // A layer on an overlay layer: inherit its lower and a copy of its upper.
-                let lower = self.read_lower_id(p)?;
-                fs::write(dir.join(LOWER_ID), lower.as_str()).ctx("write", &dir.join(LOWER_ID))?;
-                copy_tree(&self.subdir(p, UPPER)?, &dir.join(UPPER), CopyMode::Content)?;
-            }
+                LayerShape::Overlay(on) => {
+                    copy_tree(&on.upper, &upper, CopyMode::Content)?;
+                    on.lower
+                }
+            };
+            fs::write(dir.join(LOWER_ID), lower.as_str()).ctx("write", &dir.join(LOWER_ID))?;
             mkdir(&dir.join(WORK), 0o700)?;
             mkdir(&dir.join(MERGED), 0o700)
         })
     }
 
-    /// The id recorded in layer `id`'s `lower-id`, read without following a symlink.
-    fn read_lower_id(&self, id: &LayerId) -> Result<LayerId> {
-        let path = self.store.layer_dir(id).join(LOWER_ID);
-        let text = self
-            .store
-            .read_layer_file(id, LOWER_ID)?
-            .ok_or_else(|| Error::io("read", &path, io::Error::from(io::ErrorKind::NotFound)))?;
-        LayerId::new(text.trim())
-    }
-
-    fn lower_root(&self, id: &LayerId) -> Result<PathBuf> {
-        let lower = self.read_lower_id(id)?;
-        self.subdir(&lower, ROOT)
+    /// The lower directory of an overlay on layer `lower` ([`OverlayDirs::lower`]):
+    /// its `root/`, which must be a real directory.
+    fn lower_root(&self, lower: &LayerId) -> Result<PathBuf> {
+        self.subdir(lower, ROOT)
     }
 
     /// Applies a diff to an overlay layer (read-write, or on a parent without `root/`) through a
@@ -375,19 +442,21 @@ impl Overlay {
     /// then replaces `upper/` in one exchange. The copy is safe to share inodes with: an apply
     /// replaces entries and never writes into an existing file, and overlay copies up only
     /// from the lower layer.
+    ///
+    /// `layer` holds the entries of the layer's [`LayerShape::Overlay`].
     fn apply_through_mount(
         &self,
         id: &LayerId,
         dir: &Path,
+        layer: &OverlayDirs,
         diff: &mut dyn Read,
         opts: &archive::ApplyOptions,
     ) -> Result<Native<u64>> {
         let guard = self.store.begin_apply(id)?;
-        let merged = self.checked_overlay_dirs(id)?;
         // A mount left behind by a killed reader (its reference died with it) must not stay
         // stacked under ours: nobody can get the layer while it is being applied.
-        Self::unmount_if_mounted(&merged)?;
-        let lower = self.lower_root(id)?;
+        Self::unmount_if_mounted(&layer.merged)?;
+        let lower = self.lower_root(&layer.lower)?;
         let apply = |upper: &Path, work: &Path, target: &Path| -> Result<u64> {
             let data = self.overlay_data(&lower, upper, work, &MountOpts::default(), true);
             check_mount_data_len(target, &data)?;
@@ -405,11 +474,10 @@ impl Overlay {
             Ok(bytes)
         };
         let bytes = if guard.is_fresh() {
-            apply(&dir.join(UPPER), &dir.join(WORK), &merged)?
+            apply(&layer.upper, &layer.work, &layer.merged)?
         } else {
-            let upper = self.subdir(id, UPPER)?;
             guard.replace_subdir(UPPER, |stage| {
-                copy_tree(&upper, stage, CopyMode::Hardlink)?;
+                copy_tree(&layer.upper, stage, CopyMode::Hardlink)?;
                 let (work, target) = (dir.join(STAGING_WORK), dir.join(STAGING_MERGED));
                 for d in [&work, &target] {
                     fs::DirBuilder::new()
@@ -503,13 +571,20 @@ impl ProtoDriver for Overlay {
         self.store.remove(id, |_| self.unmount_layer(id))
     }
     fn get(&self, id: &LayerId, opts: &MountOpts) -> Result<PathBuf> {
-        let dir = self.store.require(id)?;
-        if let Some(root) = self.store.layer_subdir(id, ROOT)? {
-            return self
-                .store
-                .acquire_tree(NAME, id, &root, opts, self.mount_flags(true));
-        }
-        let merged = self.checked_overlay_dirs(id)?;
+        self.store.require(id)?;
+        let OverlayDirs {
+            upper,
+            work,
+            merged,
+            lower,
+        } = match self.shape(id)? {
+            LayerShape::Root { root } => {
+                return self
+                    .store
+                    .acquire_tree(NAME, id, &root, opts, self.mount_flags(true));
+            }
+            LayerShape::Overlay(layer) => layer,
+        };
         if let Some(label) = opts.mount_label.as_deref().filter(|s| !s.is_empty()) {
             // It is quoted into the mount data: a quote or control character could end it.
             if !mountopt::label_ok(label) || label.starts_with('"') {
@@ -523,17 +598,16 @@ impl ProtoDriver for Overlay {
                 });
             }
         }
-        let lower = self.lower_root(id)?;
+        let lower_root = self.lower_root(&lower)?;
         let (target, data, flags) = if opts.read_only {
             // A view: the layer's upper stacked on its lower, both as lower directories, so
             // overlay has nowhere to write and the upper's whiteouts still hide what they hide.
-            let upper = self.subdir(id, UPPER)?;
-            let mut data = format!("lowerdir={}:{}", upper.display(), lower.display());
+            let mut data = format!("lowerdir={}:{}", upper.display(), lower_root.display());
             self.push_user_data(&mut data, opts);
             let flags = self.mount_flags(true) | rustix::mount::MountFlags::RDONLY;
             (self.store.view_dir(id)?, data, flags)
         } else {
-            let data = self.mount_data(&lower, &dir, opts, true);
+            let data = self.overlay_data(&lower_root, &upper, &work, opts, true);
             (merged, data, self.mount_flags(true))
         };
         check_mount_data_len(&target, &data)?;
@@ -605,18 +679,22 @@ impl DiffHooks for Overlay {
     ) -> Result<Native<u64>> {
         let dir = self.store.require(id)?;
         let opts = archive::ApplyOptions::default();
-        if let Some(root) = self.store.layer_subdir(id, ROOT)? {
-            let guard = self.store.begin_apply(id)?;
-            let bytes = crate::apply_all_or_nothing(&guard, id, &root, diff, &opts)?;
-            guard.finish()?;
-            return Ok(Native::Done(bytes));
-        }
-        let parent_root = match self.store.parent(id)? {
-            Some(p) => self.store.layer_subdir(&p, ROOT)?,
-            None => return Ok(Native::Fallback),
+        let layer = match self.shape(id)? {
+            LayerShape::Root { root } => {
+                let guard = self.store.begin_apply(id)?;
+                let bytes = crate::apply_all_or_nothing(&guard, id, &root, diff, &opts)?;
+                guard.finish()?;
+                return Ok(Native::Done(bytes));
+            }
+            LayerShape::Overlay(layer) => layer,
         };
-        let Some(parent_root) = parent_root.filter(|_| !self.store.is_read_write(id)) else {
-            return self.apply_through_mount(id, &dir, diff, &opts);
+        let Some(parent) = self.store.parent(id)? else {
+            return Ok(Native::Fallback);
+        };
+        // An image layer on a full tree gets a full tree of its own; any other stays an overlay.
+        let parent_root = match self.shape(&parent)? {
+            LayerShape::Root { root } if !self.store.is_read_write(id) => root,
+            _ => return self.apply_through_mount(id, &dir, &layer, diff, &opts),
         };
         let guard = self.store.begin_apply(id)?;
         let staging = dir.join(STAGING_ROOT);
@@ -634,8 +712,7 @@ impl DiffHooks for Overlay {
             }
         };
         fs::rename(&staging, dir.join(ROOT)).ctx("rename into place", &staging)?;
-        for d in [UPPER, WORK, MERGED] {
-            let p = dir.join(d);
+        for p in [layer.upper, layer.work, layer.merged] {
             archive::fs::remove_tree(&p).ctx("remove", &p)?;
         }
         let lower_id = dir.join(LOWER_ID);
