@@ -1,4 +1,9 @@
 //! The cases: fixtures prepared lazily on the scratch filesystem, then timed runs.
+//!
+//! The overlay2 rows live in [`ov2`], the image import rows in [`import`].
+
+mod import;
+mod ov2;
 
 use std::cell::{Cell, RefCell};
 use std::fs::{self, File};
@@ -13,7 +18,7 @@ use graphdriver::{Config, Driver, LayerId, MountOpts};
 
 use super::child;
 use super::corpus::{self, Spec};
-use super::report::{CaseResult, RssResult};
+use super::report::{CaseResult, InodeResult, RssResult};
 use super::scratch::check_interrupted;
 use super::{Args, run_cmd};
 
@@ -149,12 +154,39 @@ pub struct Bench {
     have_big: bool,
     driver: Option<Box<dyn Driver>>,
     small_layer: Option<LayerId>,
+    /// The overlay2 driver, in its own home next to the overlay driver's.
+    driver2: Option<Box<dyn Driver>>,
+    /// The `small` tree as an overlay2 base layer.
+    small_layer2: Option<LayerId>,
+    have_added: bool,
+    /// The `graphctl` binary, once located (or built).
+    graphctl: Option<PathBuf>,
     /// Fixture preparation times.
     pub setup_times: Vec<(String, f64)>,
     /// Finished cases.
     pub results: Vec<CaseResult>,
     /// Peak-memory measurements.
     pub rss: Vec<RssResult>,
+    /// Inodes per layer, per driver.
+    pub inodes: Vec<InodeResult>,
+}
+
+/// Which layered driver a case runs on.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Kind {
+    /// The seed `overlay` driver: image layers are hardlinked full trees.
+    Overlay,
+    /// `overlay2`: each layer holds only its `diff/`, stacked as overlay lowers.
+    Overlay2,
+}
+
+impl Kind {
+    fn name(self) -> &'static str {
+        match self {
+            Kind::Overlay => "overlay",
+            Kind::Overlay2 => "overlay2",
+        }
+    }
 }
 
 impl Bench {
@@ -190,9 +222,14 @@ impl Bench {
             have_big: false,
             driver: None,
             small_layer: None,
+            driver2: None,
+            small_layer2: None,
+            have_added: false,
+            graphctl: None,
             setup_times: Vec::new(),
             results: Vec::new(),
             rss: Vec::new(),
+            inodes: Vec::new(),
         })
     }
 
@@ -355,13 +392,33 @@ impl Bench {
         Ok(l)
     }
 
-    /// Unmounts whatever the driver holds.
+    /// Unmounts whatever the drivers hold.
     pub fn close(&mut self) {
-        if let Some(d) = self.driver.take()
-            && let Err(e) = d.cleanup()
+        for d in [self.driver.take(), self.driver2.take()]
+            .into_iter()
+            .flatten()
         {
-            eprintln!("bench: driver cleanup: {e}");
+            if let Err(e) = d.cleanup() {
+                eprintln!("bench: {} driver cleanup: {e}", d.name());
+            }
         }
+    }
+
+    /// The driver of `kind`, opened on first use.
+    fn driver_of(&mut self, kind: Kind) -> Result<&dyn Driver> {
+        match kind {
+            Kind::Overlay => self.driver(),
+            Kind::Overlay2 => self.driver2(),
+        }
+    }
+
+    /// The driver of `kind`, which must be open already.
+    fn opened(&self, kind: Kind) -> Result<&dyn Driver> {
+        match kind {
+            Kind::Overlay => self.driver.as_deref(),
+            Kind::Overlay2 => self.driver2.as_deref(),
+        }
+        .ok_or_else(|| anyhow!("{} driver not open", kind.name()))
     }
 
     /// Runs the selected cases; a failing case is recorded and the others still run.
@@ -374,7 +431,26 @@ impl Bench {
                 "hardlink-copy" => self.case_hardlink_copy(),
                 "export" => self.case_export(),
                 "changes" => self.case_changes(),
-                "deep-read" => self.case_deep_read(),
+                "overlay2-apply" => {
+                    let r = self.case_overlay2_apply();
+                    self.record("overlay2-apply".into(), r)?;
+                    let r = self.case_overlay2_apply_vs_tar();
+                    self.record("overlay2-apply-vs-tar".into(), r)?;
+                    let r = self.case_overlay2_apply_cli();
+                    self.record("overlay2-apply-cli".into(), r)?;
+                    continue;
+                }
+                "overlay2-changes" => self.case_overlay2_changes(),
+                "deep-read" => self.case_deep_read(Kind::Overlay),
+                "deep-read-overlay2" => self.case_deep_read(Kind::Overlay2),
+                "inodes" => {
+                    self.case_inodes()?;
+                    continue;
+                }
+                "import" => {
+                    self.case_import()?;
+                    continue;
+                }
                 "diff-n" => {
                     let sizes: &[(usize, usize)] = if self.quick {
                         &[(10, 10), (10, 1_000), (1_000, 10)]
@@ -684,7 +760,7 @@ impl Bench {
         })
     }
 
-    fn case_deep_read(&mut self) -> Result<CaseResult> {
+    fn case_deep_read(&mut self, kind: Kind) -> Result<CaseResult> {
         let n = self.chain_len;
         let plain = self.corpus.join("chain-plain");
         let base_data = {
@@ -703,9 +779,9 @@ impl Bench {
             v
         };
         let top = self.setup_step(
-            &format!("{n}-layer chain (overlay create + apply_diff each)"),
+            &format!("{n}-layer chain ({} create + apply_diff each)", kind.name()),
             |b| {
-                let d = b.driver()?;
+                let d = b.driver_of(kind)?;
                 let mut parent: Option<LayerId> = None;
                 for i in 0..n {
                     let l = id(&format!("chain{i:03}"))?;
@@ -714,21 +790,21 @@ impl Bench {
                     d.apply_diff(&l, parent.as_ref(), &mut &tar[..])?;
                     parent = Some(l);
                 }
-                fs::create_dir(&plain)?;
-                for i in 0..n {
-                    archive::apply_layer(
-                        &plain,
-                        &corpus::layer_tar(&layer_files(i))?[..],
-                        &ApplyOptions::default(),
-                    )?;
+                // Shared by the overlay and overlay2 rows: built by the first that runs.
+                if !plain.exists() {
+                    fs::create_dir(&plain)?;
+                    for i in 0..n {
+                        archive::apply_layer(
+                            &plain,
+                            &corpus::layer_tar(&layer_files(i))?[..],
+                            &ApplyOptions::default(),
+                        )?;
+                    }
                 }
                 parent.ok_or_else(|| anyhow!("empty chain"))
             },
         )?;
-        let d = self
-            .driver
-            .as_deref()
-            .ok_or_else(|| anyhow!("overlay driver not open"))?;
+        let d = self.opened(kind)?;
         let ctx = &self.ctx;
         const ITER: usize = 20;
         let read_all = |root: &Path| -> Result<()> {
@@ -765,15 +841,19 @@ impl Bench {
             })?;
             Ok(secs)
         };
-        let (o, t) = ctx.paired("deep-read", &mut ours, &mut theirs)?;
+        let name = match kind {
+            Kind::Overlay => format!("deep-read({n})"),
+            Kind::Overlay2 => format!("deep-read-overlay2({n})"),
+        };
+        let (o, t) = ctx.paired(&name, &mut ours, &mut theirs)?;
         Ok(CaseResult {
-            name: format!("deep-read({n})"),
+            name,
             what: format!(
                 "{ITER}× (get top layer, read a 1 MiB base file and all {n} per-layer markers, put)"
             ),
-            ours: format!("overlay driver, {n}-layer chain"),
+            ours: format!("{} driver, {n}-layer chain", kind.name()),
             baseline: Some("the same reads in a plain directory".into()),
-            target: None,
+            target: Some("≤ 1.3×".into()),
             ours_secs: o,
             baseline_secs: t,
             notes: vec!["every read is checked against the expected content".into()],

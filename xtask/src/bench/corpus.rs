@@ -228,6 +228,70 @@ pub fn generate_upper(spec: &Spec, small: &Path, upper: &Path) -> Result<()> {
     fix_dir_mtimes(upper)
 }
 
+/// Creates the `added` tree at `root`: the `spec.added` files that `upper` adds (same names,
+/// same contents), spread over the leaf directories of `small`, plus one in ten in `new/`: a
+/// layer of new files that lands in existing directories of the `small` base.
+pub fn generate_added(spec: &Spec, root: &Path) -> Result<()> {
+    if root.exists() {
+        bail!("corpus directory {} already exists", root.display());
+    }
+    fs::create_dir_all(root.join("new"))?;
+    for k in 0..spec.added {
+        let i = spec.files + k;
+        let p = if k % 10 == 0 {
+            PathBuf::from(format!("new/n{i:06}"))
+        } else {
+            spec.dir(k % spec.dirs).join(format!("n{i:06}"))
+        };
+        let p = root.join(p);
+        if let Some(dir) = p.parent() {
+            fs::create_dir_all(dir)?;
+        }
+        write_file(&p, &spec.content(i, 0), 0o644)?;
+    }
+    fix_dir_mtimes(root)
+}
+
+/// Writes `layers` layer tars of the `small` tree at `small` to `tar_path(k)`: layer `k`
+/// holds the leaf directories `d` with `d * layers / spec.dirs == k` (with their files and
+/// symlinks) and the top-level directories they need, so applied in sequence they rebuild
+/// `small`. Entries come in sorted order; metadata is taken from the tree (fixed mtimes).
+pub fn split_small_into_layers(
+    spec: &Spec,
+    small: &Path,
+    layers: usize,
+    mut tar_path: impl FnMut(usize) -> PathBuf,
+) -> Result<()> {
+    for k in 0..layers {
+        let path = tar_path(k);
+        let f = File::create(&path).with_context(|| format!("creating {}", path.display()))?;
+        let mut b = tar::Builder::new(io::BufWriter::with_capacity(1 << 20, f));
+        b.follow_symlinks(false);
+        let mut last_top = None;
+        for d in (0..spec.dirs).filter(|d| d * layers / spec.dirs.max(1) == k) {
+            let rel = spec.dir(d);
+            let top = rel.parent().map(Path::to_path_buf);
+            if let Some(top) = top
+                && last_top.as_ref() != Some(&top)
+            {
+                b.append_path_with_name(small.join(&top), &top)?;
+                last_top = Some(top);
+            }
+            b.append_path_with_name(small.join(&rel), &rel)?;
+            let mut names: Vec<_> = fs::read_dir(small.join(&rel))
+                .with_context(|| format!("reading {}", small.join(&rel).display()))?
+                .map(|e| e.map(|e| e.file_name()))
+                .collect::<io::Result<_>>()?;
+            names.sort();
+            for name in names {
+                b.append_path_with_name(small.join(&rel).join(&name), rel.join(&name))?;
+            }
+        }
+        b.into_inner()?.flush()?;
+    }
+    Ok(())
+}
+
 /// Creates one file of `size` random bytes at `path` (the big-layer corpus).
 pub fn generate_big(path: &Path, size: u64, seed: u64) -> Result<()> {
     let mut f = File::create(path).with_context(|| format!("creating {}", path.display()))?;

@@ -47,7 +47,8 @@ pub struct Args {
     #[arg(long, value_enum, default_value_t = FsKind::Ext4)]
     pub fs: FsKind,
     /// Run only these cases (comma-separated): apply, apply-unconfined, overlay-apply,
-    /// hardlink-copy, export, changes, deep-read, diff-n, diff-apply, rss, rss-entries.
+    /// hardlink-copy, export, changes, overlay2-apply, overlay2-changes, deep-read,
+    /// deep-read-overlay2, inodes, import, diff-n, diff-apply, rss, rss-entries.
     #[arg(long, value_delimiter = ',')]
     pub only: Vec<String>,
     /// Where report.md and report.json go (and the scratch image, while running).
@@ -75,7 +76,12 @@ pub const CASES: &[&str] = &[
     "hardlink-copy",
     "export",
     "changes",
+    "overlay2-apply",
+    "overlay2-changes",
     "deep-read",
+    "deep-read-overlay2",
+    "inodes",
+    "import",
     "diff-n",
     "diff-apply",
     "rss",
@@ -83,7 +89,7 @@ pub const CASES: &[&str] = &[
 ];
 
 /// The workspace root (the parent of `xtask/`).
-fn workspace_root() -> PathBuf {
+pub(crate) fn workspace_root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
         .parent()
         .unwrap_or_else(|| Path::new("."))
@@ -169,6 +175,7 @@ pub fn run(args: Args) -> Result<()> {
         setup: bench.setup_times.clone(),
         cases: bench.results.clone(),
         rss: bench.rss.clone(),
+        inodes: bench.inodes.clone(),
     };
     let md = rep.markdown();
     std::fs::write(out.join("report.md"), &md)?;

@@ -154,6 +154,8 @@ pub struct CaseResult {
     pub notes: Vec<String>,
     /// Why the case did not complete, if it did not.
     pub error: Option<String>,
+    /// Why the case did not run at all (a tool that is not installed), if it did not.
+    pub unavailable: Option<String>,
 }
 
 impl CaseResult {
@@ -187,6 +189,23 @@ pub struct RssResult {
     pub error: Option<String>,
 }
 
+/// Inodes a chain of layers consumes on the scratch filesystem, for one driver.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct InodeResult {
+    /// The driver.
+    pub driver: String,
+    /// Files in the base layer.
+    pub base_files: usize,
+    /// Files each layer of the chain adds.
+    pub layer_files: usize,
+    /// Inodes the base layer consumed (drop of `statvfs` `f_ffree` across create + apply).
+    pub base_inodes: u64,
+    /// Inodes each layer of the chain consumed, in chain order.
+    pub layer_inodes: Vec<u64>,
+    /// Why it failed, if it did.
+    pub error: Option<String>,
+}
+
 /// The whole report.
 #[derive(Clone, Debug, Serialize)]
 pub struct Report {
@@ -200,6 +219,8 @@ pub struct Report {
     pub cases: Vec<CaseResult>,
     /// The peak-memory measurements.
     pub rss: Vec<RssResult>,
+    /// Inodes per layer, per driver.
+    pub inodes: Vec<InodeResult>,
 }
 
 /// Seconds in a readable unit.
@@ -213,7 +234,16 @@ pub fn fmt_secs(s: Option<f64>) -> String {
 }
 
 fn fmt_ratio(r: Option<f64>) -> String {
-    r.map_or_else(|| "–".into(), |r| format!("{r:.2}×"))
+    r.map_or_else(|| "–".into(), |r| format!("{}×", fmt_num(r)))
+}
+
+/// A ratio with two decimals, or as `1/N` when two decimals would round it to 0.00.
+fn fmt_num(r: f64) -> String {
+    if r > 0.0 && r < 0.005 {
+        format!("1/{:.0}", 1.0 / r)
+    } else {
+        format!("{r:.2}")
+    }
 }
 
 impl Report {
@@ -253,6 +283,18 @@ impl Report {
         );
         let _ = writeln!(o, "|---|---|---|---:|---:|---:|---|---|---|");
         for c in &self.cases {
+            if let Some(why) = &c.unavailable {
+                let _ = writeln!(
+                    o,
+                    "| {} | {} | {} | not available ({}) | | | | | {} |",
+                    c.name,
+                    c.ours,
+                    c.baseline.as_deref().unwrap_or("–"),
+                    why.replace('|', "/"),
+                    c.target.as_deref().unwrap_or("")
+                );
+                continue;
+            }
             if let Some(e) = &c.error {
                 let _ = writeln!(
                     o,
@@ -276,7 +318,7 @@ impl Report {
             }
             let sm = &c.summary;
             let range = match (sm.ratio_min, sm.ratio_max) {
-                (Some(a), Some(b)) => format!("{a:.2}–{b:.2}"),
+                (Some(a), Some(b)) => format!("{}–{}", fmt_num(a), fmt_num(b)),
                 _ => "–".into(),
             };
             let _ = writeln!(
@@ -321,6 +363,45 @@ impl Report {
                 );
             }
         }
+        if !self.inodes.is_empty() {
+            let _ = writeln!(
+                o,
+                "\nInodes consumed on the scratch filesystem (drop of statvfs f_ffree across each layer's create + apply_diff; driver bookkeeping included):\n"
+            );
+            let _ = writeln!(
+                o,
+                "| driver | base layer | inodes | chain | inodes per layer, median (min–max) | chain total |"
+            );
+            let _ = writeln!(o, "|---|---:|---:|---|---:|---:|");
+            for r in &self.inodes {
+                if let Some(e) = &r.error {
+                    let _ = writeln!(
+                        o,
+                        "| {} | {} files | failed: {} | | | |",
+                        r.driver,
+                        r.base_files,
+                        e.replace('|', "/")
+                    );
+                    continue;
+                }
+                let per: Vec<f64> = r.layer_inodes.iter().map(|&n| n as f64).collect();
+                let (lo, hi) = (
+                    r.layer_inodes.iter().min().copied().unwrap_or(0),
+                    r.layer_inodes.iter().max().copied().unwrap_or(0),
+                );
+                let _ = writeln!(
+                    o,
+                    "| {} | {} files | {} | {} layers × {} files | {} ({lo}–{hi}) | {} |",
+                    r.driver,
+                    r.base_files,
+                    r.base_inodes,
+                    r.layer_inodes.len(),
+                    r.layer_files,
+                    median(&per).map_or_else(|| "–".into(), |m| format!("{m:.0}")),
+                    r.layer_inodes.iter().sum::<u64>()
+                );
+            }
+        }
         let notes: Vec<_> = self
             .cases
             .iter()
@@ -352,5 +433,12 @@ mod tests {
         assert_eq!(fmt_secs(Some(0.0123)), "12.3 ms");
         assert_eq!(fmt_secs(Some(4.567)), "4.57 s");
         assert_eq!(fmt_secs(None), "–");
+    }
+
+    #[test]
+    fn tiny_ratios_are_shown_as_fractions() {
+        assert_eq!(fmt_ratio(Some(0.5)), "0.50×");
+        assert_eq!(fmt_ratio(Some(0.0001)), "1/10000×");
+        assert_eq!(fmt_ratio(None), "–");
     }
 }
