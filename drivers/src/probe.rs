@@ -9,7 +9,101 @@ use std::fs;
 use std::io::{self, Read};
 use std::path::Path;
 
-use graphdriver::mountinfo;
+use graphdriver::{Durability, Error, LayerStore, Result, mountinfo};
+
+use crate::overlay::mountopt::{self, MountOptions};
+
+/// What [`open_home`] found: the store in the home and the filesystem it is on.
+pub(crate) struct Home {
+    /// The opened (and recovered) store.
+    pub store: LayerStore,
+    /// The statfs magic of the home's filesystem.
+    pub magic: i64,
+    /// Its usual name ([`fs_name`]).
+    pub backing_fs: String,
+    /// The parsed `mount_options`.
+    pub user_opts: MountOptions,
+}
+
+/// The start-up checks both overlay drivers make, in order, as driver `driver`: the user's
+/// `mount_options` ([`mountopt::parse`], before anything touches the host), overlay in the
+/// kernel ([`overlay_listed`]), the privilege to mount ([`can_mount`]), a home mount options
+/// can name ([`home_unexpressible`]); then the store is opened and its filesystem checked
+/// ([`incompatible`]). [`Error::InvalidOption`], [`Error::NotSupported`] or
+/// [`Error::IncompatibleFs`] name what failed.
+pub(crate) fn open_home(
+    driver: &str,
+    home: &Path,
+    mount_options: Option<&str>,
+    durability: Durability,
+) -> Result<Home> {
+    let fail = |reason: String| Error::NotSupported {
+        driver: driver.to_string(),
+        reason,
+    };
+    let user_opts =
+        mountopt::parse(mount_options.unwrap_or("")).map_err(|reason| Error::InvalidOption {
+            driver: driver.to_string(),
+            key: "mount_options".to_string(),
+            origin: None,
+            reason,
+        })?;
+    match overlay_listed() {
+        Ok(true) => {}
+        Ok(false) => {
+            return Err(fail(
+                "the kernel does not list overlay in /proc/filesystems (load the overlay module)"
+                    .to_string(),
+            ));
+        }
+        Err(e) => return Err(fail(format!("cannot read /proc/filesystems: {e}"))),
+    }
+    if !can_mount() {
+        return Err(fail(
+            "needs root (CAP_SYS_ADMIN) to mount overlay".to_string(),
+        ));
+    }
+    if let Some(why) = home_unexpressible(home) {
+        return Err(fail(why));
+    }
+    let (store, _recovery) = LayerStore::open(home, durability)?;
+    let magic = backing_magic(home).map_err(|e| fail(format!("statfs {}: {e}", home.display())))?;
+    let backing_fs = fs_name(magic);
+    if let Some(why) = incompatible(magic) {
+        return Err(Error::IncompatibleFs {
+            driver: driver.to_string(),
+            fs: backing_fs,
+            home: home.to_path_buf(),
+            reason: why.to_string(),
+        });
+    }
+    Ok(Home {
+        store,
+        magic,
+        backing_fs,
+        user_opts,
+    })
+}
+
+/// [`supports_d_type`] as a start-up check of driver `driver`: [`Error::IncompatibleFs`] when
+/// the filesystem `backing_fs` of `home` does not report file types, [`Error::NotSupported`]
+/// when the check itself fails.
+pub(crate) fn require_d_type(driver: &str, home: &Path, backing_fs: &str) -> Result<()> {
+    let supported = supports_d_type(home).map_err(|e| Error::NotSupported {
+        driver: driver.to_string(),
+        reason: format!("checking d_type support: {e}"),
+    })?;
+    if supported {
+        return Ok(());
+    }
+    Err(Error::IncompatibleFs {
+        driver: driver.to_string(),
+        fs: backing_fs.to_string(),
+        home: home.to_path_buf(),
+        reason: "the filesystem does not report file types in directory entries (d_type)"
+            .to_string(),
+    })
+}
 
 /// Where the overlay module publishes its parameters.
 const PARAMS: &str = "/sys/module/overlay/parameters";

@@ -61,78 +61,40 @@ pub(super) fn copy_up(
     rel: &Path,
     same_owner: bool,
 ) -> io::Result<bool> {
-    let comps: Vec<CString> = rel
-        .components()
-        .map(|c| CString::new(c.as_os_str().as_bytes()))
-        .collect::<Result<_, _>>()
-        .map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
+    let comps = components(rel)?;
     let Some((last, parents)) = comps.split_last() else {
         return Ok(false);
     };
-    // The upper: which parents it has; an opaque directory or a whiteout on the way hides the
-    // lowers, so there is nothing to copy up.
-    let mut upper_dirs: Vec<OwnedFd> = Vec::new();
-    let mut cur = lfs::open_dir_at(root, c".")?;
-    for name in parents {
-        match look(cur.as_fd(), name)? {
-            Found::Missing => break,
-            Found::Dir(_) => {
-                let next = open_dir(cur.as_fd(), name)?;
-                if is_opaque(next.as_fd(), ns)? {
-                    return Ok(false);
-                }
-                upper_dirs.push(std::mem::replace(&mut cur, next));
-            }
-            Found::Whiteout | Found::Other(_) => return Ok(false),
-        }
-    }
-    if upper_dirs.len() == parents.len() && !matches!(look(cur.as_fd(), last)?, Found::Missing) {
+    let Some(mut upper_dirs) = walk_upper(root, ns, parents)? else {
         return Ok(false);
-    }
-    let existing = upper_dirs.len();
-    upper_dirs.push(cur);
-
-    // The lowers, topmost first: the metadata of each parent comes from the topmost lower that
-    // has it, the file from the topmost that shows it.
-    let mut dir_meta: Vec<Option<Stat>> = vec![None; parents.len()];
-    let mut source: Option<(OwnedFd, Stat)> = None;
-    'lowers: for lower in lowers {
-        let mut stop_below = false;
-        let mut cur = lfs::open_dir_at(lower.as_fd(), c".")?;
-        for (k, name) in parents.iter().enumerate() {
-            match look(cur.as_fd(), name)? {
-                Found::Missing => continue 'lowers,
-                Found::Dir(st) => {
-                    dir_meta[k].get_or_insert(st);
-                    cur = open_dir(cur.as_fd(), name)?;
-                    stop_below |= is_opaque(cur.as_fd(), ns)?;
-                }
-                Found::Whiteout | Found::Other(_) => return Ok(false),
-            }
-        }
-        match look(cur.as_fd(), last)? {
-            Found::Other(st) => {
-                source = Some((cur, st));
-                break;
-            }
-            Found::Missing if !stop_below => {}
-            Found::Missing | Found::Whiteout | Found::Dir(_) => return Ok(false),
-        }
-        if stop_below {
+    };
+    // The upper has every parent: then it must lack the entry itself.
+    if upper_dirs.len() == parents.len() + 1 {
+        let has = upper_dirs
+            .last()
+            .map(|d| look(d.as_fd(), last))
+            .transpose()?;
+        if !matches!(has, Some(Found::Missing)) {
             return Ok(false);
         }
     }
-    let Some((src_dir, st)) = source else {
+    let existing = upper_dirs.len() - 1;
+    let Some(found) = find_in_lowers(lowers, ns, parents, last)? else {
         return Ok(false);
     };
-    if dir_meta.iter().skip(existing).any(Option::is_none) {
+    let LowerFind {
+        dir: src_dir,
+        st,
+        is_dir,
+        dir_meta,
+    } = found;
+    if is_dir || dir_meta.iter().skip(existing).any(Option::is_none) {
         return Ok(false);
     }
-
-    // The deepest directory the upper already had gets its times back afterwards: the copy-up
+    // The deepest directory the upper already has gets its times back afterwards: the copy-up
     // is not a change of it.
     let deepest = upper_dirs
-        .get(existing)
+        .pop()
         .ok_or_else(|| io::Error::from(io::ErrorKind::NotFound))?;
     let deepest_st = rustix::fs::fstat(deepest.as_fd())?;
     let mut dir = lfs::open_dir_at(deepest.as_fd(), c".")?;
@@ -279,48 +241,101 @@ pub(super) fn visible_in_lowers(
     ns: OverlayXattr,
     rel: &Path,
 ) -> io::Result<bool> {
-    let comps: Vec<CString> = rel
-        .components()
-        .map(|c| CString::new(c.as_os_str().as_bytes()))
-        .collect::<Result<_, _>>()
-        .map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
+    let comps = components(rel)?;
     let Some((last, parents)) = comps.split_last() else {
         return Ok(false);
     };
-    let mut cur = lfs::open_dir_at(root, c".")?;
+    if walk_upper(root, ns, parents)?.is_none() {
+        return Ok(false);
+    }
+    Ok(find_in_lowers(lowers, ns, parents, last)?.is_some())
+}
+
+/// The upper's directories along `parents` from `root`, down to the deepest it has (the root
+/// first, so never empty); `None` when an opaque directory, a whiteout or a non-directory on
+/// the way hides the lowers there.
+fn walk_upper(
+    root: BorrowedFd<'_>,
+    ns: OverlayXattr,
+    parents: &[CString],
+) -> io::Result<Option<Vec<OwnedFd>>> {
+    let mut dirs = vec![lfs::open_dir_at(root, c".")?];
     for name in parents {
+        let Some(cur) = dirs.last() else { break };
         match look(cur.as_fd(), name)? {
             Found::Missing => break,
             Found::Dir(_) => {
-                cur = open_dir(cur.as_fd(), name)?;
-                if is_opaque(cur.as_fd(), ns)? {
-                    return Ok(false);
+                let next = open_dir(cur.as_fd(), name)?;
+                if is_opaque(next.as_fd(), ns)? {
+                    return Ok(None);
                 }
+                dirs.push(next);
             }
-            Found::Whiteout | Found::Other(_) => return Ok(false),
+            Found::Whiteout | Found::Other(_) => return Ok(None),
         }
     }
+    Ok(Some(dirs))
+}
+
+/// What the lowers show at a path ([`find_in_lowers`]).
+struct LowerFind {
+    /// The lower directory holding it.
+    dir: OwnedFd,
+    /// Its `lstat`.
+    st: Stat,
+    /// It is a directory.
+    is_dir: bool,
+    /// For each parent, the `lstat` of the topmost lower directory there.
+    dir_meta: Vec<Option<Stat>>,
+}
+
+/// The entry `last` below `parents` as the merged view of `lowers` (topmost first) shows it,
+/// with overlay's lookup rules: a whiteout ends the search, an opaque directory hides the
+/// lowers below it, a non-directory hides what lowers below have under its name.
+fn find_in_lowers(
+    lowers: &[Arc<OwnedFd>],
+    ns: OverlayXattr,
+    parents: &[CString],
+    last: &CStr,
+) -> io::Result<Option<LowerFind>> {
+    let mut dir_meta: Vec<Option<Stat>> = vec![None; parents.len()];
     'lowers: for lower in lowers {
         let mut stop_below = false;
         let mut cur = lfs::open_dir_at(lower.as_fd(), c".")?;
-        for name in parents {
+        for (k, name) in parents.iter().enumerate() {
             match look(cur.as_fd(), name)? {
                 Found::Missing => continue 'lowers,
-                Found::Dir(_) => {
+                Found::Dir(st) => {
+                    dir_meta[k].get_or_insert(st);
                     cur = open_dir(cur.as_fd(), name)?;
                     stop_below |= is_opaque(cur.as_fd(), ns)?;
                 }
-                Found::Whiteout | Found::Other(_) => return Ok(false),
+                Found::Whiteout | Found::Other(_) => return Ok(None),
             }
         }
         match look(cur.as_fd(), last)? {
-            Found::Dir(_) | Found::Other(_) => return Ok(true),
-            Found::Whiteout => return Ok(false),
-            Found::Missing if stop_below => return Ok(false),
+            Found::Other(st) => {
+                return Ok(Some(LowerFind {
+                    dir: cur,
+                    st,
+                    is_dir: false,
+                    dir_meta,
+                }));
+            }
+            Found::Dir(st) => {
+                return Ok(Some(LowerFind {
+                    dir: cur,
+                    st,
+                    is_dir: true,
+                    dir_meta,
+                }));
+            }
+            Found::Whiteout => return Ok(None),
+            Found::Missing if stop_below => return Ok(None),
             Found::Missing => {}
         }
     }
-    Ok(false)
+    Ok(None)
 }
 
 /// The lowers seen from the directory an apply writes in, for [`LowerView::visible`]: cursors

@@ -109,45 +109,17 @@ impl Overlay2 {
             driver: NAME.to_string(),
             reason,
         };
-        let user_opts =
-            mountopt::parse(config.mount_options.as_deref().unwrap_or("")).map_err(|reason| {
-                Error::InvalidOption {
-                    driver: NAME.to_string(),
-                    key: "mount_options".to_string(),
-                    origin: None,
-                    reason,
-                }
-            })?;
-        match probe::overlay_listed() {
-            Ok(true) => {}
-            Ok(false) => {
-                return Err(fail(
-                    "the kernel does not list overlay in /proc/filesystems (load the overlay module)"
-                        .to_string(),
-                ));
-            }
-            Err(e) => return Err(fail(format!("cannot read /proc/filesystems: {e}"))),
-        }
-        if !probe::can_mount() {
-            return Err(fail(
-                "needs root (CAP_SYS_ADMIN) to mount overlay".to_string(),
-            ));
-        }
-        if let Some(why) = probe::home_unexpressible(home) {
-            return Err(fail(why));
-        }
-        let (store, _recovery) = LayerStore::open(home, config.durability)?;
-        let magic = probe::backing_magic(home)
-            .map_err(|e| fail(format!("statfs {}: {e}", home.display())))?;
-        let backing_fs = probe::fs_name(magic);
-        if let Some(why) = probe::incompatible(magic) {
-            return Err(Error::IncompatibleFs {
-                driver: NAME.to_string(),
-                fs: backing_fs,
-                home: home.to_path_buf(),
-                reason: why.to_string(),
-            });
-        }
+        let probe::Home {
+            store,
+            magic,
+            backing_fs,
+            user_opts,
+        } = probe::open_home(
+            NAME,
+            home,
+            config.mount_options.as_deref(),
+            config.durability,
+        )?;
         // The driver's own options: what makes an upper directory exact, where the kernel has it.
         let mut data = Vec::new();
         for (param, option) in [
@@ -186,18 +158,7 @@ impl Overlay2 {
         let probed = read_only || probe::probe_record_matches(home, &key);
         if !probed {
             probe::remove_stale_scratch(home);
-            if !probe::supports_d_type(home)
-                .map_err(|e| fail(format!("checking d_type support: {e}")))?
-            {
-                return Err(Error::IncompatibleFs {
-                    driver: NAME.to_string(),
-                    fs: backing_fs,
-                    home: home.to_path_buf(),
-                    reason: "the filesystem does not report file types in directory entries \
-                             (d_type)"
-                        .to_string(),
-                });
-            }
+            probe::require_d_type(NAME, home, &backing_fs)?;
         }
         let driver = Overlay2 {
             store,
@@ -591,15 +552,7 @@ impl ProtoDriver for Overlay2 {
         ]
     }
     fn cleanup(&self) -> Result<()> {
-        let mut first_err = None;
-        for layer in self.store.list()? {
-            let id = layer.id;
-            if let Err(e) = self.store.release_all(&id, || self.unmount_layer(&id)) {
-                tracing::warn!(layer = %id, error = %e, "cleanup could not unmount a layer");
-                first_err.get_or_insert(e);
-            }
-        }
-        first_err.map_or(Ok(()), Err)
+        self.store.release_every_layer(|id| self.unmount_layer(id))
     }
     fn list(&self) -> Result<Vec<LayerInfo>> {
         self.store.list()

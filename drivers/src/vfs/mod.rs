@@ -121,14 +121,7 @@ impl ProtoDriver for Vfs {
     }
     /// Drops every reference (durable ones included) and unmounts every read-only view.
     fn cleanup(&self) -> Result<()> {
-        let mut first_err = None;
-        for layer in self.store.list()? {
-            if let Err(e) = self.store.release_all(&layer.id, || Ok(())) {
-                tracing::warn!(layer = %layer.id, error = %e, "cleanup could not release a layer");
-                first_err.get_or_insert(e);
-            }
-        }
-        first_err.map_or(Ok(()), Err)
+        self.store.release_every_layer(|_| Ok(()))
     }
     fn list(&self) -> Result<Vec<LayerInfo>> {
         self.store.list()

@@ -321,6 +321,23 @@ impl LayerStore {
         remove_durable(mounts.as_fd(), &self.durable_path(id), id)
     }
 
+    /// [`release_all`](Self::release_all) of every layer, with `deactivate(id)` for each: what a
+    /// driver's [`ProtoDriver::cleanup`](crate::ProtoDriver::cleanup) does. Every layer is
+    /// visited, not only those with live references (a reader killed while holding one leaves
+    /// a mount no record counts); a failure is logged and the first one returned after all
+    /// layers were tried.
+    pub fn release_every_layer(&self, deactivate: impl Fn(&LayerId) -> Result<()>) -> Result<()> {
+        let mut first_err = None;
+        for layer in self.list()? {
+            let id = layer.id;
+            if let Err(e) = self.release_all(&id, || deactivate(&id)) {
+                tracing::warn!(layer = %id, error = %e, "cleanup could not release a layer");
+                first_err.get_or_insert(e);
+            }
+        }
+        first_err.map_or(Ok(()), Err)
+    }
+
     /// Resets the durable count of every layer whose mount is gone while no live process holds
     /// a reference (a reboot, a manual umount, a process killed while unmounting): the record is
     /// not trusted, `is_active` (the driver's look at `/proc/self/mountinfo`) is. Process-owned
